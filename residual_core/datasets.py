@@ -1,0 +1,771 @@
+"""Datasets of the ResiDual grid: class names, prompts, local loading and the train/val/test splits.
+
+Every dataset is read from a local *data root* (``data_root`` argument, else
+``$RESIDUAL_DATA_ROOT/datasets``, else ``./data/datasets``). Nothing is ever downloaded unless
+``download=True`` is passed, and then only through torchvision's own downloaders. Expected layout
+under the data root (torchvision's conventions wherever a torchvision class exists):
+
+============== ================================================================================
+cifar10        ``cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}``
+cifar100       ``cifar-100-python/{train, test, meta}``
+mnist          ``MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``
+svhn           ``svhn/{train,test}_32x32.mat``
+gtsrb          ``gtsrb/GTSRB/Training/<class>/*.ppm``, ``gtsrb/GTSRB/Final_Test/Images/*.ppm``,
+               ``gtsrb/GT-final_test.csv``
+dtd            ``dtd/dtd/{images,labels}/`` (split lists of partition 1 are used)
+eurosat        ``eurosat/2750/<ClassFolder>/*.jpg``
+stanford_cars  ``stanford_cars/{cars_train/, cars_test/, devkit/, cars_test_annos_withlabels.mat}``
+sun397         ``SUN397/{ClassName.txt, <letter>/<class>[/<sub>]/sun_*.jpg}``
+resisc45       ``resisc45/NWPU-RESISC45/<class>/*.jpg`` (or ``resisc45/<class>/*.jpg``), optional
+               split lists ``resisc45/resisc45-{train,val,test}.txt`` (one image file name a line)
+imagenet       ``imagenet/{meta.bin, train/<wnid>/*.JPEG, val/<wnid>/*.JPEG}``, or the ILSVRC2012
+               archives in ``imagenet/`` (torchvision extracts them on first use)
+============== ================================================================================
+
+Splits (METHOD §4), all stratified with seed 42 and deterministic across runs and processes:
+
+- cifar10, cifar100, mnist, gtsrb: ``val`` = 10% of the official train split, ``train`` = the rest,
+  ``test`` = the official test split. svhn, dtd, stanford_cars: the same with 20%.
+- eurosat, sun397 (no official split): ``test`` = 10% of the whole set, ``val`` = another 10%,
+  ``train`` = the remaining 80%.
+- resisc45: the standard split lists when all three are present, else 80/10/10 as above.
+- imagenet: ``train`` = 80% of the official train split (the bases' fitting set), ``val`` = the
+  other 20%, ``test`` = the official validation split.
+- ``imagefolder:PATH``: ``PATH/train`` + ``PATH/test`` (+ ``PATH/val`` if present, else 10% of
+  train) when ``PATH`` has ``train/`` and ``test/``, else 80/10/10 of ``PATH/<class>/*``.
+
+Labels are indices into :attr:`DatasetInfo.classnames`, the prompt-file order (EuroSAT and
+RESISC45 folders are mapped to it by name). :attr:`SplitDataset.indices` are positions in the
+source dataset of that official part (official train for ``train``/``val``, official test for
+``test``; the whole set where there is no official split): the stable sample ids that feature
+stores keep.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import os
+import pickle
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets as tvd
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
+
+from residual_core.errors import DatasetNotFoundError, ResidualError
+
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "IMAGEFOLDER_PREFIX",
+    "PAPER_DATASETS",
+    "SEED",
+    "SPLITS",
+    "CifarSource",
+    "DatasetInfo",
+    "Factory",
+    "FileListSource",
+    "SplitDataset",
+    "SplitSource",
+    "dataset_info",
+    "default_data_root",
+    "list_datasets",
+    "load_dataset",
+    "register_dataset",
+    "split_80_10_10",
+    "stratified_split",
+    "validate_labels",
+]
+
+SEED = 42
+"""Seed of every split."""
+
+SPLITS = ("train", "val", "test")
+"""The splits every dataset provides."""
+
+PAPER_DATASETS = (
+    "cifar10",
+    "cifar100",
+    "dtd",
+    "eurosat",
+    "gtsrb",
+    "mnist",
+    "resisc45",
+    "stanford_cars",
+    "sun397",
+    "svhn",
+)
+"""The ten downstream datasets of the paper's grid (``imagenet`` is the default basis dataset)."""
+
+IMAGEFOLDER_PREFIX = "imagefolder:"
+"""Prefix of the generic dataset ``imagefolder:PATH``: ``PATH`` (absolute, or relative to the
+current directory, not to the data root) holds one folder of images per class, or ``train/`` and
+``test/`` (and optionally ``val/``) folders of that form; class names are the sorted folder names
+(of ``train/``), used verbatim in the prompts."""
+
+DEFAULT_TEMPLATES = ["a photo of a {}."]
+"""Prompt templates of ``imagefolder:`` datasets."""
+
+
+class SplitSource(Protocol):
+    """What a factory returns as its source: ``source[i]`` is ``(image, anything)``."""
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]: ...
+
+
+Factory = Callable[[str, Path, bool], tuple[SplitSource, np.ndarray, np.ndarray]]
+"""``factory(split, data_root, download) -> (source, labels, indices)``: see register_dataset."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Name, class names (label order), prompt templates (with ``{}``) and number of classes.
+
+    Class names may repeat (CLIP's ImageNet list has two "missile" and two "sunglasses").
+    """
+
+    name: str
+    classnames: list[str]
+    templates: list[str]
+    num_classes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.classnames:
+            raise ResidualError(f"dataset '{self.name}' has no class names")
+        bad = [t for t in self.templates if "{}" not in t]
+        if not self.templates or bad:
+            raise ResidualError(
+                f"dataset '{self.name}' needs prompt templates containing '{{}}', "
+                f"got {self.templates!r}"
+            )
+        object.__setattr__(self, "num_classes", len(self.classnames))  # frozen: derived once
+
+
+class SplitDataset(Dataset):
+    """One split of a dataset: ``ds[i] -> (transform(image), label)``.
+
+    Images are returned as RGB PIL images (grayscale ones, e.g. MNIST, are converted) before
+    ``transform``; non-PIL images from registered sources are passed through unchanged.
+
+    Attributes:
+        info: the dataset's :class:`DatasetInfo`.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        indices: int64 ``[n]``, each sample's position in the source (its stable id).
+        labels: int64 ``[n]``, each sample's label (known without decoding any image).
+        source: the underlying dataset, indexed by ``indices``.
+    """
+
+    def __init__(
+        self,
+        source: SplitSource,
+        labels: np.ndarray,
+        indices: np.ndarray,
+        info: DatasetInfo,
+        split: str,
+        transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.source = source
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.indices = np.asarray(indices, dtype=np.int64)
+        if self.labels.shape != self.indices.shape or self.labels.ndim != 1:
+            raise ResidualError(
+                f"dataset '{info.name}': labels {self.labels.shape} and indices "
+                f"{self.indices.shape} must be 1-d arrays of the same length"
+            )
+        self.info = info
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        image = self.source[int(self.indices[i])][0]
+        if isinstance(image, Image.Image) and image.mode != "RGB":
+            image = image.convert("RGB")
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[i])
+
+    def __repr__(self) -> str:
+        return f"SplitDataset({self.info.name!r}, split={self.split!r}, n={len(self)})"
+
+
+def validate_labels(labels: np.ndarray, info: DatasetInfo) -> None:
+    """Raise :class:`ResidualError` unless every label is an integer in ``[0, num_classes)``."""
+    labels = np.asarray(labels)
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise ResidualError(f"dataset '{info.name}': labels must be integers, got {labels.dtype}")
+    bad = labels[(labels < 0) | (labels >= info.num_classes)]
+    if bad.size:
+        raise ResidualError(
+            f"dataset '{info.name}': labels {sorted(set(bad.tolist()))[:10]} are outside its "
+            f"{info.num_classes} classes (0..{info.num_classes - 1})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits
+
+
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int = SEED
+) -> tuple[np.ndarray, np.ndarray]:
+    """Carve a stratified ``fraction`` out of ``labels``: returns (kept, carved) positions, sorted.
+
+    sklearn's ``train_test_split(stratify=labels, random_state=seed)``, so the result depends only
+    on the labels and the seed (the same in every process and run).
+    """
+    from sklearn.model_selection import train_test_split  # slow import, only needed here
+
+    labels = np.asarray(labels)
+    try:
+        kept, carved = train_test_split(
+            np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=seed
+        )
+    except ValueError as e:  # too few samples per class for a stratified split
+        n_classes = len(np.unique(labels))
+        raise ResidualError(
+            f"cannot carve a stratified {fraction:.0%} split from {len(labels)} samples of "
+            f"{n_classes} classes: {e}"
+        ) from e
+    return np.sort(kept).astype(np.int64), np.sort(carved).astype(np.int64)
+
+
+def split_80_10_10(labels: np.ndarray, seed: int = SEED) -> dict[str, np.ndarray]:
+    """Stratified 80/10/10 positions: ``test`` and ``val`` 10% of all each, ``train`` the rest."""
+    rest, test = stratified_split(labels, 0.1, seed)
+    train, val = stratified_split(np.asarray(labels)[rest], 1 / 9, seed)
+    return {"train": rest[train], "val": rest[val], "test": test}
+
+
+def _carve_val(labels: np.ndarray, split: str, fraction: float) -> np.ndarray:
+    """Positions of ``split`` (``train`` or ``val``) when val is ``fraction`` of official train."""
+    train, val = stratified_split(labels, fraction)
+    return val if split == "val" else train
+
+
+# Opener of a dataset's official parts: opener(data_root, part, download) -> (source, labels),
+# part "train"/"test" (or "all" for datasets without an official split).
+_Opener = Callable[[Path, str, bool], tuple[SplitSource, np.ndarray]]
+
+
+def _official_splits(opener: _Opener, val_fraction: float | None) -> Factory:
+    """Factory from an opener: val carved from official train, or 80/10/10 if no official split."""
+
+    def factory(split: str, data_root: Path, download: bool):
+        if val_fraction is None:
+            source, labels = opener(data_root, "all", download)
+            pos = split_80_10_10(labels)[split]
+        elif split == "test":
+            source, labels = opener(data_root, "test", download)
+            pos = np.arange(len(labels), dtype=np.int64)
+        else:
+            source, labels = opener(data_root, "train", download)
+            pos = _carve_val(labels, split, val_fraction)
+        return source, labels[pos], pos
+
+    return factory
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources
+
+
+class FileListSource:
+    """Images on disk listed as paths: ``source[i] -> (PIL image, label)``; sorted by the caller."""
+
+    def __init__(self, paths: Sequence[str | Path], labels: np.ndarray) -> None:
+        self.paths = [str(p) for p in paths]
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return default_loader(self.paths[index]), int(self.labels[index])
+
+
+class CifarSource:
+    """CIFAR-10/100 read from the pickled batches in torchvision's layout.
+
+    Why not ``torchvision.datasets.CIFAR10`` itself: it verifies the md5 of every batch file on
+    each construction, so it accepts only the original files and no small test folder in the same
+    format can exercise this code path. Files, keys and pixel layout are taken from torchvision's
+    class attributes; ``download=True`` still goes through torchvision, which verifies the md5 of
+    what it downloads.
+    """
+
+    def __init__(self, root: Path, tv_class: type[tvd.CIFAR10], train: bool) -> None:
+        folder = Path(root) / tv_class.base_folder
+        data, targets = [], []
+        for file_name, _md5 in tv_class.train_list if train else tv_class.test_list:
+            entry = _read_pickle(folder / file_name)
+            data.append(np.asarray(entry["data"], dtype=np.uint8))
+            targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        # rows are channel-major 3x32x32, as torchvision reshapes them
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        self.targets = np.asarray(targets, dtype=np.int64)
+        if len(self.targets) != len(self.data):
+            raise ResidualError(f"{folder}: {len(self.data)} images but {len(self.targets)} labels")
+        self.classes = list(_read_pickle(folder / tv_class.meta["filename"])[tv_class.meta["key"]])
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.data[index]), int(self.targets[index])
+
+
+def _read_pickle(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file {path}")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")  # the batches are Python 2 pickles
+    except (pickle.UnpicklingError, EOFError) as e:
+        raise ResidualError(f"{path} is not a readable CIFAR batch ({e}); download it again") from e
+
+
+def _source_labels(ds: Any) -> np.ndarray:
+    """Labels of a torchvision dataset from its metadata, without decoding any image."""
+    for attr in ("targets", "labels", "_labels"):  # ImageFolder/MNIST/CIFAR, SVHN, DTD/SUN397
+        if hasattr(ds, attr):
+            return np.asarray(getattr(ds, attr), dtype=np.int64)
+    for attr in ("_samples", "samples"):  # GTSRB, StanfordCars: (path, label) pairs
+        if hasattr(ds, attr):
+            return np.asarray([label for _, label in getattr(ds, attr)], dtype=np.int64)
+    raise TypeError(f"no label attribute on {type(ds).__name__}")
+
+
+def _remap_by_name(
+    labels: np.ndarray, source_names: Sequence[str], target_names: Sequence[str], dataset: str
+) -> np.ndarray:
+    """Map labels indexing ``source_names`` to indices into ``target_names`` (matched by name)."""
+    index = {n: i for i, n in enumerate(target_names)}
+    unknown = [n for n in source_names if n not in index]
+    if unknown:
+        raise ResidualError(
+            f"dataset '{dataset}': class folders {unknown[:5]} are not among its class names "
+            f"{list(target_names)[:5]}...; rename them or use imagefolder:PATH"
+        )
+    return np.asarray([index[n] for n in source_names], dtype=np.int64)[labels]
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's datasets
+
+
+@functools.lru_cache(maxsize=None)
+def _prompts() -> dict[str, dict[str, Any]]:
+    text = (resources.files("residual_core") / "resources" / "zeroshot_prompts.json").read_text(
+        encoding="utf-8"
+    )
+    return json.loads(text)
+
+
+def _prompt_info(name: str) -> DatasetInfo:
+    entry = _prompts()[name]
+    return DatasetInfo(name, list(entry["classes"]), list(entry["templates"]))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a paper dataset lives under the data root and how to get it (for error messages)."""
+
+    folder: str  # relative to the data root
+    expected: str
+    how: str
+
+
+def _torchvision_how(cls: str, root_hint: str = "DATA_ROOT") -> str:
+    return (
+        f"download it with torchvision.datasets.{cls}({root_hint!r}, download=True), "
+        "or pass download=True (CLI: --download)"
+    )
+
+
+_LAYOUTS: dict[str, _Layout] = {
+    "cifar10": _Layout(
+        "cifar-10-batches-py",
+        "data_batch_1..data_batch_5, test_batch and batches.meta",
+        _torchvision_how("CIFAR10"),
+    ),
+    "cifar100": _Layout("cifar-100-python", "train, test and meta", _torchvision_how("CIFAR100")),
+    "mnist": _Layout(
+        "MNIST/raw",
+        "{train,t10k}-images-idx3-ubyte and {train,t10k}-labels-idx1-ubyte",
+        _torchvision_how("MNIST"),
+    ),
+    "svhn": _Layout(
+        "svhn", "train_32x32.mat and test_32x32.mat", _torchvision_how("SVHN", "DATA_ROOT/svhn")
+    ),
+    "gtsrb": _Layout(
+        "gtsrb",
+        "GTSRB/Training/<class>/*.ppm, GTSRB/Final_Test/Images/*.ppm and GT-final_test.csv",
+        _torchvision_how("GTSRB"),
+    ),
+    "dtd": _Layout(
+        "dtd/dtd", "images/<class>/*.jpg and labels/{train,test}1.txt", _torchvision_how("DTD")
+    ),
+    "eurosat": _Layout("eurosat/2750", "<ClassFolder>/*.jpg", _torchvision_how("EuroSAT")),
+    "stanford_cars": _Layout(
+        "stanford_cars",
+        "cars_train/, cars_test/, devkit/ (cars_meta.mat, cars_train_annos.mat) and "
+        "cars_test_annos_withlabels.mat",
+        "torchvision can no longer download it (the original URL is dead): get the Stanford Cars "
+        "images, devkit and test annotations from a mirror (e.g. Kaggle) and place them there",
+    ),
+    "sun397": _Layout(
+        "SUN397", "ClassName.txt and <letter>/<class>/sun_*.jpg", _torchvision_how("SUN397")
+    ),
+    "resisc45": _Layout(
+        "resisc45",
+        "NWPU-RESISC45/<class>/*.jpg (or <class>/*.jpg), optionally resisc45-{train,val,test}.txt",
+        "download NWPU-RESISC45 (no automatic download: see https://www.tensorflow.org/datasets/"
+        "catalog/resisc45) and extract it there; the standard split lists are "
+        "resisc45-{train,val,test}.txt at "
+        "https://storage.googleapis.com/remote_sensing_representations/",
+    ),
+    "imagenet": _Layout(
+        "imagenet",
+        "meta.bin, train/<wnid>/*.JPEG and val/<wnid>/*.JPEG, or the archives "
+        "ILSVRC2012_devkit_t12.tar.gz, ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar",
+        "download the ILSVRC2012 archives from https://image-net.org (no automatic download) "
+        "into that folder; torchvision extracts them on first use",
+    ),
+}
+
+
+@contextmanager
+def _missing_data(name: str, data_root: Path) -> Iterator[None]:
+    """Turn torchvision's 'Dataset not found' errors into a :class:`DatasetNotFoundError`."""
+    try:
+        yield
+    except (RuntimeError, FileNotFoundError) as e:
+        layout = _LAYOUTS[name]
+        raise DatasetNotFoundError(
+            f"dataset '{name}' not found: expected {layout.expected} in "
+            f"{data_root / layout.folder} (data root {data_root}). To get it: "
+            f"{layout.how.replace('DATA_ROOT', str(data_root))}. [{type(e).__name__}: {e}]"
+        ) from e
+
+
+def _torchvision_source(name: str, ds: Any) -> tuple[Any, np.ndarray]:
+    """A torchvision dataset and its labels, checked against the prompt file's class count."""
+    info = dataset_info(name)
+    classes = getattr(ds, "classes", None)
+    if classes is not None and len(classes) != info.num_classes:
+        raise ResidualError(
+            f"dataset '{name}': the data has {len(classes)} classes, the prompt file "
+            f"{info.num_classes}; is the folder the right dataset?"
+        )
+    return ds, _source_labels(ds)
+
+
+def _open_cifar(tv_class: type[tvd.CIFAR10], name: str) -> _Opener:
+    def opener(root: Path, part: str, download: bool):
+        train = part == "train"
+        with _missing_data(name, root):
+            if download:  # fetch and md5-verify through torchvision, then read as usual
+                tv_class(str(root), train=train, download=True)
+            return _torchvision_source(name, CifarSource(root, tv_class, train))
+
+    return opener
+
+
+def _open_simple(name: str, build: Callable[[Path, str, bool], Any]) -> _Opener:
+    """Opener around ``build(data_root, part, download) -> torchvision dataset``."""
+
+    def opener(root: Path, part: str, download: bool):
+        with _missing_data(name, root):
+            return _torchvision_source(name, build(root, part, download))
+
+    return opener
+
+
+def _open_eurosat(root: Path, part: str, download: bool):
+    with _missing_data("eurosat", root):
+        ds = tvd.EuroSAT(str(root), download=download)
+    ds, labels = _torchvision_source("eurosat", ds)
+    # torchvision numbers the folders alphabetically; the prompt file has its own order
+    folders = _prompts()["eurosat"]["source_folder_names"]
+    return ds, _remap_by_name(labels, ds.classes, folders, "eurosat")
+
+
+def _open_sun397(root: Path, part: str, download: bool):
+    with _missing_data("sun397", root):
+        ds = tvd.SUN397(str(root), download=download)
+    ds, labels = _torchvision_source("sun397", ds)
+    # torchvision lists files in filesystem (rglob) order, which differs across machines: sort
+    # by path so that positions are stable sample ids
+    order = sorted(range(len(labels)), key=lambda i: str(ds._image_files[i]))
+    return FileListSource([ds._image_files[i] for i in order], labels[order]), labels[order]
+
+
+def _refuse_download(name: str, root: Path, download: bool) -> None:
+    """Datasets torchvision cannot download: say so instead of failing deep inside."""
+    if download and not (root / _LAYOUTS[name].folder).exists():
+        with _missing_data(name, root):
+            raise FileNotFoundError(f"'{name}' cannot be downloaded automatically")
+
+
+def _build_cars(root: Path, part: str, download: bool) -> Any:
+    _refuse_download("stanford_cars", root, download)
+    return tvd.StanfordCars(str(root), split=part)
+
+
+def _build_imagenet(root: Path, part: str, download: bool) -> Any:
+    _refuse_download("imagenet", root, download)
+    return tvd.ImageNet(str(root / "imagenet"), split={"train": "train", "test": "val"}[part])
+
+
+def _resisc45(split: str, data_root: Path, download: bool):
+    _refuse_download("resisc45", data_root, download)
+    base = data_root / "resisc45"
+    image_dir = base / "NWPU-RESISC45" if (base / "NWPU-RESISC45").is_dir() else base
+    info = dataset_info("resisc45")
+    with _missing_data("resisc45", data_root):
+        folders, class_to_idx = find_classes(image_dir)
+        samples = make_dataset(str(image_dir), class_to_idx, extensions=IMG_EXTENSIONS)
+    # folders are named like the classes with "_" for " " (baseball_diamond)
+    labels = _remap_by_name(
+        np.asarray([label for _, label in samples], dtype=np.int64),
+        [f.replace("_", " ") for f in folders],
+        info.classnames,
+        "resisc45",
+    )
+    source = FileListSource([path for path, _ in samples], labels)
+    lists = [base / f"resisc45-{s}.txt" for s in SPLITS]
+    if all(p.is_file() for p in lists):
+        pos = _positions_of_listed(source.paths, base / f"resisc45-{split}.txt")
+    else:
+        pos = split_80_10_10(labels)[split]
+    return source, labels[pos], pos
+
+
+def _positions_of_listed(paths: Sequence[str], list_file: Path) -> np.ndarray:
+    """Positions of the images a split list names (one file name a line, matched by base name)."""
+    by_name = {Path(p).name: i for i, p in enumerate(paths)}
+    names = [Path(line.strip()).name for line in list_file.read_text().splitlines() if line.strip()]
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise DatasetNotFoundError(
+            f"{list_file} names {len(missing)} images not found in the dataset folder, e.g. "
+            f"{missing[:3]}"
+        )
+    return np.sort(np.asarray([by_name[n] for n in names], dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------------------------
+# imagefolder:PATH
+
+
+def _imagefolder_path(name: str) -> Path:
+    return Path(name[len(IMAGEFOLDER_PREFIX) :]).expanduser()
+
+
+def _imagefolder_class_dir(path: Path) -> Path:
+    """The folder whose subfolders are the classes: ``PATH/train`` in the train/test layout."""
+    return path / "train" if (path / "train").is_dir() and (path / "test").is_dir() else path
+
+
+def _imagefolder_info(name: str) -> DatasetInfo:
+    path = _imagefolder_path(name)
+    class_dir = _imagefolder_class_dir(path)
+    if not class_dir.is_dir():
+        raise DatasetNotFoundError(
+            f"dataset '{name}': expected a folder {path} with one subfolder of images per class "
+            f"(or train/ and test/ folders of that form); it does not exist"
+        )
+    classes = sorted(entry.name for entry in os.scandir(class_dir) if entry.is_dir())
+    if not classes:
+        raise DatasetNotFoundError(f"dataset '{name}': no class subfolders in {class_dir}")
+    return DatasetInfo(name, classes, list(DEFAULT_TEMPLATES))
+
+
+def _folder_source(
+    folder: Path, info: DatasetInfo, complete: bool
+) -> tuple[FileListSource, np.ndarray]:
+    """All images of ``folder/<class>/``, labelled by ``info``'s classes; unknown folders fail.
+
+    ``complete``: every class must have images (the folder the classes come from); a test or val
+    folder may lack some.
+    """
+    extra = sorted(set(find_classes(folder)[0]) - set(info.classnames))
+    if extra:
+        raise ResidualError(
+            f"dataset '{info.name}': {folder} has class folders {extra} that are not among the "
+            f"classes of its training folder {info.classnames}"
+        )
+    try:
+        samples = make_dataset(
+            str(folder),
+            {c: i for i, c in enumerate(info.classnames)},
+            extensions=IMG_EXTENSIONS,
+            allow_empty=not complete,
+        )
+    except FileNotFoundError as e:  # a class folder with no images
+        raise DatasetNotFoundError(f"dataset '{info.name}': {e} (in {folder})") from e
+    labels = np.asarray([label for _, label in samples], dtype=np.int64)
+    return FileListSource([path for path, _ in samples], labels), labels
+
+
+def _imagefolder(name: str) -> Factory:
+    def factory(split: str, data_root: Path, download: bool):
+        path = _imagefolder_path(name)
+        info = _imagefolder_info(name)
+        if _imagefolder_class_dir(path) == path:
+            source, labels = _folder_source(path, info, complete=True)
+            pos = split_80_10_10(labels)[split]
+        elif split == "test" or (split == "val" and (path / "val").is_dir()):
+            source, labels = _folder_source(path / split, info, complete=False)
+            pos = np.arange(len(labels), dtype=np.int64)
+        else:
+            source, labels = _folder_source(path / "train", info, complete=True)
+            if (path / "val").is_dir():
+                pos = np.arange(len(labels), dtype=np.int64)
+            else:
+                pos = _carve_val(labels, split, 0.1)
+        return source, labels[pos], pos
+
+    return factory
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry and public entry points
+
+
+@dataclass(frozen=True)
+class _Entry:
+    factory: Factory
+    info: Callable[[], DatasetInfo]
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_dataset(
+    name: str, factory: Factory, info: DatasetInfo, *, overwrite: bool = False
+) -> None:
+    """Add a dataset that :func:`load_dataset` and every stage then treat like the paper's ones.
+
+    ``factory(split, data_root, download) -> (source, labels, indices)`` is called by
+    :func:`load_dataset` with ``split`` one of ``"train"``, ``"val"``, ``"test"``, the resolved
+    data root (a ``Path``; a self-contained dataset may ignore it) and the download flag. It
+    returns
+
+    - ``source``: any object with ``source[i] -> (image, anything)`` for each ``i`` in
+      ``indices``; the image is a PIL image (converted to RGB) or a tensor, given to the transform;
+    - ``labels``: int ``[n]``, the label of each sample of the split, in ``info.classnames`` order;
+    - ``indices``: int ``[n]``, each sample's position in ``source``: its stable id (unique,
+      sorted ascending by convention, the same in every run; train and val drawn from one source
+      must be disjoint).
+
+    Splits should be deterministic; :func:`stratified_split` and :func:`split_80_10_10` give the
+    project's seed-42 stratified splits. A missing dataset should raise
+    :class:`DatasetNotFoundError` saying where it was expected and how to get it.
+    """
+    key = name.strip().lower()
+    if not key or key.startswith(IMAGEFOLDER_PREFIX):
+        raise ResidualError(f"invalid dataset name {name!r} ('{IMAGEFOLDER_PREFIX}' is reserved)")
+    if key in _REGISTRY and not overwrite:
+        raise ResidualError(f"dataset '{key}' is already registered (pass overwrite=True)")
+    if info.name != key:
+        raise ResidualError(f"DatasetInfo.name {info.name!r} differs from the name {key!r}")
+    _REGISTRY[key] = _Entry(factory, lambda: info)
+
+
+def list_datasets() -> list[str]:
+    """Names of all registered datasets, sorted (``imagefolder:PATH`` is always available too)."""
+    return sorted(_REGISTRY)
+
+
+def default_data_root() -> Path:
+    """``$RESIDUAL_DATA_ROOT/datasets`` if that variable is set, else ``./data/datasets``."""
+    base = os.environ.get("RESIDUAL_DATA_ROOT")
+    return (Path(base).expanduser() if base else Path("data")) / "datasets"
+
+
+def _entry(name: str) -> tuple[str, _Entry]:
+    if name.startswith(IMAGEFOLDER_PREFIX):
+        return name, _Entry(_imagefolder(name), lambda: _imagefolder_info(name))
+    key = name.strip().lower()
+    if key in _REGISTRY:
+        return key, _REGISTRY[key]
+    close = difflib.get_close_matches(key, list_datasets(), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise DatasetNotFoundError(
+        f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(list_datasets())}; "
+        f"or use '{IMAGEFOLDER_PREFIX}PATH' for a folder of class subfolders."
+    )
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Class names and templates of a dataset, without reading its data.
+
+    (``imagefolder:PATH`` lists the class folders of ``PATH``, but reads no image.)
+    """
+    return _entry(name)[1].info()
+
+
+def load_dataset(
+    name: str,
+    split: str,
+    data_root: str | Path | None = None,
+    transform: Callable[[Any], Any] | None = None,
+    download: bool = False,
+) -> SplitDataset:
+    """One split (``"train"``, ``"val"`` or ``"test"``) of a dataset, read from ``data_root``.
+
+    ``data_root`` defaults to :func:`default_data_root`; ``download=True`` lets torchvision fetch
+    a missing dataset that it can download (nothing is downloaded otherwise).
+
+    Raises:
+        DatasetNotFoundError: unknown name, or data not where it is expected (the message says
+            what was expected, at which path, and how to get it).
+        ResidualError: unknown split, labels outside the class list, malformed data.
+    """
+    key, entry = _entry(name)
+    if split not in SPLITS:
+        raise ResidualError(
+            f"unknown split {split!r} for dataset '{key}': expected one of {', '.join(SPLITS)}"
+        )
+    info = entry.info()
+    root = Path(data_root).expanduser() if data_root is not None else default_data_root()
+    source, labels, indices = entry.factory(split, root, download)
+    validate_labels(labels, info)
+    return SplitDataset(source, labels, indices, info, split, transform)
+
+
+def _register_paper_datasets() -> None:
+    mnist = _open_simple("mnist", lambda r, p, d: tvd.MNIST(str(r), train=p == "train", download=d))
+    gtsrb = _open_simple("gtsrb", lambda r, p, d: tvd.GTSRB(str(r), split=p, download=d))
+    svhn = _open_simple("svhn", lambda r, p, d: tvd.SVHN(str(r / "svhn"), split=p, download=d))
+    dtd = _open_simple("dtd", lambda r, p, d: tvd.DTD(str(r), split=p, partition=1, download=d))
+    openers: dict[str, tuple[_Opener, float | None]] = {  # name: (opener, val fraction of train)
+        "cifar10": (_open_cifar(tvd.CIFAR10, "cifar10"), 0.1),
+        "cifar100": (_open_cifar(tvd.CIFAR100, "cifar100"), 0.1),
+        "mnist": (mnist, 0.1),
+        "gtsrb": (gtsrb, 0.1),
+        "svhn": (svhn, 0.2),
+        "dtd": (dtd, 0.2),
+        "stanford_cars": (_open_simple("stanford_cars", _build_cars), 0.2),
+        "imagenet": (_open_simple("imagenet", _build_imagenet), 0.2),
+        "eurosat": (_open_eurosat, None),  # no official split: 80/10/10
+        "sun397": (_open_sun397, None),
+    }
+    for name, (opener, val_fraction) in openers.items():
+        info = functools.partial(_prompt_info, name)
+        _REGISTRY[name] = _Entry(_official_splits(opener, val_fraction), info)
+    _REGISTRY["resisc45"] = _Entry(_resisc45, functools.partial(_prompt_info, "resisc45"))
+
+
+_register_paper_datasets()

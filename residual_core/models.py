@@ -1,0 +1,190 @@
+"""Loading open_clip models, fully named by architecture name + pretrained tag or checkpoint file.
+
+``load_model("ViT-B-16", "laion2b_s34b_b88k")`` resolves the tag through open_clip (downloaded and
+cached by open_clip when online). ``load_model("ViT-B-16", "/path/ckpt.pt")`` loads a local
+checkpoint through the same open_clip code path. ``pretrained=None`` gives random weights (seed
+them with ``seed``), which is what the exactness tests and benchmarks use.
+
+The embedded tiny CLIP config (``residual-tiny``: 32x32 images, patch 8, width 128, 4 layers,
+4 heads of width 32, embed dim 64) ships in ``residual_core/model_configs`` and is registered
+with open_clip on import.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+
+from .errors import ResidualError, UnknownModelError, WeightsUnavailableError
+
+EMBEDDED_MODEL = "residual-tiny"
+_CONFIG_DIR = Path(str(resources.files("residual_core") / "model_configs"))
+if _CONFIG_DIR not in [Path(p) for p in open_clip.factory._MODEL_CONFIG_PATHS]:
+    open_clip.add_model_config(_CONFIG_DIR)
+
+
+@dataclass
+class LoadedModel:
+    """An open_clip model with what a pipeline needs to name and use it."""
+
+    model: torch.nn.Module
+    preprocess: Callable  # eval transform: PIL image -> [3, H, W] tensor
+    tokenizer: Callable  # list[str] -> LongTensor [n, context_length]
+    name: str
+    pretrained: str | None  # tag, absolute checkpoint path, or None for random weights
+    checkpoint_sha256: str | None  # content hash of a checkpoint file (provenance)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What names the weights: used in store attributes and config hashes."""
+        return {
+            "model": self.name,
+            "pretrained": self.pretrained,
+            "checkpoint_sha256": self.checkpoint_sha256,
+        }
+
+
+def list_models() -> list[str]:
+    """Architecture names open_clip knows (built-in configs plus the embedded one)."""
+    return open_clip.list_models()
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """SHA-256 of a file, streamed (checkpoints can be GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_name(name: str) -> None:
+    known = list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UnknownModelError(
+            f"unknown model {name!r}.{hint} `residual models` lists the {len(known)} known names; "
+            "a custom architecture needs an open_clip JSON config (open_clip.add_model_config)."
+        )
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or value.startswith(".") or value.endswith(
+        (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+    )
+
+
+def load_model(
+    name: str,
+    pretrained: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    seed: int | None = 0,
+    cache_dir: str | None = None,
+) -> LoadedModel:
+    """Create an open_clip model in eval mode.
+
+    Args:
+        name: open_clip architecture name, e.g. ``ViT-B-16`` or ``residual-tiny``.
+        pretrained: a pretrained tag (``laion2b_s34b_b88k``, ``openai``, ...), a checkpoint file
+            saved with ``torch.save(model.state_dict())``, or ``None`` for random weights.
+        device: ``cpu``, ``cuda``, ... (default: CUDA when present).
+        precision: open_clip precision string (``fp32``, ``fp16``, ``bf16``, ...).
+        seed: seeds the random initialisation (only matters when ``pretrained`` is None).
+        cache_dir: where open_clip caches downloads.
+
+    QuickGELU follows the pretrained tag (OpenAI weights need it; open_clip only warns).
+
+    Raises:
+        UnknownModelError: unknown architecture or tag.
+        WeightsUnavailableError: the tag's weights are not cached and cannot be downloaded.
+        ResidualError: a checkpoint path that does not exist or does not fit the architecture.
+    """
+    _check_name(name)
+    device = device or default_device()
+    kwargs: dict[str, Any] = {"precision": precision, "device": device, "cache_dir": cache_dir}
+    checkpoint_sha = None
+    resolved: str | None = None
+
+    if pretrained is not None:
+        pretrained = str(pretrained)
+        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if tag_cfg:
+            resolved = pretrained
+            kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
+        elif os.path.isfile(pretrained):
+            resolved = str(Path(pretrained).resolve())
+            checkpoint_sha = file_sha256(resolved)
+        elif _looks_like_path(pretrained):
+            raise ResidualError(
+                f"checkpoint file not found: {pretrained!r}. Pass a file saved with "
+                "torch.save(model.state_dict()) or a pretrained tag."
+            )
+        else:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise UnknownModelError(
+                f"unknown pretrained tag {pretrained!r} for {name}. Known tags: "
+                f"{', '.join(tags) if tags else 'none (use a local checkpoint file)'}."
+            )
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            # open_clip logs the failure at ERROR level before raising: ours is the message.
+            logging.disable(logging.ERROR)
+            try:
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    name, pretrained=resolved, **kwargs
+                )
+            finally:
+                logging.disable(logging.NOTSET)
+    except (RuntimeError, AssertionError, KeyError, ValueError) as exc:
+        text = str(exc) or type(exc).__name__
+        if checkpoint_sha is not None:  # open_clip asserts or raises on a state dict that misfits
+            raise ResidualError(
+                f"checkpoint {resolved} does not fit architecture {name}: {_first_line(text)}"
+            ) from None
+        if resolved is not None and "download" in text.lower():
+            raise WeightsUnavailableError(
+                f"weights for {name} / {pretrained} are not cached and could not be downloaded "
+                f"({_first_line(text)}). Run once with network access (open_clip caches them), or "
+                "download the checkpoint elsewhere and pass its file path as --pretrained."
+            ) from None
+        raise
+    model.eval()
+    return LoadedModel(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(name),
+        name=name,
+        pretrained=resolved,
+        checkpoint_sha256=checkpoint_sha,
+    )
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line if len(line) <= limit else line[:limit] + "..."

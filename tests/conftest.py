@@ -1,0 +1,39 @@
+"""Test-wide settings: no network, small thread pools, temporary Prefect and data roots."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def custom_config(tmp_path):
+    """Register an open_clip config (tiny tower + overrides) under a new name; returns the name."""
+    import open_clip
+
+    from residual_core.models import EMBEDDED_MODEL  # noqa: F401  (registers the tiny config)
+
+    counter = {"n": 0}
+
+    def make(**vision_overrides):
+        counter["n"] += 1
+        name = f"test-tower-{os.getpid()}-{id(tmp_path) % 10_000}-{counter['n']}"
+        cfg = {
+            "embed_dim": 48,
+            "vision_cfg": {"image_size": 32, "layers": 3, "width": 96, "head_width": 24,
+                           "patch_size": 8, **vision_overrides},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2,
+                         "layers": 1},
+        }
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        open_clip.add_model_config(path)
+        return name
+
+    return make

@@ -1,0 +1,49 @@
+"""The residual command line: --help, exit codes, one-line errors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from residual_core.cli import main
+
+BIN = Path(sys.executable).parent / "residual"
+
+
+def test_help_exits_zero(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "units" in out
+
+
+def test_units_table(capsys):
+    assert main(["units", "--model", "residual-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "U=21 units" in out and "L3H3" in out and "L0.mlp" in out
+
+
+def test_user_error_is_one_line_and_exit_2(capsys):
+    assert main(["units", "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("residual: error: unknown model")
+
+
+def test_console_script_exit_codes():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    bad = subprocess.run([str(BIN), "units", "--model", "ViT-B-32", "--pretrained", "x/y.pt"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr and "checkpoint file not found" in bad.stderr
+    usage = subprocess.run([str(BIN), "frobnicate"], capture_output=True, text=True, env=env,
+                           timeout=120)
+    assert usage.returncode == 2 and "invalid choice" in usage.stderr
+
+
+def test_demo_prints_exactness_check(capsys):
+    assert main(["demo", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "exactness" in out and "OK" in out and "L3H3" in out

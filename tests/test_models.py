@@ -1,0 +1,75 @@
+"""Model loading: checkpoints through the users' code path, clear errors for bad names and files."""
+
+import pytest
+import torch
+
+from residual_core.errors import ResidualError, UnknownModelError, WeightsUnavailableError
+from residual_core.models import EMBEDDED_MODEL, file_sha256, load_model
+
+
+def test_embedded_config_is_registered_with_open_clip():
+    import open_clip
+
+    assert EMBEDDED_MODEL in open_clip.list_models()
+    vis = load_model(EMBEDDED_MODEL, None, device="cpu").model.visual
+    assert vis.image_size == (32, 32) and vis.patch_size == (8, 8)
+    assert len(vis.transformer.resblocks) == 4 and vis.transformer.width == 128
+    assert vis.transformer.resblocks[0].attn.num_heads == 4 and vis.output_dim == 64
+
+
+def test_checkpoint_round_trip(tmp_path):
+    original = load_model(EMBEDDED_MODEL, None, device="cpu", seed=11)
+    path = tmp_path / "tiny.pt"
+    torch.save(original.model.state_dict(), path)
+    other_seed = load_model(EMBEDDED_MODEL, None, device="cpu", seed=12)
+    loaded = load_model(EMBEDDED_MODEL, path, device="cpu", seed=12)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        ref = original.model.encode_image(images)
+        assert not torch.allclose(other_seed.model.encode_image(images), ref)
+        assert torch.equal(loaded.model.encode_image(images), ref)
+    assert loaded.pretrained == str(path.resolve())
+    assert loaded.checkpoint_sha256 == file_sha256(path)
+    assert loaded.identity["checkpoint_sha256"] == loaded.checkpoint_sha256
+    assert not loaded.model.training
+
+
+def test_random_weights_are_seeded():
+    a = load_model(EMBEDDED_MODEL, None, device="cpu", seed=3).model
+    b = load_model(EMBEDDED_MODEL, None, device="cpu", seed=3).model
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(ResidualError, match="checkpoint file not found"):
+        load_model(EMBEDDED_MODEL, tmp_path / "missing.pt", device="cpu")
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.save(load_model(EMBEDDED_MODEL, None, device="cpu").model.state_dict(), path)
+    with pytest.raises(ResidualError, match="does not fit architecture ViT-B-32"):
+        load_model("ViT-B-32", path, device="cpu")
+
+
+def test_unknown_model_name_suggests_close_matches():
+    with pytest.raises(UnknownModelError, match="Did you mean.*ViT-B-16"):
+        load_model("ViT-B-61", None, device="cpu")
+
+
+def test_unknown_tag_lists_known_tags():
+    with pytest.raises(UnknownModelError, match="laion2b_s34b_b88k"):
+        load_model("ViT-B-16", "no_such_tag", device="cpu")
+
+
+def test_uncached_weights_offline_say_how_to_supply_them(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailableError, match="pass its file path as --pretrained"):
+        load_model("ViT-B-32", "laion2b_s34b_b79k", device="cpu", cache_dir=str(tmp_path))
+
+
+def test_openai_tag_selects_quickgelu():
+    import open_clip
+
+    # The tag's config asks for QuickGELU; open_clip itself would only warn on a mismatch.
+    assert open_clip.get_pretrained_cfg("ViT-B-16", "openai").get("quick_gelu") is True
