@@ -43,6 +43,21 @@ def _cmd_units(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from .extract import extract
+
+    result = extract(
+        args.model, args.pretrained, args.dataset, args.split, data_root=args.data_root,
+        store_root=args.store_root, batch_size=args.batch_size, num_workers=args.workers,
+        device=args.device, feature_dtype=args.dtype, rows_per_chunk=args.rows_per_chunk,
+        verify=args.verify, progress=not args.quiet)
+    state = ("already complete, nothing computed" if result.was_cached else
+             f"computed {result.computed_chunks} of {result.total_chunks} row chunks "
+             f"({result.rows_computed} images)")
+    print(f"{result.url}: {state} in {result.seconds:.1f} s")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -63,6 +78,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="images to decompose (default 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("extract", help="write the feature store of a model on a dataset split",
+                       description="Decompose every image of a dataset split and write the "
+                       "per-unit features to a chunked, resumable Zarr store. Rerunning the same "
+                       "command resumes an interrupted run and does nothing for a complete store.")
+    p.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
+    p.add_argument("--pretrained", default=None,
+                   help="pretrained tag or checkpoint path (default: random weights)")
+    p.add_argument("--dataset", required=True,
+                   help="registered dataset (e.g. cifar10) or imagefolder:PATH")
+    p.add_argument("--split", required=True, choices=["train", "val", "test"])
+    p.add_argument("--data-root", default=None, help="dataset root (default data/datasets)")
+    p.add_argument("--store-root", default=None, help="store root folder or URL (default data)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                   help="storage dtype of the raw features (default float32)")
+    p.add_argument("--rows-per-chunk", type=int, default=1024,
+                   help="rows per chunk: the unit of writing and resuming (default 1024)")
+    p.add_argument("--verify", action="store_true",
+                   help="decode written chunks first and recompute damaged ones")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("models", help="list the open_clip architectures (and pretrained tags)",
                        description="List architecture names known to open_clip.")

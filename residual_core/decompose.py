@@ -41,9 +41,12 @@ from .units import Unit, unit_table
 __all__ = [
     "Decomposition",
     "RawContributions",
+    "RAW_FIELDS",
     "ReadoutMaps",
     "decompose",
     "project",
+    "project_heads",
+    "project_residual",
     "readout_maps",
     "check_supported",
 ]
@@ -98,6 +101,7 @@ class ReadoutMaps:
 
 
 _MAP_FIELDS = ("head_maps", "head_bias", "resid_map", "gamma_proj", "beta_proj")
+RAW_FIELDS = ("emb", "mlp", "heads", "ln_mean", "ln_inv_std")  # the compact raw form
 
 
 @dataclass
@@ -120,6 +124,37 @@ class RawContributions:
         return self.emb.shape[0]
 
 
+def _shared_term(ln_mean: torch.Tensor, ln_inv_std: torch.Tensor, maps: ReadoutMaps) -> torch.Tensor:
+    """``[B, E]``: the LN mean/bias term ``(inv_std·μ·γ - β) @ proj`` before sharing by ``N_u``."""
+    return ln_inv_std.float()[:, None] * ln_mean.float()[:, None] * maps.gamma_proj - maps.beta_proj
+
+
+def project_residual(
+    r: torch.Tensor, ln_mean: torch.Tensor, ln_inv_std: torch.Tensor, maps: ReadoutMaps
+) -> torch.Tensor:
+    """``y`` of residual-space units (emb, MLPs): ``r [B, k, D] -> [B, k, E]``."""
+    n_resid = 2 * maps.n_layers + 1
+    shared = _shared_term(ln_mean, ln_inv_std, maps)
+    y = r.float() @ maps.resid_map
+    return ln_inv_std.float()[:, None, None] * y - (shared / n_resid)[:, None]
+
+
+def project_heads(
+    z: torch.Tensor,
+    layers: torch.Tensor,
+    heads: torch.Tensor,
+    ln_mean: torch.Tensor,
+    ln_inv_std: torch.Tensor,
+    maps: ReadoutMaps,
+) -> torch.Tensor:
+    """``y`` of heads ``(layers[i], heads[i])`` from their raw outputs ``z [B, k, dh] -> [B, k, E]``."""
+    n_resid = 2 * maps.n_layers + 1
+    shared = _shared_term(ln_mean, ln_inv_std, maps)
+    y = (z.float()[:, :, None, :] @ maps.head_maps[layers, heads])[:, :, 0]
+    y = y + maps.head_bias[layers, heads]
+    return ln_inv_std.float()[:, None, None] * y - (shared / (n_resid * maps.n_heads))[:, None]
+
+
 def project(
     raw: RawContributions, maps: ReadoutMaps, units: Sequence[int] | None = None
 ) -> torch.Tensor:
@@ -138,28 +173,19 @@ def project(
     sel = torch.arange(n_units) if units is None else torch.as_tensor(list(units), dtype=torch.long)
     if sel.numel() and (sel.min() < 0 or sel.max() >= n_units):
         raise IndexError(f"unit indices must lie in [0, {n_units}), got {sel.tolist()}")
-    inv_std = raw.ln_inv_std.float()[:, None]  # [B, 1]
-    # Shared LN mean/bias term, before dividing by N_u.
-    shared = inv_std * raw.ln_mean.float()[:, None] * maps.gamma_proj - maps.beta_proj  # [B, E]
-    n_resid = 2 * n_layers + 1
     out = raw.emb.new_empty((len(raw), sel.numel(), maps.embed_dim), dtype=torch.float32)
-
     is_emb = sel == 0
     is_mlp = (sel >= 1) & (sel <= n_layers)
     is_head = sel > n_layers
+    stats = (raw.ln_mean, raw.ln_inv_std, maps)
     if is_emb.any():
-        y = inv_std * (raw.emb.float() @ maps.resid_map) - shared / n_resid
-        out[:, is_emb] = y[:, None]
+        out[:, is_emb] = project_residual(raw.emb[:, None], *stats)
     if is_mlp.any():
-        layers = sel[is_mlp] - 1
-        r = raw.mlp.float()[:, layers]  # [B, m, D]
-        out[:, is_mlp] = inv_std[:, :, None] * (r @ maps.resid_map) - (shared / n_resid)[:, None]
+        out[:, is_mlp] = project_residual(raw.mlp[:, sel[is_mlp] - 1], *stats)
     if is_head.any():
         flat = sel[is_head] - 1 - n_layers
         lay, hd = flat // n_heads, flat % n_heads
-        z = raw.heads.float()[:, lay, hd]  # [B, m, dh]
-        y = (z[:, :, None, :] @ maps.head_maps[lay, hd])[:, :, 0] + maps.head_bias[lay, hd]
-        out[:, is_head] = inv_std[:, :, None] * y - (shared / (n_resid * n_heads))[:, None]
+        out[:, is_head] = project_heads(raw.heads[:, lay, hd], lay, hd, *stats)
     return out
 
 

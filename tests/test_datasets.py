@@ -24,6 +24,8 @@ from residual_core.datasets import (
 )
 from residual_core.errors import DatasetNotFoundError, ResidualError
 
+from builders import write_cifar
+
 
 # ----------------------------------------------------------------------------------------------
 # helpers
@@ -144,26 +146,10 @@ def test_stratified_split_is_pinned():
 # (b) CIFAR in torchvision's on-disk format
 
 
-def _write_cifar(root, folder, files, label_key, meta_file, meta_key, n_classes, per_file):
-    """Pickled batches exactly as torchvision reads them; returns {file: (data, labels)}."""
-    rng = np.random.default_rng(0)
-    (root / folder).mkdir(parents=True)
-    written = {}
-    for k, (file_name, n) in enumerate(zip(files, per_file)):
-        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-        labels = [(i + k) % n_classes for i in range(n)]
-        with open(root / folder / file_name, "wb") as f:
-            pickle.dump({"data": data, label_key: labels}, f)
-        written[file_name] = (data, labels)
-    with open(root / folder / meta_file, "wb") as f:
-        pickle.dump({meta_key: [f"class{c}" for c in range(n_classes)]}, f)
-    return written
-
-
 @pytest.fixture
 def cifar10_root(tmp_path):
     files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    written = _write_cifar(
+    written = write_cifar(
         tmp_path, "cifar-10-batches-py", files, "labels", "batches.meta", "label_names",
         n_classes=10, per_file=[40] * 5 + [20],
     )
@@ -215,7 +201,7 @@ def test_cifar_reader_matches_torchvision(cifar10_root, monkeypatch):
 
 
 def test_cifar100_fine_labels(tmp_path):
-    _write_cifar(
+    write_cifar(
         tmp_path, "cifar-100-python", ["train", "test"], "fine_labels", "meta", "fine_label_names",
         n_classes=100, per_file=[1000, 100],
     )

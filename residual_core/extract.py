@@ -1,0 +1,269 @@
+"""The extract stage: run a model over a dataset split and write its feature store.
+
+Resumable and safe: rows are processed in the store's row chunks; a chunk is marked done only
+after its data is written, so a run killed at any point (even ``kill -9``) loses at most the
+chunks in flight, and the same command resumes with the missing chunks only. Batches never
+cross chunk boundaries, so a resumed store is identical to an uninterrupted run's. A complete
+store is never recomputed; a store written with another configuration is an error; a lock
+refuses a second concurrent writer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from filelock import FileLock, Timeout
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from .datasets import load_dataset
+from .decompose import RAW_FIELDS, decompose, readout_maps
+from .errors import StoreError
+from .models import LoadedModel, default_device, load_model
+from .store import (DECOMPOSITION_VERSION, SCHEMA_VERSION, FeatureStore, StoreDims, _is_local,
+                    _local_path, config_hash, default_store_root, feature_store_path,
+                    pretrained_slug)
+from .zeroshot import text_classifier
+
+
+@dataclass
+class ExtractResult:
+    """What an extraction did: the store, and how many row chunks it computed now."""
+
+    url: str
+    computed_chunks: int
+    total_chunks: int
+    rows_computed: int
+    seconds: float
+
+    @property
+    def was_cached(self) -> bool:
+        return self.computed_chunks == 0
+
+
+class _ChunkBatches(Sampler):
+    """Batches of row indices that never cross a row-chunk boundary, for the given chunks."""
+
+    def __init__(self, store: FeatureStore, chunks: np.ndarray, batch_size: int):
+        self.store, self.chunks, self.batch_size = store, chunks, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for chunk in self.chunks:
+            rows = self.store.chunk_rows(int(chunk))
+            for start in range(rows.start, rows.stop, self.batch_size):
+                yield list(range(start, min(start + self.batch_size, rows.stop)))
+
+    def __len__(self) -> int:
+        return sum(-(-(s.stop - s.start) // self.batch_size)
+                   for s in (self.store.chunk_rows(int(c)) for c in self.chunks))
+
+
+def extraction_config(loaded: LoadedModel, dataset: str, split: str, indices: np.ndarray,
+                      feature_dtype: str, rows_per_chunk: int) -> dict[str, Any]:
+    """What determines a store's content (its config hash covers exactly this)."""
+    return {
+        **loaded.identity,
+        "dataset": dataset,
+        "split": split,
+        "n_samples": int(len(indices)),
+        "indices_sha1": _sha1(np.ascontiguousarray(indices, dtype=np.int64)),
+        "feature_dtype": feature_dtype,
+        "rows_per_chunk": rows_per_chunk,
+        "decomposition_version": DECOMPOSITION_VERSION,
+        "schema_version": SCHEMA_VERSION,
+    }
+
+
+def extract(
+    model: str,
+    pretrained: str | None,
+    dataset: str,
+    split: str,
+    *,
+    data_root: str | Path | None = None,
+    store_root: str | Path | None = None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str | None = None,
+    feature_dtype: str = "float32",
+    rows_per_chunk: int = 1024,
+    verify: bool = False,
+    progress: bool = True,
+    loaded: LoadedModel | None = None,
+) -> ExtractResult:
+    """Extract (or resume, or reuse) the feature store of ``model/pretrained`` on ``dataset/split``.
+
+    Args:
+        model, pretrained: open_clip name and tag / checkpoint path / None (random weights).
+        dataset, split: a registered dataset name (or ``imagefolder:PATH``) and ``train|val|test``.
+        data_root: where datasets live (default ``$RESIDUAL_DATA_ROOT/datasets``).
+        store_root: local folder or fsspec URL under which stores live (default ``data/``).
+        batch_size: images per forward pass (batches never cross row chunks).
+        num_workers: DataLoader worker processes (default: ``min(4, cpus - 1)``).
+        device: ``cuda``/``cpu`` (default CUDA when present).
+        feature_dtype: ``float32`` or ``float16`` storage of the raw arrays (LN stats stay float32).
+        rows_per_chunk: rows per written chunk (the unit of resumption).
+        verify: decode every already-written chunk first and recompute damaged ones.
+        progress: show a progress bar (images/s and ETA).
+        loaded: an already loaded model (skips loading; must match ``model``/``pretrained``).
+
+    Returns:
+        :class:`ExtractResult`; ``computed_chunks == 0`` when the store was already complete.
+    """
+    start = time.perf_counter()
+    device = device or default_device()
+    if loaded is None:
+        loaded = load_model(model, pretrained, device=device)
+    data = load_dataset(dataset, split, data_root=data_root, transform=loaded.preprocess)
+    config = extraction_config(loaded, dataset, split, data.indices, feature_dtype, rows_per_chunk)
+    chash = config_hash(config)
+    url = feature_store_path(store_root or default_store_root(), model,
+                             pretrained_slug(loaded.pretrained, loaded.checkpoint_sha256),
+                             dataset, split)
+    with _writer_lock(url):
+        store = _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dtype)
+        if verify:
+            store.mark_pending(store.verify())
+        pending = store.pending_chunks()
+        rows = _compute(store, loaded, data, pending, batch_size, num_workers, progress)
+        store.finalize()
+    return ExtractResult(url, len(pending), store.dims.row_chunk, rows,
+                         time.perf_counter() - start)
+
+
+def _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dtype) -> FeatureStore:
+    exists = _local_path(url).exists() if _is_local(url) else _remote_exists(url)
+    if exists:
+        store = FeatureStore.open(url, require_complete=False)
+        if store.attrs.get("config_hash") != chash:
+            old = store.attrs.get("config", {})
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise StoreError(
+                f"{url} was extracted with another configuration (differs in: {', '.join(diff)}). "
+                "Delete it, or choose another --store-root, to extract with the new one.")
+        return store
+    maps = readout_maps(loaded.model)
+    info = data.info
+    classifier = text_classifier(loaded.model, loaded.tokenizer, info.classnames, info.templates)
+    vis = loaded.model.visual
+    dims = StoreDims(n=len(data), layer=maps.n_layers, head=maps.n_heads, head_dim=maps.head_dim,
+                     width=maps.width, embed=maps.embed_dim, n_class=len(info.classnames),
+                     n_template=len(info.templates), rows_per_chunk=rows_per_chunk)
+    attrs = {
+        **{k: config[k] for k in ("model", "pretrained", "checkpoint_sha256", "dataset", "split")},
+        "config": config,
+        "config_hash": chash,
+        "decomposition_version": DECOMPOSITION_VERSION,
+        "units": [u.as_dict() for u in maps.units],
+        "classnames": list(info.classnames),
+        "templates": list(info.templates),
+        "image_size": list(vis.image_size),
+        "versions": {p: _version(p) for p in ("torch", "open_clip_torch", "zarr", "numpy")},
+        "residual_version": _version("residual"),
+    }
+    return FeatureStore.create(
+        url, dims=dims, feature_dtype=feature_dtype, attrs=attrs, maps=maps,
+        text={"template_embeddings": classifier.template_embeddings.numpy(),
+              "class_weights": classifier.weights.numpy()},
+        labels=np.asarray(data.labels, dtype=np.int64),
+        indices=np.asarray(data.indices, dtype=np.int64))
+
+
+def _compute(store: FeatureStore, loaded: LoadedModel, data, pending: np.ndarray,
+             batch_size: int, num_workers: int | None, progress: bool) -> int:
+    """Decompose the rows of ``pending`` chunks; a writer thread writes chunks behind compute."""
+    if not len(pending):
+        return 0
+    if num_workers is None:
+        num_workers = max(0, min(4, (os.cpu_count() or 1) - 1))
+    loader = DataLoader(data, batch_sampler=_ChunkBatches(store, pending, batch_size),
+                        num_workers=num_workers, pin_memory=loaded.device.type == "cuda",
+                        persistent_workers=False)
+    maps = readout_maps(loaded.model)
+    dtype = np.dtype(store.attrs["feature_dtype"])
+    total = sum(store.chunk_rows(int(c)).stop - store.chunk_rows(int(c)).start for c in pending)
+    chunk_iter = iter(pending)
+    chunk = int(next(chunk_iter))
+    buffer: list[dict[str, np.ndarray]] = []
+    filled = 0
+    writes: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1) as writer, \
+            tqdm(total=total, unit="img", disable=not progress, desc="extract",
+                 dynamic_ncols=True) as bar:
+        for images, _ in loader:
+            raw = decompose(loaded.model, images, maps=maps).raw
+            buffer.append({k: _to_numpy(getattr(raw, k), dtype, k) for k in RAW_FIELDS})
+            filled += len(images)
+            bar.update(len(images))
+            rows = store.chunk_rows(chunk)
+            if filled == rows.stop - rows.start:
+                block = {k: np.concatenate([b[k] for b in buffer]) for k in RAW_FIELDS}
+                _drain(writes, keep=1)  # at most one chunk queued behind the one being computed
+                writes.append(writer.submit(store.write_chunk, chunk, block))
+                buffer, filled = [], 0
+                chunk = int(next(chunk_iter, -1))
+        _drain(writes, keep=0)
+    return total
+
+
+def _drain(writes: list[Future], keep: int) -> None:
+    while len(writes) > keep:
+        writes.pop(0).result()  # re-raises a failed write here
+
+
+def _to_numpy(t: torch.Tensor, dtype: np.dtype, name: str) -> np.ndarray:
+    arr = t.detach().cpu().numpy()
+    return arr if name.startswith("ln_") else arr.astype(dtype, copy=False)
+
+
+class _writer_lock:
+    """Exclusive writer lock next to a local store; a second writer is refused at once."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.lock = None
+        if _is_local(url):
+            path = _local_path(url)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.lock = FileLock(str(path) + ".lock")
+
+    def __enter__(self):
+        if self.lock is not None:
+            try:
+                self.lock.acquire(timeout=0)
+            except Timeout:
+                raise StoreError(f"{self.url} is being written by another extraction (lock "
+                                 f"{self.lock.lock_file}); wait for it to finish") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _remote_exists(url: str) -> bool:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(f"{path}/zarr.json")
+
+
+def _sha1(arr: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha1(arr.tobytes()).hexdigest()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None

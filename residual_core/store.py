@@ -1,0 +1,437 @@
+"""Feature stores: one Zarr (v3) group per (model, pretrained, dataset, split).
+
+The layout is declared once (:data:`SCHEMA`) and checked on open. A store holds the compact raw
+form of the decomposition (raw head outputs, MLP and emb outputs, LN statistics), labels and
+sample indices, the fixed read-out maps and the zero-shot text classifier. Rows are written in
+*row chunks* of ``rows_per_chunk`` samples; each row chunk is one shard file per array (inner
+chunks of one unit, so one unit can be read over all rows without reading the others) and is
+marked in ``done`` only after its data is written, which makes extraction resumable after a kill
+at any point. Float arrays are filled with NaN, so a missing chunk can never read as zeros.
+
+Reading (:meth:`FeatureStore.contributions`) returns the exact output-space ``y_u`` of any units
+and rows as a lazy Dask array: the projection is applied on read, block by block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import dask.array as da
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import ZstdCodec
+from zarr.core.sync import sync
+
+from .decompose import RAW_FIELDS, ReadoutMaps, project_heads, project_residual
+from .errors import StoreError
+from .units import Unit, unit_table
+
+SCHEMA_VERSION = 1
+DECOMPOSITION_VERSION = 1  # bump when decompose() changes what it computes
+FORMAT_NAME = "residual-feature-store"
+FEATURE_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the layout: dims name sizes from :class:`StoreDims`; ``dtype`` ``feature``
+    means the store's feature dtype; ``row_chunked`` arrays are chunked (and sharded) by rows."""
+
+    dims: tuple[str, ...]
+    dtype: str
+    row_chunked: bool
+    unit_axes: int = 0  # trailing axes after N that inner chunks split one by one (units)
+    doc: str = ""
+
+
+SCHEMA: dict[str, ArraySpec] = {
+    "heads": ArraySpec(("n", "layer", "head", "head_dim"), "feature", True, 2,
+                       "raw per-head attention output at CLS, before the output projection"),
+    "mlp": ArraySpec(("n", "layer", "width"), "feature", True, 1,
+                     "MLP output at CLS (after LayerScale), residual space"),
+    "emb": ArraySpec(("n", "width"), "feature", True, 0, "ln_pre output at CLS"),
+    "ln_mean": ArraySpec(("n",), "float32", True, 0, "mean of the residual stream at CLS"),
+    "ln_inv_std": ArraySpec(("n",), "float32", True, 0, "1/sqrt(var + eps) of the same"),
+    "labels": ArraySpec(("n",), "int64", True, 0, "class index into the classnames attribute"),
+    "indices": ArraySpec(("n",), "int64", True, 0, "sample id in the source dataset"),
+    "done": ArraySpec(("row_chunk",), "uint8", False, 0, "1 when a row chunk is fully written"),
+    "maps/head_maps": ArraySpec(("layer", "head", "head_dim", "embed"), "float32", False),
+    "maps/head_bias": ArraySpec(("layer", "head", "embed"), "float32", False),
+    "maps/resid_map": ArraySpec(("width", "embed"), "float32", False),
+    "maps/gamma_proj": ArraySpec(("embed",), "float32", False),
+    "maps/beta_proj": ArraySpec(("embed",), "float32", False),
+    "text/template_embeddings": ArraySpec(("class", "template", "embed"), "float32", False,
+                                          doc="L2-normalised text embedding per class and template"),
+    "text/class_weights": ArraySpec(("class", "embed"), "float32", False,
+                                    doc="zero-shot classifier: averaged, renormalised"),
+}
+
+
+@dataclass(frozen=True)
+class StoreDims:
+    """Sizes of the store's dimensions."""
+
+    n: int
+    layer: int
+    head: int
+    head_dim: int
+    width: int
+    embed: int
+    n_class: int
+    n_template: int
+    rows_per_chunk: int
+
+    @property
+    def row_chunk(self) -> int:
+        return -(-self.n // self.rows_per_chunk)
+
+    def shape(self, spec: ArraySpec) -> tuple[int, ...]:
+        sizes = {**self.__dict__, "class": self.n_class, "template": self.n_template,
+                 "row_chunk": self.row_chunk}
+        return tuple(sizes[d] for d in spec.dims)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Stable short hash of a JSON-able configuration."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def slug(text: str) -> str:
+    """A path-safe name: ``world/color -> world-color``; long or odd names get a hash suffix."""
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+    if clean != text or len(clean) > 64:
+        clean = f"{clean[:48]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return clean
+
+
+def pretrained_slug(pretrained: str | None, checkpoint_sha256: str | None) -> str:
+    """``laion2b_s34b_b88k``, ``ckpt-<sha12>`` for a checkpoint file, ``random`` for no weights."""
+    if checkpoint_sha256:
+        return f"ckpt-{checkpoint_sha256[:12]}"
+    return slug(pretrained) if pretrained else "random"
+
+
+def default_store_root() -> Path:
+    """``$RESIDUAL_DATA_ROOT`` or ``./data``."""
+    import os
+
+    return Path(os.environ.get("RESIDUAL_DATA_ROOT", "data"))
+
+
+def feature_store_path(store_root: str | Path, model: str, pretrained_id: str, dataset: str,
+                       split: str) -> str:
+    """Where the store of (model, pretrained, dataset, split) lives under ``store_root``."""
+    root = str(store_root).rstrip("/")
+    return f"{root}/features/{slug(model)}/{pretrained_id}/{slug(dataset)}/{split}.zarr"
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _local_path(url: str) -> Path:
+    return Path(url[len("file://"):] if url.startswith("file://") else url)
+
+
+class _GuardedArray:
+    """Array-like over a Zarr array for ``da.from_array``: read errors become StoreErrors."""
+
+    def __init__(self, array: zarr.Array, where: str):
+        self.array, self.where = array, where
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, key):
+        try:
+            return self.array[key]
+        except Exception as exc:  # a truncated/corrupt chunk fails deep in the codec stack
+            raise StoreError(
+                f"{self.where} is corrupt: cannot read rows {key[0] if isinstance(key, tuple) else key}"
+                f" ({type(exc).__name__}: {exc}). Rerun the extraction with verify=True "
+                "(`residual extract ... --verify`) to recompute damaged chunks."
+            ) from None
+
+
+class FeatureStore:
+    """An open feature store (validated). Use :meth:`create` or :meth:`open`."""
+
+    def __init__(self, group: zarr.Group, url: str):
+        self.group, self.url = group, url
+        self.attrs: dict[str, Any] = dict(group.attrs)
+
+    # ---------------------------------------------------------------- creation and opening
+    @classmethod
+    def create(cls, url: str, *, dims: StoreDims, feature_dtype: str, attrs: dict[str, Any],
+               maps: ReadoutMaps, text: dict[str, np.ndarray], labels: np.ndarray,
+               indices: np.ndarray) -> "FeatureStore":
+        """Create an empty (incomplete) store with its fixed content written."""
+        if feature_dtype not in FEATURE_DTYPES:
+            raise StoreError(f"feature dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
+        group = zarr.open_group(url, mode="w")
+        compressor = ZstdCodec(level=3, checksum=True)  # checksums catch corrupt chunks
+        for name, spec in SCHEMA.items():
+            shape = dims.shape(spec)
+            dtype = feature_dtype if spec.dtype == "feature" else spec.dtype
+            kwargs: dict[str, Any] = {}
+            if spec.row_chunked:
+                rows = min(dims.rows_per_chunk, max(dims.n, 1))
+                kwargs["shards"] = (rows,) + shape[1:]
+                inner = [1] * spec.unit_axes + list(shape[1 + spec.unit_axes:])
+                kwargs["chunks"] = (rows, *inner)
+            else:
+                kwargs["chunks"] = tuple(max(s, 1) for s in shape)
+            fill = np.nan if np.dtype(dtype).kind == "f" else 0
+            group.create_array(name, shape=shape, dtype=dtype, fill_value=fill,
+                               compressors=compressor, attributes={"dims": list(spec.dims)},
+                               **kwargs)
+        for key, value in maps.as_numpy().items():
+            group[f"maps/{key}"][...] = value
+        group["text/template_embeddings"][...] = text["template_embeddings"]
+        group["text/class_weights"][...] = text["class_weights"]
+        group["labels"][...] = labels
+        group["indices"][...] = indices
+        group["done"][...] = 0
+        group.attrs.update({**attrs, "state": "incomplete", "feature_dtype": feature_dtype,
+                            "rows_per_chunk": dims.rows_per_chunk, "dims": dims.__dict__,
+                            "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION,
+                            "created_at": _now()})
+        return cls(group, url)
+
+    @classmethod
+    def open(cls, url: str | Path, *, require_complete: bool = True) -> "FeatureStore":
+        """Open and validate a store; raise :class:`StoreError` naming the problem and the fix."""
+        url = str(url)
+        if _is_local(url) and not _local_path(url).exists():
+            raise StoreError(f"no feature store at {url}: run `residual extract` first")
+        try:
+            group = zarr.open_group(url, mode="r+")
+        except Exception as exc:
+            raise StoreError(f"{url} is not a Zarr group ({type(exc).__name__}); "
+                             "is it a feature store?") from None
+        store = cls(group, url)
+        store._validate(require_complete)
+        return store
+
+    def _validate(self, require_complete: bool) -> None:
+        a = self.attrs
+        if a.get("format") != FORMAT_NAME:
+            raise StoreError(f"{self.url} is not a residual feature store (format attribute "
+                             f"{a.get('format')!r}); point to a store written by `residual extract`")
+        if a.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(f"{self.url} has schema version {a.get('schema_version')}, this code "
+                             f"reads version {SCHEMA_VERSION}: re-extract it")
+        dims = self.dims
+        for name, spec in SCHEMA.items():
+            if name not in self.group:
+                raise StoreError(f"{self.url} lacks array {name!r}: the store is incomplete or "
+                                 "foreign; delete it and extract again")
+            arr = self.group[name]
+            expected = dims.shape(spec)
+            dtype = a["feature_dtype"] if spec.dtype == "feature" else spec.dtype
+            if tuple(arr.shape) != expected or arr.dtype != np.dtype(dtype):
+                raise StoreError(f"{self.url}: array {name!r} is {arr.shape} {arr.dtype}, the "
+                                 f"layout says {expected} {dtype}; delete it and extract again")
+        if require_complete and not self.complete:
+            missing = int((self.group["done"][:] == 0).sum())
+            raise StoreError(f"{self.url} is incomplete ({missing} of {dims.row_chunk} row chunks "
+                             "missing): rerun the same `residual extract` command to resume it")
+
+    # ---------------------------------------------------------------- metadata
+    @property
+    def dims(self) -> StoreDims:
+        return StoreDims(**self.attrs["dims"])
+
+    @property
+    def complete(self) -> bool:
+        return self.attrs.get("state") == "complete"
+
+    @property
+    def units(self) -> tuple[Unit, ...]:
+        return unit_table(self.dims.layer, self.dims.head)
+
+    @property
+    def classnames(self) -> list[str]:
+        return list(self.attrs["classnames"])
+
+    @property
+    def maps(self) -> ReadoutMaps:
+        return ReadoutMaps.from_numpy(
+            {k.split("/", 1)[1]: self.group[k][...] for k in SCHEMA if k.startswith("maps/")})
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.group["labels"][...]
+
+    @property
+    def indices(self) -> np.ndarray:
+        return self.group["indices"][...]
+
+    @property
+    def class_weights(self) -> np.ndarray:
+        """``[C, E]`` zero-shot classifier."""
+        return self.group["text/class_weights"][...]
+
+    def pending_chunks(self) -> np.ndarray:
+        """Indices of row chunks not yet written."""
+        return np.flatnonzero(self.group["done"][...] == 0)
+
+    def chunk_rows(self, chunk: int) -> slice:
+        r = self.dims.rows_per_chunk
+        return slice(chunk * r, min((chunk + 1) * r, self.dims.n))
+
+    # ---------------------------------------------------------------- writing
+    def write_chunk(self, chunk: int, raw: dict[str, np.ndarray]) -> None:
+        """Write one full row chunk of the raw arrays, then mark it done (the commit point)."""
+        rows = self.chunk_rows(chunk)
+        n = rows.stop - rows.start
+        for name in RAW_FIELDS:
+            value = raw[name]
+            if value.shape[0] != n:
+                raise StoreError(f"chunk {chunk} needs {n} rows of {name}, got {value.shape[0]}")
+            self.group[name][rows] = value
+        self.group["done"][chunk] = 1
+
+    def mark_pending(self, chunks: Sequence[int]) -> None:
+        """Mark row chunks as not written and delete their data (e.g. damaged chunks).
+
+        Deleting matters: Zarr reads an existing shard before rewriting it, which fails on a
+        corrupt one.
+        """
+        if not len(chunks):
+            return
+        done = self.group["done"][...]
+        done[list(chunks)] = 0
+        self.group["done"][...] = done
+        self.set_attrs(state="incomplete")
+        for name, spec in SCHEMA.items():
+            if spec.row_chunked:
+                arr = self.group[name]
+                for chunk in chunks:
+                    key = arr.metadata.encode_chunk_key((int(chunk),) + (0,) * (arr.ndim - 1))
+                    sync(self.group.store.delete(f"{arr.path}/{key}"))
+
+    def finalize(self) -> None:
+        """Mark the store complete once every row chunk is written."""
+        pending = self.pending_chunks()
+        if len(pending):
+            raise StoreError(f"{self.url}: cannot finalize, {len(pending)} row chunks missing")
+        self.set_attrs(state="complete", completed_at=_now())
+
+    def set_attrs(self, **values: Any) -> None:
+        self.group.attrs.update(values)
+        self.attrs.update(values)
+
+    def verify(self) -> list[int]:
+        """Decode every written row chunk; return those that are unreadable or contain NaN."""
+        bad = []
+        for chunk in np.flatnonzero(self.group["done"][...] == 1):
+            rows = self.chunk_rows(int(chunk))
+            try:
+                if any(np.isnan(self.group[name][rows]).any() for name in RAW_FIELDS):
+                    bad.append(int(chunk))
+            except Exception:
+                bad.append(int(chunk))
+        return bad
+
+    # ---------------------------------------------------------------- reading
+    def raw_array(self, name: str) -> da.Array:
+        """A raw array as a Dask array chunked by row chunks (read errors become StoreErrors)."""
+        arr = self.group[name]
+        rows = self.dims.rows_per_chunk
+        return da.from_array(_GuardedArray(arr, f"{self.url}/{name}"),
+                             chunks=(rows,) + tuple(arr.shape[1:]), name=False,
+                             asarray=False)
+
+    def contributions(self, units: Sequence[int | str] | None = None,
+                      rows: slice | np.ndarray | None = None) -> da.Array:
+        """Exact output-space contributions ``y_u``, lazily: ``[N_rows, len(units), E]`` float32.
+
+        Args:
+            units: unit indices or names (``emb``, ``L3.mlp``, ``L5H2``); default all units.
+            rows: a slice or integer index array of rows; default all rows.
+
+        Only the raw arrays of the requested units are read (heads by the rectangle of their
+        layers × heads), and projected with the store's read-out maps, block by block.
+        """
+        table = self.units
+        sel = self._unit_indices(units)
+        maps = self.maps
+        mean, inv = self.raw_array("ln_mean"), self.raw_array("ln_inv_std")
+        parts: list[da.Array] = []
+        order: list[int] = []
+        resid = [i for i in sel if table[i].kind != "head"]
+        heads = [i for i in sel if table[i].kind == "head"]
+        if resid:
+            want_emb = [i for i in resid if i == 0]
+            mlp_layers = [table[i].layer for i in resid if i != 0]
+            if want_emb:
+                parts.append(da.blockwise(_resid_block, "nue", self.raw_array("emb")[:, None], "nuw",
+                                          mean, "n", inv, "n", maps=maps, dtype=np.float32,
+                                          new_axes={"e": maps.embed_dim}, concatenate=True))
+                order += want_emb
+            if mlp_layers:
+                mlp = self.raw_array("mlp")[:, mlp_layers]
+                parts.append(da.blockwise(_resid_block, "nue", mlp, "nuw", mean, "n", inv, "n",
+                                          maps=maps, dtype=np.float32,
+                                          new_axes={"e": maps.embed_dim}, concatenate=True))
+                order += [i for i in resid if i != 0]
+        if heads:
+            pairs = [(table[i].layer, table[i].head) for i in heads]
+            layers = sorted({l for l, _ in pairs})
+            hs = sorted({h for _, h in pairs})
+            z = self.raw_array("heads")[:, layers][:, :, hs]
+            rel = [(layers.index(l), hs.index(h)) for l, h in pairs]
+            parts.append(da.blockwise(
+                _heads_block, "nke", z, "nlhd", mean, "n", inv, "n", maps=maps,
+                pairs=np.array(pairs), rel=np.array(rel), dtype=np.float32,
+                new_axes={"k": len(pairs), "e": maps.embed_dim}, concatenate=True))
+            order += heads
+        out = da.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        if order != sel:
+            position = {u: k for k, u in enumerate(order)}
+            out = out[:, [position[u] for u in sel]]
+        return out if rows is None else out[rows]
+
+    def _unit_indices(self, units: Sequence[int | str] | None) -> list[int]:
+        table = self.units
+        if units is None:
+            return list(range(len(table)))
+        by_name = {u.name: u.index for u in table}
+        out = []
+        for u in units:
+            if isinstance(u, str):
+                if u not in by_name:
+                    raise StoreError(f"unknown unit {u!r}; units are emb, L{{l}}.mlp, L{{l}}H{{h}} "
+                                     f"with l < {self.dims.layer}, h < {self.dims.head}")
+                out.append(by_name[u])
+            elif 0 <= int(u) < len(table):
+                out.append(int(u))
+            else:
+                raise StoreError(f"unit index {u} out of range [0, {len(table)})")
+        if not out:
+            raise StoreError("select at least one unit")
+        return out
+
+
+def _resid_block(r: np.ndarray, mean: np.ndarray, inv: np.ndarray, maps: ReadoutMaps) -> np.ndarray:
+    y = project_residual(torch.from_numpy(np.ascontiguousarray(r)), torch.from_numpy(mean),
+                         torch.from_numpy(inv), maps)
+    return y.numpy()
+
+
+def _heads_block(z: np.ndarray, mean: np.ndarray, inv: np.ndarray, maps: ReadoutMaps,
+                 pairs: np.ndarray, rel: np.ndarray) -> np.ndarray:
+    zt = torch.from_numpy(np.ascontiguousarray(z))[:, rel[:, 0], rel[:, 1]]
+    y = project_heads(zt, torch.from_numpy(pairs[:, 0]), torch.from_numpy(pairs[:, 1]),
+                      torch.from_numpy(mean), torch.from_numpy(inv), maps)
+    return y.numpy()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

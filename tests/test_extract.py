@@ -1,0 +1,211 @@
+"""The extract stage and the feature store: exact, resumable after kill -9, refusing bad stores."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from builders import write_cifar, write_image_folder
+from residual_core.datasets import load_dataset
+from residual_core.decompose import RAW_FIELDS, decompose
+from residual_core.errors import DatasetNotFoundError, StoreError
+from residual_core.extract import extract
+from residual_core.models import EMBEDDED_MODEL, load_model
+from residual_core.store import FeatureStore
+
+BIN = Path(sys.executable).parent / "residual"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model(EMBEDDED_MODEL, None, device="cpu", seed=0)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("imgs"), ["ant", "bee", "cow"], 30, size=40)
+
+
+def run(tiny, dataset, split, root, **kw):
+    kw = {"batch_size": 8, "rows_per_chunk": 16, "num_workers": 0, "progress": False,
+          "device": "cpu", **kw}
+    return extract(EMBEDDED_MODEL, None, dataset, split, store_root=root, loaded=tiny, **kw)
+
+
+def direct(tiny, dataset, split, **kw):
+    data = load_dataset(dataset, split, transform=tiny.preprocess, **kw)
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    return data, decompose(tiny.model, images)
+
+
+def test_store_equals_direct_decomposition(tiny, folder, tmp_path):
+    name = f"imagefolder:{folder}"
+    result = run(tiny, name, "train", tmp_path)
+    assert result.computed_chunks == result.total_chunks > 1
+    store = FeatureStore.open(result.url)
+    data, dec = direct(tiny, name, "train")
+    y = store.contributions().compute()
+    assert y.shape == tuple(dec.contributions.shape)
+    np.testing.assert_allclose(y, dec.contributions.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(store.labels, data.labels)
+    np.testing.assert_array_equal(store.indices, data.indices)
+    assert store.classnames == ["ant", "bee", "cow"]
+    assert [u["name"] for u in store.attrs["units"]] == dec.unit_names
+    # Any units, any order, any rows: the projection is exact on read.
+    pick = ["L2H1", "emb", "L0.mlp", "L3H3", "L0H2"]
+    idx = [dec.unit_names.index(p) for p in pick]
+    rows = np.array([3, 0, 17, 40])
+    np.testing.assert_allclose(store.contributions(pick, rows).compute(),
+                               dec.contributions[rows][:, idx].numpy(), rtol=1e-5, atol=1e-6)
+    # The zero-shot classifier is stored with the features.
+    assert store.class_weights.shape == (3, 64)
+    np.testing.assert_allclose(np.linalg.norm(store.class_weights, axis=1), 1, rtol=1e-5)
+
+
+def test_complete_store_is_not_recomputed(tiny, folder, tmp_path):
+    first = run(tiny, f"imagefolder:{folder}", "val", tmp_path)
+    assert first.computed_chunks == first.total_chunks
+    again = run(tiny, f"imagefolder:{folder}", "val", tmp_path)
+    assert again.was_cached and again.rows_computed == 0
+
+
+def test_cifar10_layout_through_the_cache(tiny, tmp_path):
+    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    write_cifar(tmp_path / "ds", "cifar-10-batches-py", files, "labels", "batches.meta",
+                "label_names", n_classes=10, per_file=[20] * 5 + [10])
+    result = run(tiny, "cifar10", "val", tmp_path / "st", data_root=tmp_path / "ds")
+    store = FeatureStore.open(result.url)
+    data, dec = direct(tiny, "cifar10", "val", data_root=tmp_path / "ds")
+    assert len(data) == 10  # 10% of the 100 train images, stratified
+    np.testing.assert_array_equal(store.labels, data.labels)
+    np.testing.assert_allclose(store.contributions().compute(), dec.contributions.numpy(),
+                               rtol=1e-5, atol=1e-6)
+    assert store.attrs["dataset"] == "cifar10" and store.attrs["split"] == "val"
+
+
+def test_float16_storage_is_smaller_and_close(tiny, folder, tmp_path):
+    name = f"imagefolder:{folder}"
+    s32 = FeatureStore.open(run(tiny, name, "train", tmp_path / "a").url)
+    s16 = FeatureStore.open(run(tiny, name, "train", tmp_path / "b", feature_dtype="float16").url)
+    assert s16.group["heads"].dtype == np.float16
+    y32, y16 = s32.contributions().compute(), s16.contributions().compute()
+    rel = np.linalg.norm(y16 - y32, axis=-1) / np.linalg.norm(y32, axis=-1)
+    assert rel.max() < 5e-3
+
+    def size(url):
+        return sum(f.stat().st_size for f in Path(url).rglob("c/**/*") if f.is_file())
+
+    assert size(s16.url) < 0.75 * size(s32.url)
+
+
+def test_kill_9_then_resume_gives_the_clean_store(tiny, tmp_path):
+    folder = write_image_folder(tmp_path / "big", ["a", "b"], 700, size=32, seed=1)
+    name = f"imagefolder:{folder}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [str(BIN), "extract", "--model", EMBEDDED_MODEL, "--dataset", name, "--split", "train",
+           "--store-root", str(tmp_path / "killed"), "--batch-size", "8", "--rows-per-chunk", "16",
+           "--workers", "0", "--device", "cpu", "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    done_path = None
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        hits = list((tmp_path / "killed").rglob("train.zarr/done/zarr.json"))
+        if hits:
+            done_path = hits[0].parent.parent
+            done = zarr.open_group(str(done_path), mode="r")["done"][...]
+            if 3 <= done.sum() < len(done) // 2:
+                break
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert done_path is not None
+    with pytest.raises(StoreError, match="incomplete"):
+        FeatureStore.open(str(done_path))
+    done_before = int(zarr.open_group(str(done_path), mode="r")["done"][...].sum())
+
+    resumed = run(tiny, name, "train", tmp_path / "killed")
+    assert resumed.url == str(done_path)
+    assert resumed.computed_chunks == resumed.total_chunks - done_before
+    clean = run(tiny, name, "train", tmp_path / "clean")
+    a, b = FeatureStore.open(resumed.url).group, FeatureStore.open(clean.url).group
+    for key in RAW_FIELDS + ("labels", "indices", "done", "maps/head_maps"):
+        np.testing.assert_array_equal(a[key][...], b[key][...], err_msg=key)
+
+
+def test_mismatched_config_is_an_error(tiny, folder, tmp_path):
+    name = f"imagefolder:{folder}"
+    run(tiny, name, "test", tmp_path)
+    with pytest.raises(StoreError, match="rows_per_chunk"):
+        run(tiny, name, "test", tmp_path, rows_per_chunk=32)
+    other = load_model(EMBEDDED_MODEL, None, device="cpu", seed=0)
+    ckpt = tmp_path / "w.pt"
+    torch.save(other.model.state_dict(), ckpt)
+    # Same weights under another identity (a checkpoint) get their own store, never a mix.
+    res = extract(EMBEDDED_MODEL, str(ckpt), name, "test", store_root=tmp_path, batch_size=8,
+                  rows_per_chunk=16, num_workers=0, progress=False, device="cpu")
+    assert "ckpt-" in res.url and res.computed_chunks == res.total_chunks
+
+
+def test_truncated_chunk_is_detected_and_repaired(tiny, folder, tmp_path):
+    name = f"imagefolder:{folder}"
+    result = run(tiny, name, "train", tmp_path)
+    before = FeatureStore.open(result.url).contributions().compute()
+    shard = sorted(Path(result.url, "heads", "c").rglob("*"))
+    shard = [p for p in shard if p.is_file()][1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(StoreError, match="corrupt"):
+        FeatureStore.open(result.url).contributions().compute()
+    repaired = run(tiny, name, "train", tmp_path, verify=True)
+    assert repaired.computed_chunks == 1
+    np.testing.assert_array_equal(FeatureStore.open(result.url).contributions().compute(), before)
+
+
+def test_foreign_and_missing_stores(tmp_path):
+    with pytest.raises(StoreError, match="no feature store"):
+        FeatureStore.open(tmp_path / "nothing.zarr")
+    foreign = zarr.open_group(str(tmp_path / "foreign.zarr"), mode="w")
+    foreign.create_array("x", shape=(3,), dtype="f4")
+    with pytest.raises(StoreError, match="not a residual feature store"):
+        FeatureStore.open(tmp_path / "foreign.zarr")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("hello")
+    with pytest.raises(StoreError):
+        FeatureStore.open(tmp_path / "plain")
+
+
+def test_missing_array_is_reported(tiny, folder, tmp_path):
+    result = run(tiny, f"imagefolder:{folder}", "val", tmp_path)
+    import shutil
+
+    shutil.rmtree(Path(result.url) / "mlp")
+    with pytest.raises(StoreError, match="lacks array 'mlp'"):
+        FeatureStore.open(result.url)
+
+
+def test_wrong_dataset_root(tiny, tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "nowhere")):
+        run(tiny, "cifar10", "train", tmp_path, data_root=tmp_path / "nowhere")
+
+
+def test_concurrent_writer_is_refused(tiny, folder, tmp_path):
+    from filelock import FileLock
+
+    name = f"imagefolder:{folder}"
+    url = run(tiny, name, "val", tmp_path).url
+    with FileLock(url + ".lock"):
+        with pytest.raises(StoreError, match="being written by another extraction"):
+            run(tiny, name, "val", tmp_path)
+
+
+def test_unknown_unit_names(tiny, folder, tmp_path):
+    store = FeatureStore.open(run(tiny, f"imagefolder:{folder}", "val", tmp_path).url)
+    with pytest.raises(StoreError, match="unknown unit 'L9H0'"):
+        store.contributions(["L9H0"])
