@@ -140,6 +140,11 @@ def _local_path(url: str) -> Path:
     return Path(url[len("file://"):] if url.startswith("file://") else url)
 
 
+def _zarr_target(url: str) -> str:
+    """Local stores as plain paths (Zarr's fsspec store does not create local folders)."""
+    return str(_local_path(url)) if _is_local(url) else url
+
+
 class _GuardedArray:
     """Array-like over a Zarr array for ``da.from_array``: read errors become StoreErrors."""
 
@@ -173,7 +178,7 @@ class FeatureStore:
         """Create an empty (incomplete) store with its fixed content written."""
         if feature_dtype not in FEATURE_DTYPES:
             raise StoreError(f"feature dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
-        group = zarr.open_group(url, mode="w")
+        group = zarr.open_group(_zarr_target(url), mode="w")
         compressor = ZstdCodec(level=3, checksum=True)  # checksums catch corrupt chunks
         for name, spec in SCHEMA.items():
             shape = dims.shape(spec)
@@ -210,7 +215,7 @@ class FeatureStore:
         if _is_local(url) and not _local_path(url).exists():
             raise StoreError(f"no feature store at {url}: run `residual extract` first")
         try:
-            group = zarr.open_group(url, mode="r+")
+            group = zarr.open_group(_zarr_target(url), mode="r+")
         except Exception as exc:
             raise StoreError(f"{url} is not a Zarr group ({type(exc).__name__}); "
                              "is it a feature store?") from None

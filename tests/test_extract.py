@@ -209,3 +209,14 @@ def test_unknown_unit_names(tiny, folder, tmp_path):
     store = FeatureStore.open(run(tiny, f"imagefolder:{folder}", "val", tmp_path).url)
     with pytest.raises(StoreError, match="unknown unit 'L9H0'"):
         store.contributions(["L9H0"])
+
+
+def test_store_root_can_be_an_fsspec_url(tiny, folder):
+    name = f"imagefolder:{folder}"
+    result = run(tiny, name, "val", "memory://residual-test")
+    assert result.url.startswith("memory://residual-test/features/")
+    store = FeatureStore.open(result.url)
+    data, dec = direct(tiny, name, "val")
+    np.testing.assert_allclose(store.contributions().compute(), dec.contributions.numpy(),
+                               rtol=1e-5, atol=1e-6)
+    assert run(tiny, name, "val", "memory://residual-test").was_cached

@@ -1,0 +1,102 @@
+"""The extract stage: write overhead, bytes on disk, and read throughput of one unit.
+
+1. Extraction with writes against compute-only decomposition of the same images (same loader,
+   same batches): goal <= 1.10 (writes hide behind compute).
+2. Bytes on disk per image per head against naive float32 output-space storage (ViT-B-16
+   layout, random weights): goal <= 0.2x.
+3. Read throughput: one unit over all rows against all units.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from benchmarks._timing import print_table
+from residual_core.datasets import load_dataset
+from residual_core.decompose import decompose, readout_maps
+from residual_core.extract import extract
+from residual_core.models import EMBEDDED_MODEL, load_model
+from residual_core.store import FeatureStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from builders import write_image_folder  # noqa: E402
+
+
+def _compute_only(loaded, dataset: str, batch_size: int) -> float:
+    data = load_dataset(dataset, "train", transform=loaded.preprocess)
+    maps = readout_maps(loaded.model)
+    start = time.perf_counter()
+    for images, _ in DataLoader(data, batch_size=batch_size, num_workers=0):
+        raw = decompose(loaded.model, images, maps=maps).raw
+        _ = [t.numpy() for t in (raw.heads, raw.mlp, raw.emb, raw.ln_mean, raw.ln_inv_std)]
+    return time.perf_counter() - start
+
+
+def _bytes(url: str, array: str) -> int:
+    return sum(f.stat().st_size for f in (Path(url) / array).rglob("*") if f.is_file())
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
+    rows = []
+    # 1. write overhead on the tiny model (the worst case: compute is cheapest relative to I/O)
+    folder = write_image_folder(tmp / "imgs", ["a", "b", "c", "d"], 640, size=32)
+    name = f"imagefolder:{folder}"
+    tiny = load_model(EMBEDDED_MODEL, None, device="cpu")
+    ratios = []
+    for rep in range(3):
+        t_compute = _compute_only(tiny, name, 64)
+        res = extract(EMBEDDED_MODEL, None, name, "train", store_root=tmp / f"st{rep}",
+                      batch_size=64, rows_per_chunk=256, num_workers=0, progress=False,
+                      device="cpu", loaded=tiny)
+        ratios.append((t_compute, res.seconds, res.seconds / t_compute))
+    t_compute, t_extract, ratio = sorted(ratios, key=lambda r: r[2])[1]
+    n = res.rows_computed
+    print(f"1. write overhead, {EMBEDDED_MODEL}, {n} images, batch 64, median of 3")
+    print_table(["compute-only s", "extract s", "images/s (extract)", "ratio (goal <= 1.10)"],
+                [[t_compute, t_extract, n / t_extract, ratio]])
+
+    # 2. bytes on disk for a ViT-B-16 layout
+    b16 = load_model("ViT-B-16", None, device="cpu")
+    small = write_image_folder(tmp / "small", ["a", "b"], 40, size=224, seed=2)
+    for dtype in ("float32", "float16"):
+        res = extract("ViT-B-16", None, f"imagefolder:{small}", "train",
+                      store_root=tmp / f"b16-{dtype}", batch_size=16, rows_per_chunk=64,
+                      num_workers=0, progress=False, device="cpu", loaded=b16,
+                      feature_dtype=dtype)
+        store = FeatureStore.open(res.url)
+        d = store.dims
+        naive_heads = d.n * d.layer * d.head * d.embed * 4
+        naive_all = d.n * len(store.units) * d.embed * 4
+        total = sum(_bytes(res.url, a) for a in ("heads", "mlp", "emb", "ln_mean", "ln_inv_std"))
+        rows.append([dtype, d.n, _bytes(res.url, "heads") / (d.n * d.layer * d.head),
+                     _bytes(res.url, "heads") / naive_heads, total / naive_all])
+    print("\n2. bytes on disk, ViT-B-16 layout (E=512, dh=64), random weights")
+    print_table(["dtype", "images", "bytes/image/head", "heads vs naive f32 (goal <= 0.2)",
+                 "all units vs naive"], rows)
+
+    # 3. read throughput of one unit over all rows (tiny store from step 1)
+    store = FeatureStore.open(res_url := str(next((tmp / "st0").rglob("train.zarr"))))
+    t0 = time.perf_counter()
+    one = store.contributions(["L2H1"]).compute()
+    t_one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    every = store.contributions().compute()
+    t_all = time.perf_counter() - t0
+    print(f"\n3. read throughput ({res_url}, {store.dims.n} rows)")
+    print_table(["read", "seconds", "rows/s", "MB/s of y (float32)"],
+                [["one head (L2H1)", t_one, store.dims.n / t_one, one.nbytes / t_one / 1e6],
+                 [f"all {len(store.units)} units", t_all, store.dims.n / t_all,
+                  every.nbytes / t_all / 1e6]])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; numpy {np.__version__}")
+
+
+if __name__ == "__main__":
+    main()
