@@ -1,0 +1,132 @@
+"""Result tables in Parquet: long format, provenance columns, partitioned, written atomically.
+
+Layout: ``{root}/tables/{table}/{model}/{dataset}/part-{key}.parquet`` (path parts are slugs;
+the real names are columns). A query for one model or dataset opens only that folder. ``key``
+names what produced the rows (e.g. a stage's config hash): writing the same key again replaces
+those rows, so reruns never duplicate them. Files are written to a hidden temporary name in the
+same folder and renamed into place, so no reader ever sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import __version__
+from .errors import ResidualError
+from .store import slug
+
+PARTITION_KEYS = ("model", "dataset")
+
+
+def code_version() -> str:
+    """Package version plus the git commit when running from a checkout (``0.1.0+g1a2b3c4``)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+g{sha}" if sha else __version__
+
+
+def tables_root(root: str | Path) -> Path:
+    return Path(root) / "tables"
+
+
+def write_rows(root: str | Path, table: str, rows: Sequence[dict[str, Any]] | pa.Table, *,
+               key: str, provenance: dict[str, Any] | None = None) -> list[Path]:
+    """Write ``rows`` to ``table``, one file per (model, dataset) partition, replacing ``key``'s rows.
+
+    Every row must have ``model`` and ``dataset``; ``provenance`` columns (e.g. pretrained,
+    config_hash) are added to every row, as are ``code_version`` and ``created_at``.
+    """
+    tbl = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
+    if tbl.num_rows == 0:
+        return []
+    missing = [k for k in PARTITION_KEYS if k not in tbl.column_names]
+    if missing:
+        raise ResidualError(f"rows for table {table!r} lack the partition columns {missing}")
+    extra = {"code_version": code_version(),
+             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             **(provenance or {})}
+    for name, value in extra.items():
+        if name not in tbl.column_names:
+            tbl = tbl.append_column(name, pa.array([value] * tbl.num_rows))
+    written = []
+    models, datasets = tbl.column("model").to_pylist(), tbl.column("dataset").to_pylist()
+    for model, dataset in sorted(set(zip(models, datasets))):
+        mask = pa.array([m == model and d == dataset for m, d in zip(models, datasets)])
+        folder = tables_root(root) / table / slug(str(model)) / slug(str(dataset))
+        written.append(_atomic_write(tbl.filter(mask), folder / f"part-{slug(key)}.parquet"))
+    return written
+
+
+def _atomic_write(tbl: pa.Table, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.partial"
+    try:
+        pq.write_table(tbl, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def table_files(root: str | Path, table: str, model: str | None = None,
+                dataset: str | None = None) -> list[Path]:
+    """The Parquet files of ``table``, only those of ``model``/``dataset`` when given."""
+    base = tables_root(root) / table
+    pattern = f"{slug(model) if model else '*'}/{slug(dataset) if dataset else '*'}/part-*.parquet"
+    return sorted(base.glob(pattern))
+
+
+def read_table(root: str | Path, table: str, *, model: str | None = None,
+               dataset: str | None = None, filters: dict[str, Any] | None = None) -> pa.Table:
+    """Read ``table`` (pruned to one model/dataset when given), optionally filtering on columns.
+
+    Raises :class:`ResidualError` when the table has no files at all.
+    """
+    files = table_files(root, table, model, dataset)
+    if not files:
+        raise ResidualError(f"no {table!r} table under {tables_root(root)} "
+                            f"{'for ' + str(model or '') + ' ' + str(dataset or '') if model or dataset else ''}"
+                            "(run the stage that writes it first)")
+    tbl = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+    conditions = dict(filters or {})
+    conditions.update({k: v for k, v in (("model", model), ("dataset", dataset)) if v})
+    for column, value in conditions.items():
+        if column not in tbl.column_names:
+            raise ResidualError(f"table {table!r} has no column {column!r}; columns: "
+                                f"{', '.join(tbl.column_names)}")
+        values = value if isinstance(value, (list, tuple, set)) else [value]
+        mask = pa.array([v in values for v in tbl.column(column).to_pylist()])
+        tbl = tbl.filter(mask)
+    return tbl
+
+
+def list_tables(root: str | Path) -> list[str]:
+    base = tables_root(root)
+    return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.exists() else []
+
+
+def sql(root: str | Path, query: str, tables: Iterable[str] | None = None) -> pa.Table:
+    """Run SQL (DuckDB) over the tables, each visible as a view of its name."""
+    import duckdb
+
+    con = duckdb.connect()
+    for name in tables or list_tables(root):
+        files = ", ".join("'" + str(f).replace("'", "''") + "'" for f in table_files(root, name))
+        if files:
+            con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM '
+                        f"read_parquet([{files}], union_by_name=true)")
+    try:
+        return con.execute(query).to_arrow_table()
+    except duckdb.Error as exc:
+        raise ResidualError(f"SQL error: {str(exc).splitlines()[0]}") from None

@@ -1,0 +1,59 @@
+"""Parquet result tables: partitioning, atomic replacement by key, filters and SQL."""
+
+import pyarrow.parquet as pq
+import pytest
+
+from residual_core.errors import ResidualError
+from residual_core.tables import list_tables, read_table, sql, table_files, write_rows
+
+
+def rows(model, dataset, n, method="residual-star"):
+    return [{"model": model, "dataset": dataset, "method": method, "unit": f"L0H{i}",
+             "value": float(i)} for i in range(n)]
+
+
+def test_partitioned_write_and_pruned_read(tmp_path):
+    write_rows(tmp_path, "evals", rows("ViT-B-16", "world/color", 3) + rows("tiny", "cifar10", 2),
+               key="run1", provenance={"config_hash": "abc"})
+    files = table_files(tmp_path, "evals")
+    assert len(files) == 2 and all(f.name == "part-run1.parquet" for f in files)
+    only = table_files(tmp_path, "evals", model="ViT-B-16")
+    assert len(only) == 1 and "world-color" in str(only[0])
+    tbl = read_table(tmp_path, "evals", dataset="world/color")
+    assert tbl.num_rows == 3 and set(tbl.column("dataset").to_pylist()) == {"world/color"}
+    assert {"code_version", "created_at", "config_hash"} <= set(tbl.column_names)
+    assert list_tables(tmp_path) == ["evals"]
+
+
+def test_same_key_replaces_other_key_appends(tmp_path):
+    write_rows(tmp_path, "evals", rows("m", "d", 3), key="a")
+    write_rows(tmp_path, "evals", rows("m", "d", 2), key="a")
+    assert read_table(tmp_path, "evals").num_rows == 2
+    write_rows(tmp_path, "evals", rows("m", "d", 4, method="coarse"), key="b")
+    assert read_table(tmp_path, "evals").num_rows == 6
+    assert read_table(tmp_path, "evals", filters={"method": "coarse"}).num_rows == 4
+    assert not list((tmp_path / "tables").rglob("*.partial"))
+
+
+def test_sql_over_tables(tmp_path):
+    write_rows(tmp_path, "evals", rows("m1", "d", 3) + rows("m2", "d", 5), key="k")
+    out = sql(tmp_path, "SELECT model, count(*) AS n, sum(value) AS s FROM evals "
+                        "GROUP BY model ORDER BY model").to_pylist()
+    assert out == [{"model": "m1", "n": 3, "s": 3.0}, {"model": "m2", "n": 5, "s": 10.0}]
+    with pytest.raises(ResidualError, match="SQL error"):
+        sql(tmp_path, "SELECT nope FROM evals")
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ResidualError, match="no 'evals' table"):
+        read_table(tmp_path, "evals")
+    with pytest.raises(ResidualError, match="partition columns"):
+        write_rows(tmp_path, "evals", [{"model": "m", "value": 1.0}], key="k")
+    write_rows(tmp_path, "evals", rows("m", "d", 1), key="k")
+    with pytest.raises(ResidualError, match="no column 'nope'"):
+        read_table(tmp_path, "evals", filters={"nope": 1})
+
+
+def test_files_are_complete_parquet(tmp_path):
+    (path,) = write_rows(tmp_path, "evals", rows("m", "d", 7), key="k")
+    assert pq.read_metadata(path).num_rows == 7
