@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .datasets import load_dataset
 from .decompose import RAW_FIELDS, decompose, readout_maps
 from .errors import StoreError
-from .models import LoadedModel, default_device, load_model
+from .models import LoadedModel, default_device, file_sha256, load_model
 from .store import (DECOMPOSITION_VERSION, SCHEMA_VERSION, FeatureStore, StoreDims, _is_local,
                     _local_path, config_hash, default_store_root, feature_store_path,
                     pretrained_slug)
@@ -64,6 +64,16 @@ class _ChunkBatches(Sampler):
     def __len__(self) -> int:
         return sum(-(-(s.stop - s.start) // self.batch_size)
                    for s in (self.store.chunk_rows(int(c)) for c in self.chunks))
+
+
+def feature_store_url(model: str, pretrained: str | None, dataset: str, split: str,
+                      store_root: str | Path | None = None) -> str:
+    """Where ``extract`` writes (and later stages read) the store of these arguments."""
+    sha = None
+    if pretrained is not None and os.path.isfile(pretrained):
+        sha = file_sha256(pretrained)
+    return feature_store_path(store_root or default_store_root(), model,
+                              pretrained_slug(pretrained, sha), dataset, split)
 
 
 def extraction_config(loaded: LoadedModel, dataset: str, split: str, indices: np.ndarray,
@@ -127,7 +137,7 @@ def extract(
     chash = config_hash(config)
     url = feature_store_path(store_root or default_store_root(), model,
                              pretrained_slug(loaded.pretrained, loaded.checkpoint_sha256),
-                             dataset, split)
+                             dataset, split)  # the same as feature_store_url(...), no re-hash
     with _writer_lock(url):
         store = _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dtype)
         if verify:

@@ -127,6 +127,6 @@ def sql(root: str | Path, query: str, tables: Iterable[str] | None = None) -> pa
             con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM '
                         f"read_parquet([{files}], union_by_name=true)")
     try:
-        return con.execute(query).to_arrow_table()
+        return con.sql(query).to_arrow_table()
     except duckdb.Error as exc:
         raise ResidualError(f"SQL error: {str(exc).splitlines()[0]}") from None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from residual_core.cli import main
+from pipelines.cli import main
 
 BIN = Path(sys.executable).parent / "residual"
 

@@ -9,31 +9,12 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
-from PIL import Image
 
-from .decompose import decompose
-from .models import EMBEDDED_MODEL, load_model
-from .units import format_unit_table
-
-
-def sample_crops(n: int, size: int, seed: int = 0) -> list[Image.Image]:
-    """``n`` random square crops (side between ``size`` and 4×``size``, at most the photo's
-    height) of scikit-learn's two bundled photographs; the model's preprocess resizes them."""
-    from sklearn.datasets import load_sample_images
-
-    photos = load_sample_images().images  # two 427x640 RGB photographs, shipped with sklearn
-    rng = np.random.default_rng(seed)
-    crops = []
-    for _ in range(n):
-        img = photos[rng.integers(len(photos))]
-        short = min(img.shape[:2])
-        side = int(rng.integers(min(size, short // 2), min(4 * size, short) + 1))
-        top = int(rng.integers(0, img.shape[0] - side + 1))
-        left = int(rng.integers(0, img.shape[1] - side + 1))
-        crops.append(Image.fromarray(img[top:top + side, left:left + side]))
-    return crops
+from residual_core.decompose import decompose
+from residual_core.models import EMBEDDED_MODEL, load_model
+from residual_core.sample_images import sample_crops
+from residual_core.units import format_unit_table
 
 
 def run_demo(batch_size: int = 16, seed: int = 0) -> int:

@@ -10,13 +10,13 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from .errors import ResidualError
+from residual_core.errors import ResidualError
 
 EXIT_USAGE = 2
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .models import EMBEDDED_MODEL, list_models
+    from residual_core.models import EMBEDDED_MODEL, list_models
 
     import open_clip
 
@@ -31,9 +31,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_units(args: argparse.Namespace) -> int:
-    from .decompose import readout_maps
-    from .models import load_model
-    from .units import format_unit_table
+    from residual_core.decompose import readout_maps
+    from residual_core.models import load_model
+    from residual_core.units import format_unit_table
 
     loaded = load_model(args.model, args.pretrained, device="cpu")
     maps = readout_maps(loaded.model)
@@ -44,7 +44,7 @@ def _cmd_units(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from .extract import extract
+    from residual_core.extract import extract
 
     result = extract(
         args.model, args.pretrained, args.dataset, args.split, data_root=args.data_root,
@@ -58,8 +58,22 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_spectral(args: argparse.Namespace) -> int:
+    from residual_core.extract import feature_store_url
+    from residual_core.spectral_store import SpectralParams, run_spectral
+
+    url = feature_store_url(args.model, args.pretrained, args.dataset, args.split, args.store_root)
+    params = SpectralParams(twonn_max_samples=args.twonn_samples, seed=args.seed)
+    result = run_spectral(url, params, address=args.address, n_workers=args.workers,
+                          memory_limit=args.memory_limit, force=args.force,
+                          progress=not args.quiet)
+    state = "computed" if result.computed else "up to date, nothing computed"
+    print(f"{result.url}: {state} in {result.seconds:.1f} s")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from pipelines.demo import run_demo
 
     return run_demo(batch_size=args.batch_size, seed=args.seed)
 
@@ -102,6 +116,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode written chunks first and recompute damaged ones")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("spectral", help="per-unit PCA and intrinsic dimension of a feature store",
+                       description="Per-unit PCA (out of core, Dask), spectra statistics and TwoNN "
+                       "intrinsic dimension of an extracted feature store; writes a spectral Zarr "
+                       "store next to it and the Parquet tables spectra and unit_stats.")
+    p.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
+    p.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint path")
+    p.add_argument("--dataset", required=True, help="dataset name (as extracted)")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--store-root", default=None, help="store root folder or URL (default data)")
+    p.add_argument("--address", default=None, help="dask.distributed scheduler address")
+    p.add_argument("--workers", type=int, default=None,
+                   help="start a LocalCluster with this many worker processes")
+    p.add_argument("--memory-limit", default=None, help="per-worker memory limit, e.g. 2GB")
+    p.add_argument("--twonn-samples", type=int, default=50_000,
+                   help="rows subsampled for TwoNN (default 50000)")
+    p.add_argument("--seed", type=int, default=42, help="TwoNN subsample seed (default 42)")
+    p.add_argument("--force", action="store_true", help="recompute even if up to date")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_spectral)
 
     p = sub.add_parser("models", help="list the open_clip architectures (and pretrained tags)",
                        description="List architecture names known to open_clip.")

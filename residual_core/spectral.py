@@ -1,0 +1,522 @@
+"""Spectral analysis of residual units (METHOD.md §2): per-unit PCA, spectrum statistics, TwoNN
+intrinsic dimension and basis similarity.
+
+Inputs are per-unit contributions in the output space: a dask array ``y`` of shape ``[N, U, E]``
+(``N`` samples, ``U`` units, ``E`` output dimensions) or one unit's ``[N, E]`` slice. The PCA is
+out of core: every block of rows is reduced to its per-unit mean and centred scatter matrix in
+float64 (one batched BLAS product per block), the partial results are merged in a tree, and the
+covariance of each unit is diagonalised with ``numpy.linalg.eigh``. All units come out of ONE pass
+over the data, because reading the store is the cost. Computation goes through ``dask.compute``,
+so it runs on the local threaded scheduler or on a ``dask.distributed`` client if one is active.
+
+Nothing here knows about stores or orchestration; errors caused by the data raise
+:class:`SpectralInputError`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import dask
+import dask.array as da
+import dask.threaded
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from residual_core.errors import ResidualError
+
+__all__ = [
+    "SpectralInputError",
+    "PCAResult",
+    "pca",
+    "pca_units",
+    "unit_stats",
+    "twonn",
+    "sample_rows",
+    "basis_similarity",
+    "basis_similarity_table",
+]
+
+# Upper bound for one task's float64 scatter matrices ([u, E, E]); units are split into groups
+# of at most this size so that ViT-L (409 units, E=768) never holds all covariances in one task.
+_SCATTER_BYTES_PER_TASK = 64 * 2**20
+# Fan-in of the tree that merges per-block statistics.
+_MERGE_FAN_IN = 8
+# Cumulative explained variance within this of a threshold counts as reaching it, so that
+# hand-made spectra that hit 0.9 exactly are not flipped by float rounding.
+_EVR_TOL = 1e-12
+
+
+class SpectralInputError(ResidualError, ValueError):
+    """Data or arguments that the spectral analysis cannot use (shape, sample count, NaN/inf)."""
+
+
+@dataclass(frozen=True)
+class PCAResult:
+    """Principal components of one unit.
+
+    Attributes:
+        mean: ``[E]`` float64, the sample mean.
+        components: ``[K, E]`` float64 orthonormal rows (``K = E``), sorted by decreasing
+            eigenvalue. Sign convention: the entry of largest magnitude of each row is positive
+            (first such entry on ties), so results are reproducible. Directions with eigenvalue 0
+            (beyond the data's rank) are an arbitrary orthonormal completion.
+        eigenvalues: ``[K]`` float64 covariance eigenvalues (``1/(N-1)`` normalisation),
+            non-increasing, clipped at 0; values below ``E * eps * max`` (numerical noise of the
+            eigensolver) are set to exactly 0.
+        n_samples: ``N``, the number of rows the statistics were computed from.
+    """
+
+    mean: np.ndarray
+    components: np.ndarray
+    eigenvalues: np.ndarray
+    n_samples: int
+
+
+# ----------------------------------------------------------------------------------------- PCA
+
+
+def pca(y) -> PCAResult:
+    """PCA of one unit.
+
+    Args:
+        y: ``[N, E]`` dask array (or anything ``dask.array.asarray`` accepts), float16/32/64,
+            any row chunking, ``N >= 2``.
+
+    Returns:
+        The unit's :class:`PCAResult`.
+
+    Raises:
+        SpectralInputError: wrong ndim, ``N < 2``, non-numeric dtype, or NaN/inf in the data.
+    """
+    y = _as_dask(y, ndim=2, what="y [N, E]")
+    return pca_units(y[:, None, :])[0]
+
+
+def pca_units(y) -> list[PCAResult]:
+    """PCA of every unit of ``y`` in one pass over the data.
+
+    Each row block contributes, per unit, its mean and centred scatter matrix in float64
+    (centred twice: first on the block's first row, so a constant unit gives exactly zero, then
+    on the block mean); blocks are merged with the exact parallel-variance formula (Chan et al.)
+    in a tree, and each unit's covariance ``scatter / (N - 1)`` is diagonalised in the final
+    task of its group, so the client only receives means, eigenvalues and components.
+
+    Scheduling: ``dask.compute`` with whatever scheduler is active (a ``dask.distributed``
+    client if one is the default). Under the local threaded scheduler, BLAS is limited to one
+    thread for the duration of the computation (``threadpoolctl``; process-wide), since dask's
+    threads already run one block each.
+
+    Memory: a task holds one row block in float64 (two copies) plus ``u * E * E * 8`` bytes of
+    scatter for its group of ``u`` units (units are regrouped so this stays <= 64 MiB); it does
+    not grow with ``N``. The result itself is ``U * E * E * 8`` bytes of components.
+
+    Args:
+        y: ``[N, U, E]`` dask array (or array-like), float16/32/64 (integers are accepted too),
+            any chunking; ``N >= 2``.
+
+    Returns:
+        ``U`` :class:`PCAResult` objects, in unit order.
+
+    Raises:
+        SpectralInputError: wrong ndim, ``N < 2``, non-numeric dtype, or NaN/inf in the data
+            (the message names the offending units).
+    """
+    y = _as_dask(y, ndim=3, what="y [N, U, E]")
+    n, n_units, dim = y.shape
+    if n < 2:
+        raise SpectralInputError(f"PCA needs at least 2 samples, got N={n}")
+    if n_units < 1 or dim < 1:
+        raise SpectralInputError(f"y [N, U, E] has no units or features: shape {y.shape}")
+    group = max(1, min(n_units, _SCATTER_BYTES_PER_TASK // (dim * dim * 8)))
+    rechunk = {}
+    if max(y.chunks[1]) > group:
+        rechunk[1] = group
+    if len(y.chunks[2]) > 1:
+        rechunk[2] = -1
+    if rechunk:
+        y = y.rechunk(rechunk)
+
+    blocks = y.to_delayed()  # [row blocks, unit groups, 1]
+    stats = dask.delayed(_block_stats, pure=True)
+    merge = dask.delayed(_merge_stats, pure=True)
+    finish = dask.delayed(_finish, pure=True)
+    starts = np.cumsum((0,) + y.chunks[1][:-1])
+    tasks = []
+    for j, start in enumerate(starts):
+        level = [stats(b) for b in blocks[:, j, 0]]
+        while len(level) > 1:
+            level = [
+                merge(*level[i : i + _MERGE_FAN_IN]) for i in range(0, len(level), _MERGE_FAN_IN)
+            ]
+        tasks.append(finish(level[0], int(start)))
+
+    if dask.base.get_scheduler(collections=tasks) is dask.threaded.get:
+        # The row blocks are the parallelism; BLAS threads nested in each of dask's threads
+        # oversubscribe the cores (5x slower measured on 2 busy cores). Distributed workers
+        # already run single-threaded BLAS.
+        with threadpool_limits(limits=1, user_api="blas"):
+            computed = dask.compute(*tasks)
+    else:
+        computed = dask.compute(*tasks)
+    results = []
+    for n_rows, mean, eigenvalues, components in computed:
+        results += [
+            PCAResult(mean[u], components[u], eigenvalues[u], n_rows) for u in range(len(mean))
+        ]
+    return results
+
+
+def _as_dask(y, ndim: int, what: str) -> da.Array:
+    """``y`` as a dask array, checked for ``ndim`` and a real numeric dtype."""
+    if not isinstance(y, da.Array):
+        y = da.asarray(y)
+    if y.ndim != ndim:
+        raise SpectralInputError(f"expected {what} with {ndim} dimensions, got shape {y.shape}")
+    if not (np.issubdtype(y.dtype, np.floating) or np.issubdtype(y.dtype, np.integer)):
+        raise SpectralInputError(f"expected real numbers in {what}, got dtype {y.dtype}")
+    return y
+
+
+def _block_stats(block: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """Row count, per-unit mean ``[u, E]`` and centred scatter ``[u, E, E]`` of ``[n, u, E]``."""
+    n, n_units, dim = block.shape
+    if n == 0:
+        return 0, np.zeros((n_units, dim)), np.zeros((n_units, dim, dim))
+    # A copy in every case: the block may be the caller's own float64 array.
+    x = np.array(block.transpose(1, 0, 2), dtype=np.float64, order="C", copy=True)  # [u, n, E]
+    with np.errstate(invalid="ignore"):  # NaN/inf propagate to the mean; _finish reports them
+        shift = x[:, :1, :].copy()
+        x -= shift  # exact zeros for constant columns (a mean of equal floats can be inexact)
+        offset = x.mean(axis=1, keepdims=True)
+        x -= offset
+        scatter = np.matmul(x.transpose(0, 2, 1), x)  # batched BLAS: [u, E, n] @ [u, n, E]
+    return n, (shift + offset)[:, 0, :], scatter
+
+
+def _merge_stats(*parts: tuple[int, np.ndarray, np.ndarray]) -> tuple[int, np.ndarray, np.ndarray]:
+    """Merge block statistics exactly: scatter = sum of scatters + between-block scatter."""
+    parts = [p for p in parts if p[0] > 0] or [parts[0]]
+    total = sum(p[0] for p in parts)
+    ref = parts[0][1]
+    scatter = sum(p[2] for p in parts)
+    with np.errstate(invalid="ignore"):  # NaN/inf propagate to the mean; _finish reports them
+        # Deviations from one block's mean rather than raw means keep the between-block term
+        # free of cancellation (and exactly zero for a constant unit).
+        deltas = [p[1] - ref for p in parts]
+        delta = sum(p[0] * d for p, d in zip(parts, deltas)) / total
+        for p, d in zip(parts, deltas):
+            dd = d - delta
+            scatter += p[0] * (dd[:, :, None] * dd[:, None, :])  # sum() made a new array
+    return total, ref + delta, scatter
+
+
+def _finish(part: tuple[int, np.ndarray, np.ndarray], first_unit: int):
+    """Eigen-decompose merged statistics: ``(N, mean [u,E], eigenvalues [u,K], comps [u,K,E])``."""
+    n, mean, scatter = part
+    bad = np.flatnonzero(~np.isfinite(mean).all(axis=1))
+    if bad.size:
+        raise SpectralInputError(
+            f"NaN or inf in the data of unit(s) {(bad + first_unit).tolist()}; "
+            "spectral analysis needs finite values"
+        )
+    eigenvalues, vectors = np.linalg.eigh(scatter / (n - 1))  # ascending, columns
+    eigenvalues = eigenvalues[:, ::-1]
+    components = vectors[:, :, ::-1].transpose(0, 2, 1).copy()  # rows, decreasing
+    # Below this the eigensolver cannot tell a value from 0 (numpy's matrix_rank tolerance).
+    noise = eigenvalues.shape[1] * np.finfo(np.float64).eps * eigenvalues[:, :1]
+    eigenvalues = np.ascontiguousarray(np.where(eigenvalues > noise, eigenvalues, 0.0))
+    pivots = np.abs(components).argmax(axis=2)[..., None]
+    components *= np.where(np.take_along_axis(components, pivots, axis=2) < 0, -1.0, 1.0)
+    return n, mean, eigenvalues, components
+
+
+# ------------------------------------------------------------------------------- statistics
+
+
+def _n_components_for(cumulative_evr: np.ndarray, threshold: float) -> int:
+    """Smallest ``k`` with ``cumulative_evr[k-1] >= threshold`` (0 if the curve is all zero)."""
+    if cumulative_evr.size == 0 or cumulative_evr[-1] == 0:
+        return 0
+    k = int(np.searchsorted(cumulative_evr, threshold - _EVR_TOL, side="left")) + 1
+    return min(k, cumulative_evr.size)
+
+
+def unit_stats(eigenvalues) -> dict:
+    """Spectrum statistics of one unit.
+
+    Args:
+        eigenvalues: ``[K]`` covariance eigenvalues, non-increasing (as in :class:`PCAResult`);
+            negative values (numerical noise) are treated as 0. Pass all ``E`` of them: ratios are
+            relative to their sum.
+
+    Returns:
+        ``evr`` ``[K]`` explained-variance ratios; ``cumulative_evr`` ``[K]``; ``k90``, ``k99``
+        (smallest ``k`` whose cumulative EVR reaches 0.90 / 0.99, within 1e-12); ``evr1`` (first
+        component's EVR); ``participation_ratio`` ``(Σλ)² / Σλ²``; ``total_variance`` ``Σλ``.
+        A unit with zero variance (e.g. CLIP's constant ``emb``) gets all-zero ``evr`` and
+        ``cumulative_evr``, ``k90 = k99 = 0``, ``evr1 = 0.0`` and ``participation_ratio = 0.0``.
+    """
+    lam = np.asarray(eigenvalues, dtype=np.float64)
+    if lam.ndim != 1:
+        raise SpectralInputError(f"expected a 1-D eigenvalue vector, got shape {lam.shape}")
+    if not np.isfinite(lam).all():
+        raise SpectralInputError("eigenvalues contain NaN or inf")
+    lam = np.clip(lam, 0.0, None)
+    total = float(lam.sum())
+    if total > 0:
+        evr = lam / total
+        participation = 1.0 / float(np.sum(evr**2))  # = (Σλ)²/Σλ², without under/overflow
+    else:
+        evr, participation = np.zeros_like(lam), 0.0
+    cumulative = np.cumsum(evr)
+    return {
+        "evr": evr,
+        "cumulative_evr": cumulative,
+        "k90": _n_components_for(cumulative, 0.90),
+        "k99": _n_components_for(cumulative, 0.99),
+        "evr1": float(evr[0]) if evr.size else 0.0,
+        "participation_ratio": participation,
+        "total_variance": total,
+    }
+
+
+# ---------------------------------------------------------------------------------- TwoNN
+
+
+def _subsample_indices(n: int, max_samples: int, seed: int) -> np.ndarray | None:
+    """Sorted random row indices (``max_samples`` of ``n``), or None when all rows are kept."""
+    if max_samples < 3:
+        raise SpectralInputError(f"max_samples must be >= 3, got {max_samples}")
+    if n <= max_samples:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_samples, replace=False))
+
+
+def sample_rows(y, unit: int | None = None, max_samples: int = 50_000, seed: int = 42):
+    """Load one unit's rows into memory, subsampled the same way :func:`twonn` would.
+
+    Only the selected rows are computed (a sorted random subset, drawn with
+    ``numpy.random.default_rng(seed)``), so a large store is never loaded whole. Because
+    :func:`twonn` keeps arrays of at most ``max_samples`` rows as they are,
+    ``twonn(sample_rows(y, u))`` equals ``twonn(y[:, u].compute())`` with the same arguments.
+
+    Args:
+        y: ``[N, U, E]`` (then ``unit`` is required) or ``[N, E]`` dask array / array-like.
+        unit: the unit index for a 3-D ``y``.
+        max_samples: at most this many rows are returned.
+        seed: seed of the row subsample.
+
+    Returns:
+        ``[min(N, max_samples), E]`` numpy array in the stored dtype, rows in original order.
+    """
+    if not isinstance(y, da.Array):
+        y = da.asarray(y)
+    if y.ndim == 3:
+        if unit is None:
+            raise SpectralInputError("y is [N, U, E]: pass the unit index")
+        y = y[:, unit, :]
+    elif y.ndim != 2 or unit is not None:
+        raise SpectralInputError(f"expected [N, U, E] with a unit or [N, E], got shape {y.shape}")
+    idx = _subsample_indices(y.shape[0], max_samples, seed)
+    (rows,) = dask.compute(y if idx is None else y[idx])
+    return rows
+
+
+def twonn(x, discard_fraction: float = 0.1, max_samples: int = 50_000, seed: int = 42) -> float:
+    """TwoNN intrinsic dimension (Facco et al. 2017), as the ResiDual authors use it.
+
+    For each point, ``mu = r2 / r1`` (distances to its 2nd and 1st nearest neighbours, from
+    ``sklearn.neighbors.NearestNeighbors``; no N×N matrix). The ratios are sorted, the largest
+    ``discard_fraction`` of them dropped, and the slope of the least-squares line through the origin
+    of ``-log(1 - F(mu))`` against ``log(mu)`` is returned, with the empirical CDF
+    ``F(mu_(i)) = i / n`` (``n`` counting all points, so the kept points never reach F = 1).
+
+    Duplicates: exact duplicate rows are collapsed to one before the neighbour search (a duplicated
+    point has ``r1 = 0``, an infinite ratio, and would also give its neighbours a spurious
+    ``r1 = r2``); any remaining point with ``r1 == 0`` (distinct rows that round to distance 0) is
+    dropped. A set with a single distinct point (a constant unit) has dimension 0.0.
+
+    Args:
+        x: ``[N, E]`` finite data.
+        discard_fraction: fraction of the largest ratios to drop, in ``[0, 1)``.
+        max_samples: rows are subsampled to this many (``default_rng(seed)``, without
+            replacement) when ``N`` is larger.
+        seed: seed of the subsample.
+
+    Returns:
+        The estimated intrinsic dimension.
+
+    Raises:
+        SpectralInputError: wrong ndim, NaN/inf, fewer than 3 distinct points (but more than 1),
+            or all kept ratios equal to 1 (no slope to fit).
+    """
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise SpectralInputError(f"expected x [N, E] with 2 dimensions, got shape {x.shape}")
+    if not 0 <= discard_fraction < 1:
+        raise SpectralInputError(f"discard_fraction must be in [0, 1), got {discard_fraction}")
+    idx = _subsample_indices(x.shape[0], max_samples, seed)
+    if idx is not None:
+        x = x[idx]
+    x = x.astype(np.float64)
+    if not np.isfinite(x).all():
+        raise SpectralInputError("NaN or inf in the data; TwoNN needs finite values")
+    x = np.unique(x, axis=0)
+    if x.shape[0] == 1:
+        return 0.0
+    if x.shape[0] < 3:
+        raise SpectralInputError(f"TwoNN needs at least 3 distinct points, got {x.shape[0]}")
+    x -= x.mean(axis=0)  # smaller norms -> more accurate distances from the |a|²-2ab+|b|² trick
+
+    from sklearn.neighbors import NearestNeighbors  # heavy import, only needed here
+
+    dist, _ = NearestNeighbors(n_neighbors=2).fit(x).kneighbors()  # excludes each point itself
+    r1, r2 = dist[:, 0], dist[:, 1]
+    keep = r1 > 0
+    mu = np.sort(r2[keep] / r1[keep])
+    n = mu.size
+    if n < 3:
+        raise SpectralInputError(f"TwoNN needs at least 3 points with r1 > 0, got {n}")
+    n_fit = min(int(n * (1 - discard_fraction)), n - 1)
+    log_mu = np.log(mu[:n_fit])
+    target = -np.log1p(-np.arange(1, n_fit + 1) / n)
+    denom = float(log_mu @ log_mu)
+    if denom == 0:
+        raise SpectralInputError("all neighbour-distance ratios are 1: TwoNN has no slope to fit")
+    return float(log_mu @ target) / denom
+
+
+# ------------------------------------------------------------------------- basis similarity
+
+
+def _k_at(eigenvalues, evr_threshold: float) -> int:
+    """Number of components that reach ``evr_threshold`` cumulative explained variance."""
+    return _n_components_for(unit_stats(eigenvalues)["cumulative_evr"], evr_threshold)
+
+
+def _truncated_basis(components, eigenvalues, evr_threshold: float):
+    """Rows of ``components`` up to ``k`` at ``evr_threshold`` and their normalised weights."""
+    components = np.asarray(components, dtype=np.float64)
+    k = _k_at(eigenvalues, evr_threshold)
+    if components.ndim != 2 or components.shape[0] < k:
+        raise SpectralInputError(
+            f"need components [K, E] with K >= {k} rows (k at {evr_threshold:g} EVR), "
+            f"got shape {components.shape}"
+        )
+    weights = np.clip(np.asarray(eigenvalues, dtype=np.float64)[:k], 0.0, None)
+    return components[:k], weights / weights.sum() if k else weights
+
+
+def basis_similarity(
+    components_a,
+    eigenvalues_a,
+    components_b,
+    eigenvalues_b,
+    evr_threshold: float = 0.9,
+    method: Literal["subspace", "greedy"] = "subspace",
+) -> float:
+    """Similarity in [0, 1] of two units' principal bases (METHOD.md §2).
+
+    Both bases are truncated at ``evr_threshold`` cumulative explained variance (``k90`` rows
+    by default) and weighted by their eigenvalues normalised to sum 1 over the kept rows (the
+    score is invariant to any rescaling of either weight vector, so normalising over all
+    eigenvalues would give the same number). With ``C_ij = cos(φ_i, ψ_j) · w_i · v_j``:
+
+    - ``method="greedy"`` is METHOD's formula literally: match pairs greedily one to one
+      (largest ``|C_ij|`` first), ``raw = ||matched |C_ij| values||₂``.
+    - ``method="subspace"`` (default) uses ``raw = ||C||_F``, the L2 norm of all pair values,
+      equivalently of the singular values of ``C`` (the values a one-to-one matching gives after
+      rotating each basis to the singular directions). When the bases are aligned (each
+      direction of either basis is orthogonal to all but at most one direction of the other),
+      ``C`` has at most one non-zero per row and column, the greedy matching picks exactly those,
+      and both methods agree. Otherwise the greedy value is smaller: it ignores unmatched
+      overlaps. Unlike the greedy score, the subspace score does not depend on the arbitrary
+      choice of eigenvectors inside a block of equal eigenvalues (such a basis is not unique):
+      ``||C||_F² = tr(Φᵀ W² Φ · Ψᵀ V² Ψ)`` only sees the weighted projectors, so a copy rotated
+      within such a block scores exactly 1, where the greedy score drops below 1.
+
+    Normalisation: ``score = raw / sqrt(raw_aa · raw_bb)`` with ``raw_aa = ||w²||₂`` and
+    ``raw_bb = ||v²||₂``, the raw scores of each basis with itself. By Cauchy–Schwarz the score is
+    in [0, 1]: 1 for a basis with itself, 0 for orthogonal subspaces. The subspace score is the
+    square root of the cosine similarity of the weighted projectors ``Φᵀ W² Φ`` and ``Ψᵀ V² Ψ``;
+    it is 1 exactly when they are proportional (same span, same normalised weights). (The
+    authors' code divides instead by ``||(w_i v_i)_i||₂``, which also scores 1 for aligned
+    directions with different weight profiles and for nested subspaces; ours is stricter there.)
+
+    Truncation caveat: if the ``evr_threshold`` cut falls inside a block of equal eigenvalues,
+    which vectors of that block are kept is arbitrary, and so is the score.
+
+    Args:
+        components_a: ``[Ka, E]`` orthonormal rows, eigenvalue order.
+        eigenvalues_a: ``[Ka]`` its eigenvalues (all of them, for the right EVR).
+        components_b, eigenvalues_b: the same for the other unit (same ``E``).
+        evr_threshold: cumulative EVR at which each basis is truncated, in (0, 1].
+        method: ``"subspace"`` or ``"greedy"``.
+
+    Returns:
+        The similarity, or NaN when either unit has zero variance (no basis to compare).
+    """
+    if not 0 < evr_threshold <= 1:
+        raise SpectralInputError(f"evr_threshold must be in (0, 1], got {evr_threshold}")
+    if method not in ("subspace", "greedy"):
+        raise SpectralInputError(f"method must be 'subspace' or 'greedy', got {method!r}")
+    phi, w = _truncated_basis(components_a, eigenvalues_a, evr_threshold)
+    psi, v = _truncated_basis(components_b, eigenvalues_b, evr_threshold)
+    if phi.shape[1] != psi.shape[1]:
+        raise SpectralInputError(f"bases of different sizes: E={phi.shape[1]} vs {psi.shape[1]}")
+    if w.size == 0 or v.size == 0:
+        return math.nan
+    weighted = np.abs(phi @ psi.T) * w[:, None] * v[None, :]
+    if method == "subspace":
+        raw = float(np.linalg.norm(weighted))
+    else:
+        matched = []
+        for _ in range(min(weighted.shape)):
+            i, j = np.unravel_index(np.argmax(weighted), weighted.shape)
+            matched.append(weighted[i, j])
+            weighted[i, :] = -np.inf
+            weighted[:, j] = -np.inf
+        raw = float(np.linalg.norm(matched))
+    norm = math.sqrt(float(np.linalg.norm(w**2)) * float(np.linalg.norm(v**2)))
+    return min(raw / norm, 1.0)
+
+
+def basis_similarity_table(
+    results_a: Sequence[PCAResult],
+    results_b: Sequence[PCAResult],
+    unit_names: Sequence[str],
+    evr_threshold: float = 0.9,
+) -> list[dict]:
+    """Per-unit basis similarity between two PCA fits of the same units (e.g. two datasets).
+
+    Args:
+        results_a, results_b: one :class:`PCAResult` per unit, in the same unit order.
+        unit_names: the units' names (e.g. ``L11H3``), same length.
+        evr_threshold: truncation threshold passed to :func:`basis_similarity`.
+
+    Returns:
+        One dict per unit: ``unit``, ``similarity`` (subspace score), ``similarity_greedy``
+        (METHOD's literal greedy score), ``k_a``, ``k_b`` (kept components). A list of dicts;
+        ``pyarrow.Table.from_pylist`` turns it into a table.
+    """
+    if not len(results_a) == len(results_b) == len(unit_names):
+        raise SpectralInputError(
+            f"need as many results as unit names: {len(results_a)}, {len(results_b)}, "
+            f"{len(unit_names)}"
+        )
+    rows = []
+    for name, a, b in zip(unit_names, results_a, results_b):
+        args = (a.components, a.eigenvalues, b.components, b.eigenvalues, evr_threshold)
+        rows.append(
+            {
+                "unit": name,
+                "similarity": basis_similarity(*args, method="subspace"),
+                "similarity_greedy": basis_similarity(*args, method="greedy"),
+                "k_a": _k_at(a.eigenvalues, evr_threshold),
+                "k_b": _k_at(b.eigenvalues, evr_threshold),
+            }
+        )
+    return rows

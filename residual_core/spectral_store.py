@@ -1,0 +1,222 @@
+"""The spectral stage: per-unit PCA of a feature store, written to a spectral Zarr store and to the
+Parquet tables ``spectra`` (one row per unit and component) and ``unit_stats`` (one per unit).
+
+The spectral store lives next to its feature store (``train.zarr`` -> ``train.spectral.zarr``)
+and records the feature store's config hash: a rerun with the same feature store and parameters
+returns the stored result without computing; a changed feature store or parameter recomputes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import zarr
+from tqdm.auto import tqdm
+
+from .errors import StoreError
+from .spectral import PCAResult, basis_similarity_table, pca_units, sample_rows, twonn, unit_stats
+from .store import (FeatureStore, _is_local, _local_path, _now, _zarr_target, config_hash,
+                    default_store_root)
+from .tables import write_rows
+from .units import Unit
+
+SPECTRAL_VERSION = 1
+FORMAT_NAME = "residual-spectral-store"
+
+
+@dataclass
+class SpectralParams:
+    """Parameters of the spectral stage (part of its cache key)."""
+
+    twonn_max_samples: int = 50_000
+    twonn_discard_fraction: float = 0.1
+    seed: int = 42
+
+
+@dataclass
+class SpectralResult:
+    url: str
+    feature_url: str
+    computed: bool
+    seconds: float
+
+
+def spectral_store_path(feature_url: str) -> str:
+    """``.../train.zarr`` -> ``.../train.spectral.zarr``."""
+    base = feature_url[:-len(".zarr")] if feature_url.endswith(".zarr") else feature_url
+    return f"{base}.spectral.zarr"
+
+
+@contextlib.contextmanager
+def dask_client(address: str | None = None, n_workers: int | None = None,
+                memory_limit: str | None = None) -> Iterator[Any]:
+    """A ``dask.distributed`` client for the block: connect to ``address``, or start a
+    LocalCluster of ``n_workers`` processes; with neither, the local threaded scheduler."""
+    if address is None and not n_workers:
+        yield None
+        return
+    from dask.distributed import Client, LocalCluster
+
+    if address is not None:
+        with Client(address) as client:
+            yield client
+        return
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                      memory_limit=memory_limit or "auto", dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+class SpectralStore:
+    """An open spectral store: per-unit mean, components and eigenvalues of a feature store."""
+
+    def __init__(self, group: zarr.Group, url: str):
+        self.group, self.url, self.attrs = group, url, dict(group.attrs)
+
+    @classmethod
+    def open(cls, url: str) -> "SpectralStore":
+        if _is_local(url) and not _local_path(url).exists():
+            raise StoreError(f"no spectral store at {url}: run `residual spectral` first")
+        try:
+            group = zarr.open_group(_zarr_target(url), mode="r")
+        except Exception as exc:
+            raise StoreError(f"{url} is not a Zarr group ({type(exc).__name__})") from None
+        if group.attrs.get("format") != FORMAT_NAME:
+            raise StoreError(f"{url} is not a residual spectral store")
+        if group.attrs.get("state") != "complete":
+            raise StoreError(f"{url} is incomplete: rerun `residual spectral` to recompute it")
+        return cls(group, url)
+
+    @property
+    def units(self) -> tuple[Unit, ...]:
+        return tuple(Unit(**u) for u in self.attrs["units"])
+
+    def results(self) -> list[PCAResult]:
+        """One :class:`PCAResult` per unit, in unit order."""
+        mean, comps, eig = (self.group[k][...] for k in ("mean", "components", "eigenvalues"))
+        n = int(self.attrs["n_samples"])
+        return [PCAResult(mean[u], comps[u], eig[u], n) for u in range(mean.shape[0])]
+
+
+def run_spectral(feature_url: str, params: SpectralParams | None = None, *,
+                 address: str | None = None, n_workers: int | None = None,
+                 memory_limit: str | None = None, tables_root: str | None = None,
+                 force: bool = False, progress: bool = True) -> SpectralResult:
+    """Compute (or reuse) the spectral store of a feature store and write its Parquet tables.
+
+    Args:
+        feature_url: a complete feature store.
+        params: TwoNN settings and seed (:class:`SpectralParams`).
+        address: a ``dask.distributed`` scheduler address to run on.
+        n_workers: start a LocalCluster of this many worker processes instead.
+        memory_limit: per-worker memory limit for that LocalCluster (e.g. ``"1GB"``).
+        tables_root: root of the Parquet tables (default: the store root, ``data/``).
+        force: recompute even when an up-to-date result exists.
+    """
+    start = time.perf_counter()
+    params = params or SpectralParams()
+    features = FeatureStore.open(feature_url)
+    url = spectral_store_path(feature_url)
+    key = config_hash({"source": features.attrs["config_hash"], "params": params.__dict__,
+                       "version": SPECTRAL_VERSION})
+    if not force:
+        with contextlib.suppress(StoreError):
+            existing = SpectralStore.open(url)
+            if existing.attrs.get("config_hash") == key:
+                return SpectralResult(url, feature_url, False, time.perf_counter() - start)
+
+    y = features.contributions()
+    with dask_client(address, n_workers, memory_limit):
+        results = pca_units(y)
+        dims = _twonn_all(features, y, params, progress)
+    _write_store(url, features, results, key, params)
+    units = features.units
+    provenance = {k: features.attrs.get(k) for k in ("pretrained", "split")}
+    provenance.update(config_hash=key, feature_config_hash=features.attrs["config_hash"])
+    base = {"model": features.attrs["model"], "dataset": features.attrs["dataset"]}
+    spectra_rows, stats_rows = [], []
+    for unit, res, dim in zip(units, results, dims):
+        stats = unit_stats(res.eigenvalues)
+        ident = {**base, "unit": unit.name, "unit_index": unit.index, "kind": unit.kind,
+                 "layer": unit.layer, "head": unit.head}
+        stats_rows.append({**ident, "k90": stats["k90"], "k99": stats["k99"],
+                           "evr1": stats["evr1"], "participation_ratio":
+                           stats["participation_ratio"], "total_variance":
+                           stats["total_variance"], "twonn": dim, "n_samples": res.n_samples})
+        spectra_rows += [{**ident, "component": int(i), "eigenvalue": float(lam), "evr": float(e),
+                          "cumulative_evr": float(c)}
+                         for i, (lam, e, c) in enumerate(zip(res.eigenvalues, stats["evr"],
+                                                             stats["cumulative_evr"]))]
+    root = tables_root or _default_tables_root(feature_url)
+    # Keyed by the feature store: a rerun with other parameters replaces that store's rows.
+    rows_key = f"spectral-{features.attrs['config_hash']}"
+    write_rows(root, "spectra", spectra_rows, key=rows_key, provenance=provenance)
+    write_rows(root, "unit_stats", stats_rows, key=rows_key, provenance=provenance)
+    return SpectralResult(url, feature_url, True, time.perf_counter() - start)
+
+
+def _twonn_all(features: FeatureStore, y, params: SpectralParams, progress: bool) -> list[float]:
+    """TwoNN per unit on the same row subsample; each unit's read touches only its own chunks."""
+    out = []
+    for u in tqdm(range(y.shape[1]), desc="twonn", unit="unit", disable=not progress):
+        rows = sample_rows(y, u, max_samples=params.twonn_max_samples, seed=params.seed)
+        out.append(twonn(rows, params.twonn_discard_fraction, params.twonn_max_samples,
+                         params.seed))
+    return out
+
+
+def _write_store(url: str, features: FeatureStore, results: list[PCAResult], key: str,
+                 params: SpectralParams) -> None:
+    group = zarr.open_group(_zarr_target(url), mode="w")
+    n_units, dim = len(results), results[0].mean.shape[0]
+    arrays = {
+        "mean": np.stack([r.mean for r in results]),
+        "components": np.stack([r.components for r in results]),
+        "eigenvalues": np.stack([r.eigenvalues for r in results]),
+    }
+    for name, value in arrays.items():
+        chunks = (1,) + value.shape[1:]
+        group.create_array(name, shape=value.shape, chunks=chunks, dtype="float64")[...] = value
+    group.attrs.update({
+        "format": FORMAT_NAME, "spectral_version": SPECTRAL_VERSION, "config_hash": key,
+        "params": params.__dict__, "feature_store": features.url,
+        "feature_config_hash": features.attrs["config_hash"],
+        "units": features.attrs["units"], "n_samples": int(results[0].n_samples),
+        "n_units": n_units, "embed_dim": dim,
+        **{k: features.attrs.get(k) for k in ("model", "pretrained", "checkpoint_sha256",
+                                               "dataset", "split")},
+        "created_at": _now(),
+    })
+    group.attrs["state"] = "complete"  # last: a killed run leaves an incomplete store
+
+
+def _default_tables_root(feature_url: str) -> str:
+    """The store root the feature store lives under (``<root>/features/...``)."""
+    head, sep, _ = feature_url.partition("/features/")
+    return head if sep else str(default_store_root())
+
+
+def similarity(spectral_a: str, spectral_b: str, evr_threshold: float = 0.9,
+               tables_root: str | None = None) -> list[dict]:
+    """Basis similarity of every unit between two spectral stores of the same model; the rows
+    are also written to the ``basis_similarity`` Parquet table."""
+    a, b = SpectralStore.open(spectral_a), SpectralStore.open(spectral_b)
+    ident = ("model", "pretrained", "checkpoint_sha256")
+    if any(a.attrs.get(k) != b.attrs.get(k) for k in ident):
+        raise StoreError("basis similarity compares one model's units across datasets; got "
+                         f"{[a.attrs.get(k) for k in ident]} and {[b.attrs.get(k) for k in ident]}")
+    rows = basis_similarity_table(a.results(), b.results(), [u.name for u in a.units],
+                                  evr_threshold)
+    extra = {"model": a.attrs["model"], "dataset": a.attrs["dataset"],
+             "other_dataset": b.attrs["dataset"], "split": a.attrs["split"],
+             "other_split": b.attrs["split"], "evr_threshold": evr_threshold}
+    rows = [{**extra, **r} for r in rows]
+    key = config_hash({"a": a.attrs["config_hash"], "b": b.attrs["config_hash"],
+                       "t": evr_threshold})
+    write_rows(tables_root or _default_tables_root(a.attrs["feature_store"]), "basis_similarity",
+               rows, key=key)
+    return rows

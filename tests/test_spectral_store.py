@@ -1,0 +1,134 @@
+"""The spectral stage on real feature stores: equal to numpy, cached, tables, cluster, CLI."""
+
+import numpy as np
+import pytest
+import zarr
+from scipy.linalg import subspace_angles
+
+from builders import write_image_folder
+from pipelines.cli import main
+from residual_core.errors import StoreError
+from residual_core.extract import extract, feature_store_url
+from residual_core.models import EMBEDDED_MODEL, load_model
+from residual_core.spectral_store import (SpectralParams, SpectralStore, run_spectral, similarity,
+                                          spectral_store_path)
+from residual_core.store import FeatureStore
+from residual_core.tables import read_table, sql
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spec")
+    folder = write_image_folder(root / "imgs", ["a", "b", "c"], 60, size=32, seed=3)
+    tiny = load_model(EMBEDDED_MODEL, None, device="cpu", seed=0)
+    urls = {}
+    for split in ("train", "test"):
+        urls[split] = extract(EMBEDDED_MODEL, None, f"imagefolder:{folder}", split,
+                              store_root=root / "st", loaded=tiny, batch_size=16,
+                              rows_per_chunk=32, num_workers=0, progress=False, device="cpu").url
+    return root, folder, urls
+
+
+def numpy_pca(x):
+    x = x.astype(np.float64)
+    mean = x.mean(0)
+    cov = np.cov(x, rowvar=False)
+    w, v = np.linalg.eigh(cov)
+    return mean, w[::-1], v[:, ::-1].T
+
+
+def test_spectral_store_equals_numpy(stores):
+    root, _, urls = stores
+    result = run_spectral(urls["train"], progress=False)
+    assert result.computed and result.url == spectral_store_path(urls["train"])
+    spec = SpectralStore.open(result.url)
+    y = FeatureStore.open(urls["train"]).contributions().compute()
+    for u, res in enumerate(spec.results()):
+        mean, w, v = numpy_pca(y[:, u])
+        np.testing.assert_allclose(res.mean, mean, rtol=1e-12, atol=1e-12)
+        big = w > 1e-6 * w[0]
+        if not big.any():
+            continue
+        np.testing.assert_allclose(res.eigenvalues[big], w[big], rtol=1e-6)
+        k = int(min(big.sum(), 8))
+        gaps = w[:k] - w[1:k + 1]  # compare only subspaces separated by an eigen-gap
+        k = max([i + 1 for i in range(k) if gaps[i] > 1e-3 * w[0]], default=0)
+        if k:
+            assert np.max(subspace_angles(res.components[:k].T, v[:k].T)) < 1e-6
+
+
+def test_rerun_is_cached_and_params_recompute(stores):
+    _, _, urls = stores
+    run_spectral(urls["train"], progress=False)
+    assert not run_spectral(urls["train"], progress=False).computed
+    assert run_spectral(urls["train"], SpectralParams(twonn_max_samples=100),
+                        progress=False).computed
+    assert run_spectral(urls["train"], progress=False).computed  # back to the default params
+    assert run_spectral(urls["train"], progress=False, force=True).computed
+
+
+def test_tables_rows_and_columns(stores):
+    root, _, urls = stores
+    run_spectral(urls["train"], progress=False)
+    store = FeatureStore.open(urls["train"])
+    n_units, dim = len(store.units), store.dims.embed
+    stats = read_table(root / "st", "unit_stats", model=EMBEDDED_MODEL,
+                       filters={"split": "train"})
+    assert stats.num_rows == n_units
+    for col in ("model", "pretrained", "dataset", "split", "unit", "layer", "head", "kind",
+                "config_hash", "code_version", "created_at", "k90", "k99", "evr1",
+                "participation_ratio", "twonn"):
+        assert col in stats.column_names, col
+    spectra = read_table(root / "st", "spectra", filters={"split": "train"})
+    assert spectra.num_rows == n_units * dim
+    heads = sql(root / "st", "SELECT max(k90) AS k FROM unit_stats WHERE kind = 'head'")
+    assert 1 <= heads.to_pylist()[0]["k"] <= dim
+    last = sql(root / "st", "SELECT max(cumulative_evr) AS c FROM spectra WHERE unit = 'L1H1'")
+    assert abs(last.to_pylist()[0]["c"] - 1) < 1e-9
+
+
+def test_local_cluster_matches_local_scheduler(stores):
+    _, _, urls = stores
+    local = SpectralStore.open(run_spectral(urls["test"], progress=False).url).results()
+    run_spectral(urls["test"], n_workers=2, memory_limit="1GB", force=True, progress=False)
+    cluster = SpectralStore.open(spectral_store_path(urls["test"])).results()
+    for a, b in zip(local, cluster):
+        np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(a.mean, b.mean, rtol=1e-12, atol=1e-12)
+
+
+def test_similarity_between_splits(stores):
+    root, _, urls = stores
+    a = run_spectral(urls["train"], progress=False).url
+    b = run_spectral(urls["test"], progress=False).url
+    self_rows = similarity(a, a)
+    heads = [r for r in self_rows if r["unit"].startswith("L")]
+    assert all(abs(r["similarity"] - 1) < 1e-9 for r in heads if r["k_a"] > 0)
+    rows = similarity(a, b)
+    assert all(0 <= r["similarity"] <= 1 + 1e-9 for r in rows)
+    table = read_table(root / "st", "basis_similarity")
+    assert table.num_rows == 2 * len(rows)  # the self-comparison and train-vs-test
+    assert set(table.column("other_split").to_pylist()) == {"train", "test"}
+
+
+def test_incomplete_or_foreign_spectral_store(stores, tmp_path):
+    _, _, urls = stores
+    url = run_spectral(urls["train"], progress=False).url
+    zarr.open_group(url, mode="r+").attrs["state"] = "incomplete"
+    with pytest.raises(StoreError, match="incomplete"):
+        SpectralStore.open(url)
+    assert run_spectral(urls["train"], progress=False).computed  # an incomplete one is redone
+    with pytest.raises(StoreError, match="no feature store"):
+        run_spectral(str(tmp_path / "none.zarr"), progress=False)
+
+
+def test_cli_spectral(stores, capsys):
+    root, folder, urls = stores
+    args = ["--model", EMBEDDED_MODEL, "--dataset", f"imagefolder:{folder}", "--split", "train",
+            "--store-root", str(root / "st"), "--quiet"]
+    assert feature_store_url(EMBEDDED_MODEL, None, f"imagefolder:{folder}", "train",
+                             root / "st") == urls["train"]
+    assert main(["spectral", *args]) == 0
+    assert main(["spectral", *args]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert main(["spectral", *args[:3], "imagefolder:/nope", "--store-root", str(root)]) == 2
