@@ -1,0 +1,291 @@
+"""The align stage: ResiDual and its variants are exact where they must be (identity settings,
+parameter counts), training improves on zero-shot, runs are reproducible, streaming equals
+in-memory training, bad inputs are refused, and the head-selection experiment runs."""
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from builders import write_image_folder
+from residual_core import align
+from residual_core.datasets import load_dataset
+from residual_core.errors import StoreError
+from residual_core.extract import extract
+from residual_core.models import EMBEDDED_MODEL, load_model
+from residual_core.residual import (PRESETS, AlignInputError, BasisMismatchError, CoarseResiDual,
+                                    ResiDual, SpectralBases, UnknownPresetError, build_adapter,
+                                    get_preset, parameter_count)
+from residual_core.spectral import PCAResult
+from residual_core.store import FeatureStore
+from residual_core.units import unit_table
+
+CLASSES = ["ant", "bee", "cow", "dog"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model(EMBEDDED_MODEL, None, device="cpu", seed=0)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    # class-dependent mean colour: a random tower carries it, its random classifier does not
+    return write_image_folder(tmp_path_factory.mktemp("imgs"), CLASSES, 100, size=32)
+
+
+@pytest.fixture(scope="module")
+def stores(tiny, folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stores")
+    out = {}
+    for split in ("train", "val", "test"):
+        res = extract(EMBEDDED_MODEL, None, f"imagefolder:{folder}", split, store_root=root,
+                      loaded=tiny, batch_size=64, rows_per_chunk=32, num_workers=0,
+                      progress=False, device="cpu")
+        out[split] = FeatureStore.open(res.url)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bases(stores):
+    return SpectralBases.from_store(stores["train"])
+
+
+def _fit(method, stores, bases, **kw):
+    return align.fit(method, stores["train"], stores["val"], stores["test"], bases,
+                     progress=False, **kw)
+
+
+def _rows(store, module, n=64):
+    return torch.from_numpy(store.contributions(module.input_units, rows=slice(0, n)).compute())
+
+
+def _zero_shot_logits(store, n=64):
+    y = store.contributions(rows=slice(0, n)).compute()
+    return torch.from_numpy(y.sum(1) @ store.class_weights.T)
+
+
+def _close(a, b, rtol=1e-4):
+    assert torch.linalg.norm(a - b) <= rtol * torch.linalg.norm(b), (a - b).abs().max()
+
+
+# ------------------------------------------------------------------------------ exactness
+
+
+@pytest.mark.parametrize("kinds, ablation", [(("emb", "mlp", "head"), "zero"),
+                                             (("head",), "sum")])
+def test_identity_settings_give_zero_shot_logits(stores, bases, kinds, ablation):
+    store = stores["val"]
+    units = store.units
+    embed = store.dims.embed
+    k = {u.index: embed for u in units if u.kind in kinds}
+    module = ResiDual(units, store.class_weights, bases, k, ablation=ablation, add_mean=True)
+    _close(module.logits(_rows(store, module)), _zero_shot_logits(store))
+    # Without the mean, the same module is the centred representation.
+    centred = ResiDual(units, store.class_weights, bases, k, ablation=ablation)
+    shift = torch.as_tensor(bases.mean[[bases.position(i) for i in k]].sum(0), dtype=torch.float32)
+    _close(centred(_rows(store, centred)) + shift, module(_rows(store, module)))
+
+
+def test_coarse_with_ones_and_sum_is_zero_shot(stores):
+    store = stores["val"]
+    module = build_adapter("coarse", store.units, store.class_weights, ablation="sum")
+    assert isinstance(module, CoarseResiDual)
+    _close(module.logits(_rows(store, module)), _zero_shot_logits(store))
+    linear = build_adapter("linear", store.units, store.class_weights)
+    _close(linear.logits(_rows(store, linear)), _zero_shot_logits(store))
+
+
+def test_batched_module_equals_the_per_unit_formula(stores, bases):
+    """Padded einsums == Σ_u Φ_uᵀ diag(λ_u) Φ_u (y_u − μ_u) unit by unit, with uneven K_u."""
+    store = stores["val"]
+    module = build_adapter("residual-full", store.units, store.class_weights, bases,
+                           head_dim=store.dims.head_dim, lambda_init="randn", seed=3)
+    y = _rows(store, module, 16).double().numpy()
+    lam = module.lambdas_by_unit()
+    ref = np.zeros((y.shape[0], store.dims.embed))
+    for col, unit in enumerate(module.input_units):
+        name = store.units[unit].name
+        if name not in lam:  # emb, summed unchanged
+            ref += y[:, col]
+            continue
+        pos = bases.position(unit)
+        phi = bases.components[pos, :len(lam[name])]
+        ref += ((y[:, col] - bases.mean[pos]) @ phi.T * lam[name]) @ phi
+    got = module(torch.as_tensor(y, dtype=torch.float32)).detach().double().numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_parameter_counts_follow_method(stores, bases):
+    assert parameter_count("residual-full", 12, 12, 64, 512) == 12 * 12 * 64 + 12 * 512 == 15_360
+    assert parameter_count("coarse", 12, 12, 64, 512) == 144
+    assert parameter_count("linear", 12, 12, 64, 512) == 512 * 512 + 512
+    assert parameter_count("zero-shot", 12, 12, 64, 512) == 0
+    assert parameter_count("residual-star", 12, 12, 64, 512, k=60) == 144 * 60
+    with pytest.raises(AlignInputError, match="pass k"):
+        parameter_count("residual-star", 12, 12, 64, 512)
+
+    store = stores["train"]
+    d = store.dims
+    heads = [u.index for u in store.units if u.kind == "head"]
+    k90 = bases.k_for_evr(0.9)[[bases.position(h) for h in heads]]
+    expected = {"residual-full": None, "coarse": None, "linear": None, "zero-shot": None,
+                "residual-star": k90}
+    for method, k in expected.items():
+        module = build_adapter(method, store.units, store.class_weights, bases,
+                               head_dim=d.head_dim)
+        assert module.trainable_parameters() == parameter_count(
+            method, d.layer, d.head, d.head_dim, d.embed, k=k), method
+    # padded slots are neither parameters nor active: residual-star's K_u are uneven here
+    star = build_adapter("residual-star", store.units, store.class_weights, bases)
+    assert len(set(k90.tolist())) > 1 and star.lambdas.numel() == k90.sum()
+
+
+# ------------------------------------------------------------------------------ training
+
+
+# Gains required over max(zero-shot, chance), on validation and on unseen test rows (40 each).
+# residual-full (768 λ) can fit the colour classes; residual-star keeps only K_90 = 1-2
+# directions per head of a random tower and coarse 16 scalars, so they must gain, by less.
+@pytest.mark.parametrize("method, margin", [("residual-full", 0.3), ("residual-star", 0.1),
+                                            ("coarse", 0.1)])
+def test_training_improves_on_zero_shot(stores, bases, method, margin):
+    zs_val, zs_test = align.zero_shot(stores["val"]), align.zero_shot(stores["test"])
+    chance = 1 / len(CLASSES)
+    result = _fit(method, stores, bases)
+    assert 1 <= result.best_epoch <= result.epochs_run <= 30
+    assert result.val_acc >= max(zs_val, chance) + margin
+    assert result.test_acc >= max(zs_test, chance) + margin
+    assert result.history[result.best_epoch - 1]["val_acc"] == result.val_acc
+
+
+def test_same_seed_same_result_other_seed_differs(stores, bases):
+    a = _fit("residual-star", stores, bases, seed=0, lambda_init="randn", epochs=4)
+    b = _fit("residual-star", stores, bases, seed=0, lambda_init="randn", epochs=4)
+    c = _fit("residual-star", stores, bases, seed=1, lambda_init="randn", epochs=4)
+    np.testing.assert_array_equal(a.state["lambdas"], b.state["lambdas"])
+    assert (a.val_acc, a.test_acc, a.best_epoch) == (b.val_acc, b.test_acc, b.best_epoch)
+    assert not np.allclose(a.state["lambdas"], c.state["lambdas"])
+
+
+def test_streaming_trains_like_in_memory(stores, bases):
+    # the visiting order depends on the seed and the buffer size, not on caching
+    cached = _fit("residual-star", stores, bases, epochs=3, buffer_chunks=2)
+    streamed = _fit("residual-star", stores, bases, epochs=3, cache_bytes=0, buffer_chunks=2)
+    assert cached.params["in_memory"] and not streamed.params["in_memory"]
+    np.testing.assert_allclose(streamed.state["lambdas"], cached.state["lambdas"],
+                               rtol=1e-5, atol=1e-6)
+    assert (streamed.val_acc, streamed.test_acc) == (cached.val_acc, cached.test_acc)
+    # every row exactly once per epoch, in the same shuffled order in both modes
+    store = stores["train"]
+    orders = []
+    for budget in (0, 1 << 30):
+        feats = align.StoreFeatures(store, [0, 5], cache_bytes=budget, buffer_chunks=3)
+        batches = list(feats.batches(50, torch.Generator().manual_seed(7)))
+        orders.append((torch.cat([b[1] for b in batches]), torch.cat([b[0] for b in batches])))
+    assert torch.equal(orders[0][0], orders[1][0]) and torch.equal(orders[0][1], orders[1][1])
+    assert sorted(orders[0][0].tolist()) == sorted(store.labels.tolist())
+
+
+def test_zero_shot_preset_trains_nothing(stores):
+    result = _fit("zero-shot", stores, None)
+    assert result.trainable_parameters == 0 and result.epochs_run == 0
+    assert result.test_acc == align.zero_shot(stores["test"])
+
+
+def test_finetune_runs_the_backbone(tiny, folder, stores):
+    name = f"imagefolder:{folder}"
+    data = {s: load_dataset(name, s, transform=tiny.preprocess) for s in ("train", "val", "test")}
+    before = {k: v.clone() for k, v in tiny.model.visual.state_dict().items()}
+    untrained = align.finetune(tiny, data["train"], data["val"], data["test"], epochs=0,
+                               progress=False)
+    # the online tower scores as the cached features do
+    assert untrained.val_acc == pytest.approx(align.zero_shot(stores["val"]))
+    result = align.finetune(tiny, data["train"], data["val"], data["test"], epochs=2,
+                            batch_size=64, progress=False)
+    assert result.epochs_run == 2 and 0 <= result.test_acc <= 1
+    assert result.trainable_parameters == sum(p.numel() for p in tiny.model.visual.parameters())
+    assert any(not np.array_equal(result.state[k], before[k].numpy()) for k in before)
+    for k, v in tiny.model.visual.state_dict().items():  # the caller's model is untouched
+        assert torch.equal(v, before[k])
+
+
+# ------------------------------------------------------------------------------ bad inputs
+
+
+def test_unknown_preset_lists_the_known(stores, bases):
+    with pytest.raises(UnknownPresetError, match="known methods: .*residual-star"):
+        _fit("residual-turbo", stores, bases)
+    assert set(PRESETS) >= {"residual-star", "residual-full", "coarse", "linear", "zero-shot"}
+    assert get_preset("coarse").lr == 0.8 and get_preset("linear").batch_size == 128
+
+
+def test_bases_of_another_model_are_refused(stores, bases):
+    other = dataclasses.replace(bases, model={**bases.model, "pretrained": "laion2b_s34b_b88k"})
+    with pytest.raises(BasisMismatchError, match="another model.*pretrained"):
+        _fit("residual-star", stores, other)
+    # a 3-layer tower with 48-d outputs (other unit table and embedding dimension)
+    units = unit_table(3, 4)
+    eye = np.eye(48)
+    results = [PCAResult(np.zeros(48), eye, np.linspace(1, 0, 48), 10) for _ in units]
+    foreign = SpectralBases.from_pca(results, units, "elsewhere:train")
+    with pytest.raises(BasisMismatchError, match="dimension 48"):
+        _fit("residual-full", stores, foreign)
+    with pytest.raises(AlignInputError, match="needs spectral bases"):
+        _fit("residual-star", stores, None)
+
+
+def _copy_store(store, tmp_path, name):
+    shutil.copytree(store.url, tmp_path / name)
+    return FeatureStore.open(tmp_path / name)
+
+
+def test_bad_labels_and_mixed_stores_are_refused(stores, bases, tmp_path):
+    bad = _copy_store(stores["val"], tmp_path, "bad.zarr")
+    labels = bad.labels
+    labels[3] = len(CLASSES) + 2
+    bad.group["labels"][...] = labels
+    with pytest.raises(AlignInputError, match=r"labels \[6\] are outside its 4 classes"):
+        align.fit("coarse", stores["train"], bad, stores["test"], progress=False)
+    other = _copy_store(stores["val"], tmp_path, "other.zarr")
+    other.set_attrs(dataset="imagefolder:/elsewhere")
+    with pytest.raises(StoreError, match="one model and one dataset"):
+        align.fit("coarse", stores["train"], other, stores["test"], progress=False)
+
+
+# ------------------------------------------------------------------------------ head selection
+
+
+def test_head_selection_rows_and_references(stores, bases):
+    rows = align.head_selection(stores["val"], stores["test"], random_seeds=3)
+    keep = align.HEAD_KEEP
+    assert len(rows) == (3 + 3) * len(keep) * 2
+    assert {(r["ranking"], r["ablation"]) for r in rows} == {
+        (k, a) for k in align.HEAD_RANKINGS for a in ("zero", "mean")}
+    assert all(0 <= r["test_acc"] <= 1 for r in rows)
+    n_heads = stores["test"].dims.layer * stores["test"].dims.head
+    zs = align.zero_shot(stores["test"])
+    for r in rows:
+        assert 1 <= r["n_heads"] <= n_heads
+        if r["keep"] == 1.0:  # all heads kept: the zero-shot model whatever the ablation
+            assert r["test_acc"] == pytest.approx(zs)
+    # one setting recomputed directly: top-1 head by S, the rest zero-ablated, emb + MLPs kept
+    scores = align.rank_heads(stores["val"])
+    heads = [u.index for u in stores["test"].units if u.kind == "head"]
+    best = heads[int(np.argmax(scores["S"]))]
+    keep_units = [u.index for u in stores["test"].units if u.kind != "head"] + [best]
+    y = stores["test"].contributions(keep_units).compute().sum(1)
+    acc = float(((y @ stores["test"].class_weights.T).argmax(1) == stores["test"].labels).mean())
+    row = next(r for r in rows if (r["ranking"], r["keep"], r["ablation"]) == ("S", 1, "zero"))
+    assert row["test_acc"] == pytest.approx(acc)
+    # S is each head's own zero-shot accuracy
+    yh = stores["val"].contributions([heads[0]]).compute()[:, 0]
+    own = ((yh @ stores["val"].class_weights.T).argmax(1) == stores["val"].labels).mean()
+    assert scores["S"][0] == pytest.approx(own)
+    assert np.all(np.abs(scores["U"]) <= 1 + 1e-9) and np.all(np.abs(scores["U|T"]) <= 1 + 1e-9)
+    # mean ablation with the basis means runs too
+    with_bases = align.head_selection(stores["val"], stores["test"], bases=bases,
+                                      rankings=("S",), keep=(0.5,), ablations=("mean",))
+    assert len(with_bases) == 1 and 0 <= with_bases[0]["test_acc"] <= 1
