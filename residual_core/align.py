@@ -380,8 +380,16 @@ def fit(method: str | Preset, train_store: FeatureStore | str | Path,
     return FitResult(preset.name, params, module.trainable_parameters(), outcome.best_val,
                      test_acc, outcome.epochs_run, outcome.best_epoch,
                      time.perf_counter() - start, seed,
-                     bases.basis_dataset if bases is not None else None, module.state(),
+                     bases.basis_dataset if bases is not None else None, _weights(module),
                      outcome.history)
+
+
+def _weights(module: UnitAdapter) -> dict[str, np.ndarray]:
+    """Trainable weights, plus ``lambda/<unit>`` per adapted unit for the λ variants."""
+    state = module.state()
+    if hasattr(module, "lambdas_by_unit"):
+        state.update({f"lambda/{k}": v for k, v in module.lambdas_by_unit().items()})
+    return state
 
 
 def zero_shot(store: FeatureStore | str | Path, *,

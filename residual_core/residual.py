@@ -403,6 +403,11 @@ class CoarseResiDual(UnitAdapter):
     def _adapt(self, y: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bae,a->be", y, self.lambdas)
 
+    def lambdas_by_unit(self) -> dict[str, np.ndarray]:
+        """``{unit name: λ_u [1]}`` (numpy copies)."""
+        flat = self.lambdas.detach().cpu().numpy()
+        return {self.units[u].name: flat[i:i + 1].copy() for i, u in enumerate(self.adapted_units)}
+
 
 class LinearAdapter(UnitAdapter):
     """Linear adapter baseline on the output embedding: ``z = A (Σ_u y_u) + b``.

@@ -1,0 +1,186 @@
+"""The align stage: fit every requested method on a task's cached features and write the results.
+
+Outputs: the ``evaluations`` Parquet table (one row per method and seed), the ``head_selection``
+table, and the learned weights (λ per unit for the ResiDual variants) in an ``align.zarr`` group
+next to the task's feature stores. Bases come from a spectral store: by default the ImageNet
+train store of the same model when it exists (the authors' choice), else the task's own train
+split; the choice is recorded in every row (``basis_dataset``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import zarr
+
+from .align import FitResult, fit, finetune, head_selection
+from .errors import ResidualError
+from .residual import IDENTITY_KEYS, SpectralBases
+from .spectral_store import SpectralStore, _default_tables_root, run_spectral, spectral_store_path
+from .store import FeatureStore, _zarr_target, config_hash, feature_store_path, slug
+from .tables import write_rows
+
+ALIGN_VERSION = 1
+DEFAULT_METHODS = ("zero-shot", "residual-star", "residual-full", "coarse", "linear")
+
+
+@dataclass
+class AlignParams:
+    """Settings of one align run (all part of its cache key)."""
+
+    methods: Sequence[str] = DEFAULT_METHODS
+    seeds: Sequence[int] = (0,)
+    epochs: int = 30
+    patience: int = 5
+    lambda_init: str = "ones"
+    finetune_epochs: int = 30
+    head_selection: bool = True
+    random_seeds: int = 10
+
+
+@dataclass
+class AlignResult:
+    rows: list[dict]
+    weights_url: str
+    basis_url: str
+    seconds: float
+    head_selection_rows: list[dict] = field(default_factory=list)
+
+
+def load_bases(spectral_url: str) -> SpectralBases:
+    """The bases (means, components, eigenvalues of every unit) of a spectral store."""
+    spec = SpectralStore.open(spectral_url)
+    return SpectralBases.from_pca(spec.results(), spec.units,
+                                  f"{spec.attrs['dataset']}:{spec.attrs['split']}",
+                                  {k: spec.attrs.get(k) for k in IDENTITY_KEYS})
+
+
+def default_basis_url(train_url: str) -> str:
+    """The ImageNet-train spectral store of the same model if present, else the task's own."""
+    root, sep, rest = train_url.partition("/features/")
+    if sep:
+        model_dir, weights_dir = rest.split("/")[:2]
+        imagenet = f"{root}/features/{model_dir}/{weights_dir}/imagenet/train.zarr"
+        candidate = spectral_store_path(imagenet)
+        try:
+            SpectralStore.open(candidate)
+            return candidate
+        except ResidualError:
+            pass
+    return run_spectral(train_url, progress=False).url
+
+
+def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams | None = None, *,
+              basis_url: str | None = None, tables_root: str | None = None,
+              progress: bool = True) -> AlignResult:
+    """Fit ``params.methods`` × ``params.seeds`` on the task and write tables and weights."""
+    start = time.perf_counter()
+    params = params or AlignParams()
+    train = FeatureStore.open(train_url)
+    basis_url = basis_url or default_basis_url(train_url)
+    bases = load_bases(basis_url)
+    key_parts = {"stores": [FeatureStore.open(u).attrs["config_hash"]
+                            for u in (train_url, val_url, test_url)],
+                 "basis": SpectralStore.open(basis_url).attrs["config_hash"],
+                 "params": {k: list(v) if isinstance(v, (list, tuple)) else v
+                            for k, v in params.__dict__.items()},
+                 "version": ALIGN_VERSION}
+    key = config_hash(key_parts)
+    weights_url = _weights_url(train_url)
+    group = zarr.open_group(_zarr_target(weights_url), mode="a")
+    rows = []
+    for method in params.methods:
+        for seed in params.seeds:
+            result = _fit_one(method, seed, train_url, val_url, test_url, bases, params, progress)
+            rows.append(_row(result, train, key))
+            _save_weights(group, result)
+    provenance = {"pretrained": train.attrs.get("pretrained"), "config_hash": key}
+    root = tables_root or _default_tables_root(train_url)
+    task_key = f"align-{train.attrs['config_hash']}"  # reruns replace this task's rows
+    write_rows(root, "evaluations", rows, key=task_key, provenance=provenance)
+    hs_rows = []
+    if params.head_selection:
+        hs_rows = [{"model": train.attrs["model"], "dataset": train.attrs["dataset"], **r}
+                   for r in head_selection(val_url, test_url, bases=bases,
+                                           random_seeds=params.random_seeds)]
+        write_rows(root, "head_selection", hs_rows, key=task_key, provenance=provenance)
+    return AlignResult(rows, weights_url, basis_url, time.perf_counter() - start, hs_rows)
+
+
+def _fit_one(method, seed, train_url, val_url, test_url, bases, params, progress) -> FitResult:
+    if method == "finetune":
+        return _finetune(train_url, val_url, test_url, seed, params, progress)
+    return fit(method, train_url, val_url, test_url, bases, seed=seed, epochs=params.epochs,
+               patience=params.patience, lambda_init=params.lambda_init, progress=progress)
+
+
+def _finetune(train_url, val_url, test_url, seed, params, progress) -> FitResult:
+    """Full fine-tuning runs the backbone online: reload the model and the datasets."""
+    from .datasets import load_dataset
+    from .models import load_model
+
+    train = FeatureStore.open(train_url)
+    attrs = train.attrs
+    loaded = load_model(attrs["model"], attrs["pretrained"], device="cpu")
+    if loaded.checkpoint_sha256 != attrs.get("checkpoint_sha256"):
+        raise ResidualError(f"the checkpoint {attrs['pretrained']} changed since extraction")
+    data = {s: load_dataset(attrs["dataset"], FeatureStore.open(u).attrs["split"],
+                            transform=loaded.preprocess)
+            for s, u in (("train", train_url), ("val", val_url), ("test", test_url))}
+    return finetune(loaded, data["train"], data["val"], data["test"],
+                    class_weights=train.class_weights, seed=seed, epochs=params.finetune_epochs,
+                    patience=params.patience, progress=progress)
+
+
+def _row(result: FitResult, train: FeatureStore, key: str) -> dict:
+    p = result.params
+    settings = {k: p.get(k) for k in ("lr", "batch_size", "epochs", "patience", "ablation",
+                                      "lambda_init", "add_mean", "adapt")}
+    return {
+        "model": train.attrs["model"], "dataset": train.attrs["dataset"],
+        "method": result.method, "preset_params": json.dumps(settings, default=str),
+        "trainable_parameters": int(result.trainable_parameters),
+        "val_acc": float(result.val_acc), "test_acc": float(result.test_acc),
+        "epochs": int(result.epochs_run), "best_epoch": int(result.best_epoch),
+        "fit_seconds": float(result.fit_seconds), "seed": int(result.seed),
+        "basis_dataset": result.basis_dataset,
+    }
+
+
+def _weights_url(train_url: str) -> str:
+    return str(Path(train_url).parent / "align.zarr") if "://" not in train_url else \
+        train_url.rsplit("/", 1)[0] + "/align.zarr"
+
+
+def _save_weights(group: zarr.Group, result: FitResult) -> None:
+    """λ per unit (and any other trainable weights) under ``<method>/seed<k>/``."""
+    base = f"{slug(result.method)}/seed{result.seed}"
+    for name, value in result.state.items():
+        if name.startswith("lambda/") or value.size <= 1_000_000:
+            arr = np.asarray(value)
+            group.create_array(f"{base}/{name}", shape=arr.shape, dtype=arr.dtype,
+                               overwrite=True)[...] = arr
+    group.require_group(base).attrs.update({"val_acc": result.val_acc, "test_acc":
+                                            result.test_acc, "basis": result.basis_dataset})
+
+
+def stored_lambdas(weights_url: str, method: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """``{unit name: λ_u}`` saved by :func:`run_align` for ``method`` and ``seed``."""
+    group = zarr.open_group(_zarr_target(weights_url), mode="r")
+    base = f"{slug(method)}/seed{seed}/lambda"
+    if base not in group:
+        raise ResidualError(f"no λ for {method} seed {seed} in {weights_url}")
+    sub = group[base]
+    return {name: sub[name][...] for name in sub.array_keys()}
+
+
+def task_store_urls(model: str, pretrained_id: str, dataset: str, store_root: str | Path
+                    ) -> tuple[str, str, str]:
+    """The train/val/test store paths of a task."""
+    return tuple(feature_store_path(store_root, model, pretrained_id, dataset, s)
+                 for s in ("train", "val", "test"))  # type: ignore[return-value]

@@ -1,0 +1,124 @@
+"""PNG plots of spectra, λ, per-head zero-shot accuracy and accuracy against parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _grid(values: Mapping[str, float], n_layers: int, n_heads: int) -> np.ndarray:
+    grid = np.full((n_layers, n_heads), np.nan)
+    for l in range(n_layers):
+        for h in range(n_heads):
+            grid[l, h] = values.get(f"L{l}H{h}", np.nan)
+    return grid
+
+
+def _heatmap(ax, grid: np.ndarray, title: str, cmap: str, fmt: str = "{:.2f}", vmin=None,
+             vmax=None):
+    im = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    ax.set_xticks(range(grid.shape[1]))
+    ax.set_yticks(range(grid.shape[0]))
+    if grid.size <= 64:  # annotate small grids (the embedded model's 4x4)
+        for (l, h), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                ax.text(h, l, fmt.format(v), ha="center", va="center", fontsize=8)
+    return im
+
+
+def plot_spectra(stats_rows: Sequence[dict], spectra_rows: Sequence[dict], path: str | Path,
+                 title: str = "") -> Path:
+    """Heads' cumulative explained variance, and K_90 / TwoNN by layer."""
+    heads = [r for r in stats_rows if r["kind"] == "head"]
+    n_layers = max(r["layer"] for r in heads) + 1
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    cmap = plt.get_cmap("viridis")
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for r in spectra_rows:
+        if r["kind"] == "head":
+            curves.setdefault(r["unit"], []).append((r["component"], r["cumulative_evr"]))
+    layer_of = {r["unit"]: r["layer"] for r in heads}
+    for unit, pts in curves.items():
+        pts.sort()
+        k = [p[0] + 1 for p in pts]
+        ax1.plot(k, [p[1] for p in pts], color=cmap(layer_of[unit] / max(n_layers - 1, 1)),
+                 lw=0.8, alpha=0.8)
+    ax1.axhline(0.9, color="gray", ls="--", lw=0.8)
+    ax1.set_xscale("log")
+    ax1.set_xlabel("components")
+    ax1.set_ylabel("cumulative explained variance")
+    ax1.set_title("head spectra (colour = layer)")
+    layers = np.arange(n_layers)
+    for key, marker, label in (("k90", "o", "K_90"), ("twonn", "s", "TwoNN")):
+        values = [[r[key] for r in heads if r["layer"] == l] for l in layers]
+        ax2.plot(layers, [np.mean(v) for v in values], marker=marker, label=f"{label} (mean)")
+        ax2.fill_between(layers, [np.min(v) for v in values], [np.max(v) for v in values],
+                         alpha=0.15)
+    ax2.set_xlabel("layer")
+    ax2.set_ylabel("dimension")
+    ax2.set_title("head dimensionality by layer (band = min..max)")
+    ax2.legend()
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_lambda_heatmap(lambdas: Mapping[str, np.ndarray], n_layers: int, n_heads: int,
+                        path: str | Path, title: str = "mean |λ| per head") -> Path:
+    """Mean magnitude of each head's learned λ (layer × head)."""
+    mags = {k: float(np.mean(np.abs(v))) for k, v in lambdas.items()}
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n_heads, 1.0 + 0.6 * n_layers))
+    im = _heatmap(ax, _grid(mags, n_layers, n_heads), title, "magma")
+    fig.colorbar(im, ax=ax)
+    return _save(fig, path)
+
+
+def plot_head_zero_shot(scores: Mapping[str, np.ndarray], n_layers: int, n_heads: int,
+                        path: str | Path) -> Path:
+    """Per-head zero-shot accuracy ``[L·H]`` (layer-major) for each task, side by side."""
+    tasks = list(scores)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(0.6 + 2.6 * len(tasks), 2.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        grid = np.asarray(scores[task], dtype=float).reshape(n_layers, n_heads)
+        _heatmap(ax, grid, task, "Blues", fmt="{:.2f}", vmin=0, vmax=1)
+    fig.suptitle("per-head zero-shot accuracy (S)")
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_parameters(eval_rows: Sequence[dict], path: str | Path) -> Path:
+    """Test accuracy against trainable parameters, one marker per method, one colour per task."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    tasks = sorted({r["dataset"] for r in eval_rows})
+    methods = sorted({r["method"] for r in eval_rows})
+    markers = dict(zip(methods, "o^sDvP*X<>"))
+    colors = dict(zip(tasks, plt.get_cmap("tab10").colors))
+    for r in eval_rows:
+        ax.scatter(max(r["trainable_parameters"], 1), r["test_acc"], marker=markers[r["method"]],
+                   color=colors[r["dataset"]], s=40, alpha=0.85)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (zero-shot drawn at 1)")
+    ax.set_ylabel("test accuracy")
+    handles = [plt.Line2D([], [], marker=markers[m], ls="", color="gray", label=m)
+               for m in methods]
+    handles += [plt.Line2D([], [], marker="o", ls="", color=colors[t], label=t) for t in tasks]
+    ax.legend(handles=handles, fontsize=7, loc="lower right", ncol=2)
+    ax.set_title("accuracy against trainable parameters")
+    return _save(fig, path)

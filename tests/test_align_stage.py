@@ -1,0 +1,69 @@
+"""The align stage end to end on stores: tables, stored λ, default bases."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from builders import write_image_folder
+from residual_core.align_stage import AlignParams, run_align, stored_lambdas
+from residual_core.extract import extract
+from residual_core.models import EMBEDDED_MODEL, load_model
+from residual_core.spectral_store import spectral_store_path
+from residual_core.tables import read_table
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("align")
+    folder = write_image_folder(root / "imgs", ["a", "b", "c"], 50, size=32, seed=5)
+    tiny = load_model(EMBEDDED_MODEL, None, device="cpu", seed=0)
+    urls = [extract(EMBEDDED_MODEL, None, f"imagefolder:{folder}", s, store_root=root / "st",
+                    loaded=tiny, batch_size=16, rows_per_chunk=32, num_workers=0,
+                    progress=False, device="cpu").url for s in ("train", "val", "test")]
+    return root, urls
+
+
+PARAMS = AlignParams(methods=("zero-shot", "residual-star", "coarse"), seeds=(0, 1), epochs=4,
+                     patience=2, random_seeds=2)
+
+
+def test_run_align_writes_tables_and_weights(task):
+    root, urls = task
+    result = run_align(*urls, PARAMS, progress=False)
+    assert result.basis_url == spectral_store_path(urls[0])  # no ImageNet store: own train
+    evals = read_table(root / "st", "evaluations")
+    assert evals.num_rows == 6
+    assert set(evals.column("method").to_pylist()) == {"zero-shot", "residual-star", "coarse"}
+    for col in ("model", "pretrained", "dataset", "method", "preset_params",
+                "trainable_parameters", "val_acc", "test_acc", "epochs", "fit_seconds", "seed",
+                "basis_dataset", "config_hash", "code_version", "created_at"):
+        assert col in evals.column_names, col
+    zs = [r for r in evals.to_pylist() if r["method"] == "zero-shot"]
+    assert all(r["trainable_parameters"] == 0 for r in zs)
+    coarse = [r for r in evals.to_pylist() if r["method"] == "coarse"]
+    assert all(r["trainable_parameters"] == 16 for r in coarse)  # 4 layers x 4 heads
+    lambdas = stored_lambdas(result.weights_url, "residual-star", seed=1)
+    assert set(lambdas) == {f"L{l}H{h}" for l in range(4) for h in range(4)}
+    star = [r for r in evals.to_pylist() if r["method"] == "residual-star" and r["seed"] == 1][0]
+    assert sum(v.size for v in lambdas.values()) == star["trainable_parameters"]
+    hs = read_table(root / "st", "head_selection")
+    assert hs.num_rows == len(result.head_selection_rows) > 0
+    # A rerun replaces the task's rows instead of appending.
+    run_align(*urls, AlignParams(methods=("zero-shot",), head_selection=False), progress=False)
+    assert read_table(root / "st", "evaluations").num_rows == 1
+
+
+def test_imagenet_bases_are_the_default_when_present(task):
+    root, urls = task
+    own = spectral_store_path(urls[0])
+    run_align(*urls, AlignParams(methods=("zero-shot",), head_selection=False), progress=False)
+    imagenet = Path(urls[0]).parents[1] / "imagenet" / "train.spectral.zarr"
+    shutil.copytree(own, imagenet)
+    try:
+        result = run_align(*urls, AlignParams(methods=("zero-shot",), head_selection=False),
+                           progress=False)
+        assert result.basis_url == str(imagenet)
+    finally:
+        shutil.rmtree(imagenet.parent)

@@ -1,0 +1,35 @@
+"""Plots are written as readable PNG files from the shapes the stages produce."""
+
+import numpy as np
+from PIL import Image
+
+from residual_core.plots import (plot_accuracy_vs_parameters, plot_head_zero_shot,
+                                 plot_lambda_heatmap, plot_spectra)
+
+
+def _png_ok(path):
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+        arr = np.asarray(im.convert("L"))
+    assert arr.std() > 5  # not a blank canvas
+
+
+def test_all_plots(tmp_path):
+    stats, spectra = [], []
+    for l in range(3):
+        for h in range(2):
+            unit = f"L{l}H{h}"
+            stats.append({"unit": unit, "kind": "head", "layer": l, "head": h, "k90": 3 + l,
+                          "twonn": 2.5 + l})
+            evr = np.cumsum(np.sort(np.random.default_rng(l).random(8))[::-1])
+            for k, c in enumerate(evr / evr[-1]):
+                spectra.append({"unit": unit, "kind": "head", "component": k,
+                                "cumulative_evr": float(c)})
+    _png_ok(plot_spectra(stats, spectra, tmp_path / "s.png", title="t"))
+    lambdas = {f"L{l}H{h}": np.arange(1, 4) * (l + h) for l in range(3) for h in range(2)}
+    _png_ok(plot_lambda_heatmap(lambdas, 3, 2, tmp_path / "l.png"))
+    _png_ok(plot_head_zero_shot({"a": np.linspace(0, 1, 6), "b": np.ones(6) / 2}, 3, 2,
+                                tmp_path / "z.png"))
+    rows = [{"dataset": d, "method": m, "trainable_parameters": p, "test_acc": a}
+            for d in ("x", "y") for m, p, a in (("zero-shot", 0, .3), ("coarse", 6, .6))]
+    _png_ok(plot_accuracy_vs_parameters(rows, tmp_path / "a.png"))
