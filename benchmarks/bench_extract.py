@@ -23,7 +23,9 @@ from residual_core.datasets import load_dataset
 from residual_core.decompose import decompose, readout_maps
 from residual_core.extract import extract
 from residual_core.models import EMBEDDED_MODEL, load_model
+from residual_core.spectral import pca_units, unit_stats
 from residual_core.store import FeatureStore
+from scipy.linalg import subspace_angles
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from builders import write_image_folder  # noqa: E402
@@ -95,6 +97,26 @@ def main() -> None:
                 [["one head (L2H1)", t_one, store.dims.n / t_one, one.nbytes / t_one / 1e6],
                  [f"all {len(store.units)} units", t_all, store.dims.n / t_all,
                   every.nbytes / t_all / 1e6]])
+
+    # 4. float16 storage: effect on the PCA of every unit (tiny store of step 1, 2048 rows)
+    res16 = extract(EMBEDDED_MODEL, None, name, "train", store_root=tmp / "f16", batch_size=64,
+                    rows_per_chunk=256, num_workers=0, progress=False, device="cpu",
+                    loaded=tiny, feature_dtype="float16")
+    p32 = pca_units(store.contributions())
+    p16 = pca_units(FeatureStore.open(res16.url).contributions())
+    eig_err, angle = [], []
+    for a, b in zip(p32, p16):
+        k = unit_stats(a.eigenvalues)["k90"]
+        if k == 0:
+            continue
+        eig_err.append(np.max(np.abs(a.eigenvalues[:k] - b.eigenvalues[:k]) / a.eigenvalues[:k]))
+        angle.append(np.degrees(np.max(subspace_angles(a.components[:k].T, b.components[:k].T))))
+    s32 = sum(_bytes(store.url, a) for a in ("heads", "mlp", "emb"))
+    s16 = sum(_bytes(res16.url, a) for a in ("heads", "mlp", "emb"))
+    print("\n4. float16 against float32 storage (tiny model, 2048 rows, all units)")
+    print_table(["bytes f16/f32", "max rel. eigenvalue error (top K90)",
+                 "max principal angle of K90 subspace (deg)"],
+                [[s16 / s32, f"{np.max(eig_err):.1e}", f"{np.max(angle):.3f}"]])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; numpy {np.__version__}")
 
 
