@@ -7,9 +7,11 @@ print one line ``residual: error: ...`` and exit with status 2; 0 means success.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
+from pipelines.grid import NAMED_GRIDS, STAGES  # light: imports neither torch nor Prefect
 from residual_core.errors import ResidualError
 
 EXIT_USAGE = 2
@@ -72,10 +74,126 @@ def _cmd_spectral(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.grid import load_grid
+
+    grid = load_grid(args.grid)  # a bad grid is refused here, before Prefect starts
+    if args.distribute and not os.environ.get("PREFECT_API_URL"):
+        raise ResidualError("--distribute runs cells on the workers of a Prefect server: set "
+                            "PREFECT_API_URL and deploy prefect.yaml first (see the README)")
+    from pipelines.flows import count_stage_runs, experiment_flow
+
+    report = experiment_flow(grid=grid, force=args.force, store_root=args.store_root,
+                             data_root=args.data_root, distribute=args.distribute,
+                             dask_address=args.dask_address, dask_workers=args.dask_workers)
+    cells = report["cells"]
+    n_runs, computed = count_stage_runs(report)
+    print(f"grid {report['grid']}: {len(cells)} cells; {n_runs} stage runs here: {computed} "
+          f"computed, {n_runs - computed} cached")
+    evaluations = [e for c in cells for e in c.get("evaluations", [])]
+    columns = (("cell", "method", "seed", "trainable_parameters", "val_acc", "test_acc")
+               if evaluations else ("cell", "flow_run", "state"))  # cells that ran on workers
+    print(_render(_arrow([{k: r.get(k) for k in columns} for r in evaluations or cells]),
+                  "table", 0), end="")
+    print("query the result tables with `residual results`")
+    return 0
+
+
+RESULT_TABLES = ("evaluations", "unit_stats", "spectra", "head_selection", "basis_similarity")
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from residual_core.store import default_store_root
+    from residual_core.tables import read_table, sql
+
+    root = args.store_root or default_store_root()
+    if args.sql:
+        others = [f"--{k.replace('_', '-')}" for k in ("table", "model", "dataset", "method",
+                                                        "group_by") if getattr(args, k)]
+        if others:
+            raise ResidualError(f"--sql is the whole query: it cannot be combined with "
+                                f"{', '.join(others)}")
+        tbl = sql(root, args.sql)
+    else:
+        table = args.table or RESULT_TABLES[0]
+        tbl = read_table(root, table, model=args.model, dataset=args.dataset,
+                         filters={"method": args.method} if args.method else None)
+        if args.group_by:
+            tbl = _group_means(tbl, [c.strip() for c in args.group_by.split(",") if c.strip()],
+                               table)
+    print(_render(tbl, args.format, args.limit), end="")
+    return 0
+
+
+def _group_means(tbl, columns: list[str], table: str):
+    """One row per group: the group columns, ``count``, and ``mean_<c>`` of every numeric
+    column, sorted by the group columns."""
+    import pyarrow as pa
+
+    if not columns:
+        raise ResidualError("--group-by needs column names, e.g. --group-by model,method")
+    missing = [c for c in columns if c not in tbl.column_names]
+    if missing:
+        raise ResidualError(f"table {table!r} has no column {', '.join(map(repr, missing))}; "
+                            f"columns: {', '.join(tbl.column_names)}")
+    numeric = [f.name for f in tbl.schema if f.name not in columns
+               and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))]
+    grouped = tbl.group_by(columns).aggregate([(c, "mean") for c in numeric] +
+                                              [([], "count_all")])
+    grouped = grouped.rename_columns([{"count_all": "count"}.get(n, n) for n in
+                                      grouped.column_names])
+    order = columns + ["count"] + [f"{c}_mean" for c in numeric]
+    grouped = grouped.select(order).sort_by([(c, "ascending") for c in columns])
+    return grouped.rename_columns(columns + ["count"] + [f"mean_{c}" for c in numeric])
+
+
+def _arrow(rows: list[dict]):
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows)
+
+
+def _render(tbl, fmt: str, limit: int | None) -> str:
+    """A table as aligned text (floats to 4 significant digits; at most ``limit`` rows,
+    default 100), CSV or JSON records (all rows unless ``limit``)."""
+    import csv
+    import io
+    import json
+    import math
+
+    rows = tbl.to_pylist()
+    if not rows and fmt == "table":
+        return "(no rows)\n"
+    if limit is None:
+        limit = 100 if fmt == "table" else 0
+    shown = rows[:limit] if limit else rows
+    if fmt == "json":
+        def clean(v):  # NaN is not JSON
+            return None if isinstance(v, float) and math.isnan(v) else v
+        return json.dumps([{k: clean(v) for k, v in r.items()} for r in shown], default=str,
+                          indent=1) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=tbl.column_names, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(shown)
+        return out.getvalue()
+
+    def cell(v) -> str:
+        return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    body = [[cell(r[c]) for c in tbl.column_names] for r in shown]
+    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(tbl.column_names)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(tbl.column_names, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
+    if len(shown) < len(rows):
+        lines.append(f"... {len(rows) - len(shown)} more rows (--limit 0 prints all)")
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
-    return run_demo(batch_size=args.batch_size, seed=args.seed)
+    return run_demo(store_root=args.store_root, force=args.force)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,9 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("demo", help="run the main job end to end on the embedded default",
-                       description="Run the main job on the embedded default model and data.")
-    p.add_argument("--batch-size", type=int, default=16, help="images to decompose (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+                       description="Pretrain the embedded tiny CLIP on the synthetic world, then "
+                       "extract, spectral and align every world task through the Prefect flows "
+                       "(ephemeral mode, no server), print the results and write a report under "
+                       "<store-root>/reports/demo. Cached stages are not recomputed.")
+    p.add_argument("--store-root", default=None, help="store root (default data)")
+    p.add_argument("--force", action="append", default=[], choices=STAGES, metavar="STAGE",
+                   help="recompute this stage and what depends on it (repeatable)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("extract", help="write the feature store of a model on a dataset split",
@@ -136,6 +258,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute even if up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_spectral)
+
+    p = sub.add_parser("run", help="run an experiment grid incrementally (Prefect flows)",
+                       description="Run an experiment grid: every (model, dataset) cell through "
+                       "extract, spectral, align (and head selection), as Prefect flows. Stages "
+                       "whose inputs, parameters and code did not change are not recomputed. "
+                       "Without PREFECT_API_URL the flows run against a temporary local Prefect "
+                       "server (no setup needed).")
+    p.add_argument("--grid", default="demo",
+                   help=f"{', '.join(NAMED_GRIDS)} or a grid JSON file (default demo: the "
+                   "embedded world, offline)")
+    p.add_argument("--force", action="append", default=[], choices=STAGES, metavar="STAGE",
+                   help=f"recompute STAGE and every stage after it (repeatable; one of "
+                   f"{', '.join(STAGES)})")
+    p.add_argument("--data-root", default=None, help="dataset root (default data/datasets)")
+    p.add_argument("--store-root", default=None,
+                   help="stores, tables, checkpoints, Prefect results (default data)")
+    p.add_argument("--distribute", action="store_true",
+                   help="run each cell on the workers of the residual-pool work pool (needs a "
+                   "Prefect server and the residual-cell deployment)")
+    p.add_argument("--dask-address", default=None,
+                   help="dask.distributed scheduler for the spectral stage")
+    p.add_argument("--dask-workers", type=int, default=None,
+                   help="or a local dask cluster of this many processes")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("results", help="query the result tables (Parquet)",
+                       description="Print rows of a result table, filtered, or grouped (count and "
+                       "mean of every numeric column per group), or the answer of a SQL query "
+                       "over all tables (DuckDB; each table is a view of its name).")
+    p.add_argument("--table", choices=RESULT_TABLES, default=None,
+                   help="table to read (default evaluations)")
+    p.add_argument("--model", default=None, help="only rows of this model")
+    p.add_argument("--dataset", default=None, help="only rows of this dataset")
+    p.add_argument("--method", default=None, help="only rows of this align method")
+    p.add_argument("--group-by", default=None, metavar="COLS",
+                   help="comma-separated columns: one row per group with count and means")
+    p.add_argument("--sql", default=None, metavar="QUERY",
+                   help="a SQL query over the tables instead of the options above")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="output format (default table)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="rows to print (default: 100 for table, all for csv/json; 0: all)")
+    p.add_argument("--store-root", default=None, help="root of the tables (default data)")
+    p.set_defaults(func=_cmd_results)
 
     p = sub.add_parser("models", help="list the open_clip architectures (and pretrained tags)",
                        description="List architecture names known to open_clip.")

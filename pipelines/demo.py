@@ -1,46 +1,61 @@
-"""The main job on the embedded default (grows with the pipeline stages).
+"""The main job on the embedded default: the whole pipeline through the Prefect flows.
 
-Current stage: decompose a batch of real photographs (scikit-learn's bundled sample images, cut
-into random crops) with the embedded tiny CLIP, print the unit table and check that the units
-sum to ``encode_image`` exactly.
+pretrain the embedded tiny CLIP on the synthetic world -> extract every task's splits ->
+spectral -> align with every method -> tables; then print the results table, check the
+decomposition's exactness on the trained model, and write a report under ``data/reports/``.
+Every stage is cached: a second run only reads results.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
+from residual_core.datasets import SPLITS, load_dataset
 from residual_core.decompose import decompose
+from residual_core.extract import feature_store_url
 from residual_core.models import EMBEDDED_MODEL, load_model
-from residual_core.sample_images import sample_crops
-from residual_core.units import format_unit_table
+from residual_core.report import write_report
+from residual_core.store import default_store_root
+from residual_core.tables import read_table
 
 
-def run_demo(batch_size: int = 16, seed: int = 0) -> int:
-    """Decompose a batch with the embedded model and print the unit table and exactness check."""
-    loaded = load_model(EMBEDDED_MODEL, None, device="cpu", seed=seed)
-    size = loaded.model.visual.image_size[0]
-    images = torch.stack([loaded.preprocess(im) for im in sample_crops(batch_size, size, seed)])
-    start = time.perf_counter()
+def exactness_check(checkpoint: str, task: str, n: int = 64) -> float:
+    """Max relative error of ``Σ_u y_u`` against ``encode_image`` on ``n`` test images."""
+    loaded = load_model(EMBEDDED_MODEL, checkpoint, device="cpu")
+    data = load_dataset(task, "test", transform=loaded.preprocess)
+    images = torch.stack([data[i][0] for i in range(min(n, len(data)))])
     dec = decompose(loaded.model, images)
-    contributions = dec.contributions
-    seconds = time.perf_counter() - start
     with torch.inference_mode():
-        reference = loaded.model.encode_image(images).float()
-    maps = dec.maps
-    print(f"model: {EMBEDDED_MODEL} (random weights, seed {seed}); L={maps.n_layers}, "
-          f"H={maps.n_heads}, dh={maps.head_dim}, D={maps.width}, E={maps.embed_dim}")
-    print(f"units: U = 1 + L + L*H = {len(dec.units)}")
-    print(format_unit_table(dec.units))
-    err = (contributions.sum(1) - reference).norm(dim=-1) / reference.norm(dim=-1)
-    norms = contributions.norm(dim=-1).mean(0)
-    top = torch.argsort(norms, descending=True)[:5].tolist()
-    print(f"\ndecomposed {batch_size} images in {seconds * 1000:.1f} ms; "
-          f"contributions {tuple(contributions.shape)}")
-    print("largest units by mean ||y_u||: " +
-          ", ".join(f"{dec.units[i].name}={norms[i]:.3f}" for i in top))
-    ok = bool(err.max() < 1e-4)
-    print(f"exactness: max_b ||sum_u y_u - encode_image|| / ||encode_image|| = {err.max():.2e} "
-          f"({'OK' if ok else 'FAILED'}, tolerance 1e-4)")
-    return 0 if ok else 1
+        ref = loaded.model.encode_image(images).float()
+    return float(((dec.contributions.sum(1) - ref).norm(dim=-1) / ref.norm(dim=-1)).max())
+
+
+def run_demo(store_root: str | None = None, force: list[str] | None = None) -> int:
+    """Run the ``demo`` grid through :func:`pipelines.flows.experiment_flow`; print and report."""
+    from pipelines.flows import count_stage_runs, experiment_flow
+
+    root = Path(store_root or default_store_root())
+    start = time.perf_counter()
+    result = experiment_flow(grid="demo", force=force, store_root=str(root))
+    seconds = time.perf_counter() - start
+    n_runs, computed = count_stage_runs(result)
+    rows = [r for r in read_table(root, "evaluations", model=EMBEDDED_MODEL).to_pylist()
+            if r["dataset"].startswith("world/")]
+    checkpoint = rows[0]["pretrained"]
+    tasks = sorted({r["dataset"] for r in rows})
+    stores = {t: tuple(feature_store_url(EMBEDDED_MODEL, checkpoint, t, s, root) for s in SPLITS)
+              for t in tasks}
+    report = write_report(root, EMBEDDED_MODEL, stores, root / "reports" / "demo",
+                          title="ResiDual on the embedded world")
+    err = exactness_check(checkpoint, tasks[0])
+    print(f"\npipeline: {n_runs} stage runs, {computed} computed, {n_runs - computed} cached, "
+          f"{seconds:.0f} s")
+    print(f"model: {EMBEDDED_MODEL} pretrained on the world ({checkpoint})\n")
+    print(report.results_table)
+    print(f"\nexactness on the trained model: max ||sum_u y_u - encode_image|| / ||encode_image||"
+          f" = {err:.2e} ({'OK' if err < 1e-4 else 'FAILED'}, tolerance 1e-4)")
+    print(f"report: {report.path}")
+    return 0 if err < 1e-4 else 1

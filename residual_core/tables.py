@@ -62,7 +62,8 @@ def write_rows(root: str | Path, table: str, rows: Sequence[dict[str, Any]] | pa
     written = []
     models, datasets = tbl.column("model").to_pylist(), tbl.column("dataset").to_pylist()
     for model, dataset in sorted(set(zip(models, datasets))):
-        mask = pa.array([m == model and d == dataset for m, d in zip(models, datasets)])
+        mask = pa.array([m == model and d == dataset for m, d in zip(models, datasets)],
+                        type=pa.bool_())
         folder = tables_root(root) / table / slug(str(model)) / slug(str(dataset))
         written.append(_atomic_write(tbl.filter(mask), folder / f"part-{slug(key)}.parquet"))
     return written
@@ -106,7 +107,7 @@ def read_table(root: str | Path, table: str, *, model: str | None = None,
             raise ResidualError(f"table {table!r} has no column {column!r}; columns: "
                                 f"{', '.join(tbl.column_names)}")
         values = value if isinstance(value, (list, tuple, set)) else [value]
-        mask = pa.array([v in values for v in tbl.column(column).to_pylist()])
+        mask = pa.array([v in values for v in tbl.column(column).to_pylist()], type=pa.bool_())
         tbl = tbl.filter(mask)
     return tbl
 

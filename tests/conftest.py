@@ -1,10 +1,21 @@
 """Test-wide settings: no network, small thread pools, temporary Prefect and data roots."""
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prefect reads its settings on first import: give the whole session a temporary home (never the
+# user's ~/.prefect) and ephemeral mode (no PREFECT_API_URL); its temporary server starts slowly
+# on a busy 2-core machine.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="residual-prefect-home-")
+atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
+os.environ.update({"PREFECT_HOME": _PREFECT_HOME, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"})
+os.environ.pop("PREFECT_API_URL", None)
 
 import pytest
 import torch

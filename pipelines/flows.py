@@ -1,0 +1,255 @@
+"""Prefect flows of the pipeline: thin compositions of the stage tasks of :mod:`pipelines.tasks`.
+
+- :func:`extract_flow`: the feature stores of a model on a dataset's splits.
+- :func:`spectral_flow`: per-unit PCA of one split's store (on a dask cluster when given).
+- :func:`align_flow`: every align method × seed (and the head-selection experiment) on
+  extracted stores.
+- :func:`cell_flow`: everything for one (model, dataset) of a grid.
+- :func:`experiment_flow`: a grid (:mod:`pipelines.grid`), cell by cell in this process, or each
+  cell as a run of the ``cell`` deployment on the workers of a pool (``distribute=True``).
+
+Parameters are typed (pydantic models of :mod:`pipelines.grid`), so Prefect validates them
+before a flow starts; names inside them (models, tags, datasets, methods) are checked by those
+models, and a named grid or grid file is loaded and checked before any task runs. Every stage
+is incremental: see :mod:`pipelines.tasks` for the cache keys.
+
+Without ``PREFECT_API_URL`` flows run against a temporary local server (ephemeral mode): no
+server is needed for the embedded default.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from prefect import flow
+
+from residual_core.datasets import SPLITS
+from residual_core.errors import ResidualError
+from residual_core.extract import feature_store_url
+from residual_core.spectral_store import spectral_store_path
+
+from .grid import (AlignSettings, Cell, ExtractSettings, Grid, ModelSpec, PretrainSettings,
+                   Settings, SpectralSettings, Split, Stage, load_grid)
+from .tasks import RunOptions, Runner
+
+__all__ = ["CELL_DEPLOYMENT", "GridRunError", "align_flow", "cell_flow", "experiment_flow",
+           "extract_flow", "spectral_flow"]
+
+CELL_DEPLOYMENT = "cell/residual-cell"
+"""The deployment (in ``prefect.yaml``) that ``experiment_flow(distribute=True)`` runs cells on."""
+
+
+class GridRunError(ResidualError):
+    """Some cells of a grid failed with user errors (missing data, bad stores, ...)."""
+
+
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed run's exception with its traceback; for a user error the message
+    says what to fix and a traceback would only bury it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ResidualError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_UserErrorsWithoutTraceback())
+
+
+def _options(store_root: str | None, data_root: str | None, force: list[Stage] | None,
+             **dask: Any) -> RunOptions:
+    return RunOptions(store_root=store_root, data_root=data_root, force=force or [], **dask)
+
+
+@flow(name="extract")
+def extract_flow(model: ModelSpec, dataset: str, splits: list[Split] = list(SPLITS),
+                 settings: ExtractSettings = ExtractSettings(),
+                 pretrain: PretrainSettings = PretrainSettings(), store_root: str | None = None,
+                 data_root: str | None = None, force: list[Stage] | None = None
+                 ) -> dict[str, str]:
+    """Extract (or reuse) the feature stores of ``model`` on ``dataset``; returns
+    ``{split: store path}``."""
+    runner = Runner(_options(store_root, data_root, force))
+    return runner.extract(runner.weights(model, pretrain), dataset, splits, settings)
+
+
+@flow(name="spectral")
+def spectral_flow(model: ModelSpec, dataset: str, split: Split = "train",
+                  settings: SpectralSettings = SpectralSettings(),
+                  extract: ExtractSettings = ExtractSettings(),
+                  pretrain: PretrainSettings = PretrainSettings(), store_root: str | None = None,
+                  data_root: str | None = None, force: list[Stage] | None = None,
+                  address: str | None = None, n_workers: int | None = None,
+                  memory_limit: str | None = None) -> str:
+    """Per-unit PCA of the ``split`` store (extracted first if needed); ``address``: a dask
+    scheduler to run on, or ``n_workers``: a local cluster of that many processes. Returns the
+    spectral store's path."""
+    runner = Runner(_options(store_root, data_root, force, dask_address=address,
+                             dask_workers=n_workers, dask_memory_limit=memory_limit))
+    return _spectral_of(runner, runner.weights(model, pretrain), dataset, split, extract,
+                        settings)
+
+
+@flow(name="align")
+def align_flow(model: ModelSpec, dataset: str, settings: AlignSettings, basis: str | None = None,
+               pretrain: PretrainSettings = PretrainSettings(), store_root: str | None = None,
+               force: list[Stage] | None = None) -> list[dict[str, Any]]:
+    """Align every method × seed on the extracted train/val/test stores of ``dataset`` with the
+    spectral bases of ``basis``'s train split (default: ``dataset``'s); both must have been
+    computed (:func:`extract_flow`, :func:`spectral_flow`). Returns the evaluations."""
+    runner = Runner(_options(store_root, None, force))
+    model = runner.weights(model, pretrain)
+
+    def url(ds: str, split: str) -> str:
+        return feature_store_url(model.name, model.pretrained, ds, split, runner.store_root)
+
+    stores = {split: url(dataset, split) for split in SPLITS}
+    return runner.align(stores, spectral_store_path(url(basis or dataset, "train")), settings,
+                        f"{model.label} {dataset}")
+
+
+def _run_cell(runner: Runner, cell: Cell, settings: Settings,
+              bases: str | None = None) -> list[dict[str, Any]]:
+    model = runner.weights(cell.model, settings.pretrain)
+    stores = runner.extract(model, cell.dataset, SPLITS, settings.extract)
+    if bases is None:
+        bases = _spectral_of(runner, model, cell.basis_dataset, "train", settings.extract,
+                             settings.spectral, stores["train"] if cell.basis is None else None)
+    evaluations = runner.align(stores, bases, settings.align, f"{model.label} {cell.dataset}")
+    if settings.similarity_evr is not None and cell.basis is not None:
+        own = _spectral_of(runner, model, cell.dataset, "train", settings.extract,
+                           settings.spectral, stores["train"])
+        runner.similarity(own, bases, settings.similarity_evr, f"{model.label} {cell.dataset}")
+    return [{"cell": cell.label, **row} for row in evaluations]
+
+
+def _spectral_of(runner: Runner, model: ModelSpec, dataset: str, split: str,
+                 extract: ExtractSettings, spectral: SpectralSettings,
+                 store: str | None = None) -> str:
+    """The spectral store of ``dataset``'s ``split`` (its feature store extracted first unless
+    given)."""
+    store = store or runner.extract(model, dataset, [split], extract)[split]
+    return runner.spectral(store, spectral, f"{model.label} {dataset} {split}")
+
+
+@flow(name="cell")
+def cell_flow(cell: Cell, settings: Settings, options: RunOptions = RunOptions(),
+              bases: str | None = None) -> dict[str, Any]:
+    """Every stage of one grid cell: weights, extract train/val/test, the bases (the basis
+    dataset's train split; ``bases``: a spectral store already made for it), align (every
+    method × seed, head selection), basis similarity. Returns ``{"cell", "runs": [stage runs],
+    "evaluations": [align summaries]}``."""
+    runner = Runner(options)
+    evaluations = _run_cell(runner, cell, settings, bases)
+    return {"cell": cell.label, "runs": runner.runs, "evaluations": evaluations}
+
+
+def _run_cells_here(cells: list[Cell], settings: Settings, options: RunOptions,
+                    bases: dict[tuple, str]) -> list[dict[str, Any]]:
+    """Each cell as a subflow of this run, one after the other; a failed cell does not stop
+    the others."""
+    out = []
+    for cell in cells:
+        state = cell_flow(cell=cell, settings=settings, options=options,
+                          bases=bases.get((cell.model, cell.basis)), return_state=True)
+        value = state.result(raise_on_failure=False)
+        out.append(value if state.is_completed() else
+                   {"cell": cell.label, "state": state.name, "error": value})
+    return out
+
+
+def _run_cells_on_workers(cells: list[Cell], settings: Settings, options: RunOptions,
+                          bases: dict[tuple, str], deployment: str,
+                          poll_seconds: float = 5.0) -> list[dict[str, Any]]:
+    """Each cell as a run of ``deployment`` (picked up by any worker of its pool), all
+    submitted at once, then waited for. Stores and tables must be on storage every worker
+    sees (``store_root``)."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    def parameters(cell: Cell) -> dict[str, Any]:
+        return {"cell": cell.model_dump(mode="json"), "settings": settings.model_dump(mode="json"),
+                "options": options.model_dump(mode="json"),
+                "bases": bases.get((cell.model, cell.basis))}
+
+    submitted = [(cell, run_deployment(deployment, parameters=parameters(cell), timeout=0,
+                                       flow_run_name=f"cell {cell.label}"))
+                 for cell in cells]
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = [(cell, client.read_flow_run(run.id)) for cell, run in submitted]
+            if all(run.state is not None and run.state.is_final() for _, run in runs):
+                break
+            time.sleep(poll_seconds)
+    return [{"cell": cell.label, "flow_run": run.name, "state": run.state.name,
+             **({} if run.state.is_completed() else {"error": run.state.message})}
+            for cell, run in runs]
+
+
+def _one_line(error: Any) -> str:
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else ""
+    return first if isinstance(error, (str, ResidualError)) else f"{type(error).__name__}: {first}"
+
+
+def _raise_failures(records: list[dict[str, Any]]) -> None:
+    failed = [r for r in records if "error" in r]
+    if not failed:
+        return
+    message = (f"{len(failed)} of {len(records)} cells failed: "
+               + "; ".join(f"{r['cell']}: {_one_line(r['error'])}" for r in failed))
+    if all(isinstance(r["error"], ResidualError) for r in failed):
+        raise GridRunError(message)
+    raise RuntimeError(message)
+
+
+@flow(name="experiment")
+def experiment_flow(grid: Grid | str = "paper", force: list[Stage] | None = None,
+                    store_root: str | None = None, data_root: str | None = None,
+                    distribute: bool = False, cell_deployment: str = CELL_DEPLOYMENT,
+                    dask_address: str | None = None, dask_workers: int | None = None,
+                    dask_memory_limit: str | None = None) -> dict[str, Any]:
+    """Run a grid: every (model, dataset) cell through every stage, incrementally.
+
+    Args:
+        grid: a :class:`~pipelines.grid.Grid`, a named grid (``paper``, ``demo``, ``smoke``) or
+            a grid JSON file.
+        force: stages to recompute, with everything downstream of them (``spectral`` reruns
+            align and similarity too).
+        store_root, data_root: see :class:`~pipelines.tasks.RunOptions`.
+        distribute: run each cell as a flow run of ``cell_deployment`` on the workers of its
+            pool (needs a Prefect server, the deployment, and a store root every worker sees);
+            default: every cell in this process.
+        dask_address, dask_workers, dask_memory_limit: dask cluster of the spectral stage.
+
+    Returns:
+        ``{"grid", "cells": [per cell: runs and evaluations, or its flow run's state],
+        "runs": [stage runs done here]}``. Raises :class:`GridRunError` naming the failed
+        cells after every cell has been tried.
+    """
+    grid = load_grid(grid)  # names and types are checked before any task runs
+    runner = Runner(_options(store_root, data_root, force, dask_address=dask_address,
+                             dask_workers=dask_workers, dask_memory_limit=dask_memory_limit))
+    settings = grid.settings()
+    # Inputs several cells share are made first, here, so that cells running in parallel on
+    # several workers never write (or force) the same output.
+    weights = {m: runner.weights(m, settings.pretrain) for m in grid.models()}
+    cells = [c.model_copy(update={"model": weights[c.model]}) for c in grid.cells()]
+    bases = {(model, basis): _spectral_of(runner, model, basis, "train", settings.extract,
+                                          settings.spectral)
+             for model, basis in dict.fromkeys((c.model, c.basis) for c in cells if c.basis)}
+    if distribute:
+        records = _run_cells_on_workers(cells, settings, runner.options, bases, cell_deployment)
+    else:
+        records = _run_cells_here(cells, settings, runner.options, bases)
+    _raise_failures(records)
+    return {"grid": grid.name, "cells": records, "runs": runner.runs}
+
+
+def count_stage_runs(report: dict[str, Any]) -> tuple[int, int]:
+    """``(stage runs, computed)`` of an :func:`experiment_flow` result (the rest were cached)."""
+    runs = report["runs"] + [r for c in report["cells"] for r in c.get("runs", [])]
+    return len(runs), sum(r["state"] != "Cached" for r in runs)

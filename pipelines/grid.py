@@ -1,0 +1,348 @@
+"""Experiment grids as typed data: which models run on which datasets with which methods, and the
+settings of every stage.
+
+A :class:`Grid` is a list of :class:`Sweep` blocks (each a models × datasets product with an
+optional basis dataset) plus grid-wide stage settings (:class:`Settings`: align methods, seeds
+and training, extraction, spectral, pretraining, basis similarity). Everything is a pydantic model:
+names (models, pretrained tags, datasets, methods) and types are checked when a grid is built,
+so a wrong grid is refused before any stage runs. Grids are JSON files
+(``Grid.model_dump_json()``) or one of the named grids of :data:`NAMED_GRIDS`:
+
+- ``paper``: the open_clip models and the ten datasets of METHOD §4 with ImageNet train as the
+  basis dataset, plus the embedded world (``residual-tiny`` pretrained on the synthetic world,
+  its five ``world/*`` tasks);
+- ``demo``: the embedded world only (runs offline on a CPU in minutes);
+- ``smoke``: ``residual-tiny`` with random weights on one world task, two cheap methods (checks
+  that a server/worker setup runs flows end to end).
+
+This module imports neither Prefect nor, until a grid is validated, torch: the CLI builds its
+parser from it and validates a grid before starting any flow.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from residual_core.errors import ResidualError
+
+if TYPE_CHECKING:
+    from residual_core.align_stage import AlignParams
+    from residual_core.spectral_store import SpectralParams
+
+__all__ = [
+    "NAMED_GRIDS",
+    "STAGES",
+    "WORLD_WEIGHTS",
+    "AlignSettings",
+    "Cell",
+    "ExtractSettings",
+    "Grid",
+    "GridError",
+    "ModelSpec",
+    "PretrainSettings",
+    "Settings",
+    "SpectralSettings",
+    "Split",
+    "Stage",
+    "Sweep",
+    "load_grid",
+    "validation_message",
+]
+
+Stage = Literal["pretrain", "extract", "spectral", "align", "similarity"]
+"""Pipeline stages (what ``--force`` names)."""
+STAGES: tuple[str, ...] = get_args(Stage)
+
+Split = Literal["train", "val", "test"]
+
+WORLD_WEIGHTS = "world"
+"""``pretrained`` value of the embedded model meaning "pretrained on the synthetic world" (the
+checkpoint that :func:`residual_core.pretrain.pretrain_embedded` writes, made by the pretrain
+stage)."""
+
+
+class GridError(ResidualError):
+    """A grid that cannot be loaded: unknown name, unreadable file, invalid content."""
+
+
+class _Frozen(BaseModel):
+    """Immutable, no unknown fields (a typo in a grid file is an error, not a silent default)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+EMBEDDED_MODEL = "residual-tiny"
+"""The embedded default (``residual_core.models.EMBEDDED_MODEL``, not imported: it loads torch)."""
+
+
+def _world_tasks() -> tuple[str, ...]:
+    from residual_core.world import TASKS  # importing it registers the world/* datasets
+
+    return TASKS
+
+
+def _check_dataset(name: str) -> str:
+    """A registered dataset or an existing ``imagefolder:PATH`` (reads no image)."""
+    from residual_core.datasets import dataset_info
+
+    _world_tasks()
+    try:
+        dataset_info(name)
+    except ResidualError as exc:  # pydantic reports ValueErrors as validation errors
+        raise ValueError(str(exc)) from None
+    return name
+
+
+class ModelSpec(_Frozen):
+    """An open_clip architecture and its weights: a pretrained tag, a checkpoint file, ``None``
+    (random weights, seeded) or :data:`WORLD_WEIGHTS` for the embedded model."""
+
+    name: str
+    pretrained: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        from residual_core.models import list_models
+
+        known = list_models()
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown model {name!r}.{hint} (`residual models` lists them)")
+        return name
+
+    @model_validator(mode="after")
+    def _known_weights(self) -> "ModelSpec":
+        import open_clip
+
+        tag = self.pretrained
+        if tag is None or os.path.isfile(tag) or open_clip.get_pretrained_cfg(self.name, tag):
+            return self
+        if tag == WORLD_WEIGHTS:
+            if self.name != EMBEDDED_MODEL:
+                raise ValueError(f"pretrained {WORLD_WEIGHTS!r} (synthetic-world weights) exists "
+                                 f"only for {EMBEDDED_MODEL}, not {self.name}")
+            return self
+        tags = open_clip.list_pretrained_tags_by_model(self.name)
+        raise ValueError(f"unknown pretrained tag or missing checkpoint file {tag!r} for "
+                         f"{self.name}; known tags: {', '.join(tags) or 'none'}")
+
+    @property
+    def label(self) -> str:
+        """``name/tag``, ``name/<checkpoint file name>`` or ``name/random``."""
+        weights = self.pretrained or "random"
+        return f"{self.name}/{os.path.basename(weights) if os.sep in weights else weights}"
+
+
+class AlignSettings(_Frozen):
+    """The align stage (:func:`residual_core.align_stage.run_align`): every method × seed on a
+    task's stores, and the head-selection experiment."""
+
+    methods: list[str] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    epochs: int = Field(30, ge=0)
+    patience: int = Field(5, ge=1)
+    lambda_init: Literal["ones", "randn"] = "ones"
+    finetune_epochs: int = Field(30, ge=0)
+    head_selection: bool = True
+    random_seeds: int = Field(10, ge=1)
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        from residual_core.residual import PRESETS
+
+        unknown = [m for m in methods if m not in PRESETS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; known methods: {', '.join(PRESETS)}")
+        return methods
+
+    def params(self) -> "AlignParams":
+        from residual_core.align_stage import AlignParams
+
+        return AlignParams(**{k: tuple(v) if isinstance(v, list) else v
+                              for k, v in self.model_dump().items()})
+
+
+class ExtractSettings(_Frozen):
+    """Extraction settings (:func:`residual_core.extract.extract`); only ``feature_dtype`` and
+    ``rows_per_chunk`` change what a store holds."""
+
+    batch_size: int = Field(64, ge=1)
+    feature_dtype: Literal["float32", "float16"] = "float32"
+    rows_per_chunk: int = Field(1024, ge=1)
+    num_workers: int | None = Field(None, ge=0)
+    device: str | None = None
+
+
+class SpectralSettings(_Frozen):
+    """Spectral-stage parameters (:class:`residual_core.spectral_store.SpectralParams`)."""
+
+    twonn_max_samples: int = Field(50_000, ge=3)
+    twonn_discard_fraction: float = Field(0.1, ge=0, lt=1)
+    seed: int = 42
+
+    def params(self) -> "SpectralParams":
+        from residual_core.spectral_store import SpectralParams
+
+        return SpectralParams(**self.model_dump())
+
+
+class PretrainSettings(_Frozen):
+    """Pretraining of the embedded model on the synthetic world (for ``pretrained: world``);
+    ``None`` keeps :class:`residual_core.pretrain.PretrainConfig`'s value."""
+
+    seed: int = 0
+    steps: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=2)
+
+
+class Settings(_Frozen):
+    """Stage settings shared by every cell of a grid."""
+
+    align: AlignSettings
+    extract: ExtractSettings = ExtractSettings()
+    spectral: SpectralSettings = SpectralSettings()
+    pretrain: PretrainSettings = PretrainSettings()
+    similarity_evr: float | None = Field(None, gt=0, le=1)
+    """When set, the bases of each cell's own train split are compared with those of its sweep's
+    basis dataset (basis similarity at this EVR truncation, table ``basis_similarity``); cells
+    without a basis dataset have nothing to compare."""
+
+
+class Sweep(_Frozen):
+    """Every model on every dataset; the spectral bases come from ``basis``'s train split
+    (``None``: each dataset's own train split)."""
+
+    models: list[ModelSpec] = Field(min_length=1)
+    datasets: list[str] = Field(min_length=1)
+    basis: str | None = None
+
+    @field_validator("datasets")
+    @classmethod
+    def _known_datasets(cls, names: list[str]) -> list[str]:
+        return [_check_dataset(n) for n in names]
+
+    @field_validator("basis")
+    @classmethod
+    def _known_basis(cls, name: str | None) -> str | None:
+        return None if name is None else _check_dataset(name)
+
+
+class Cell(_Frozen):
+    """One (model, dataset) of a grid: extract its splits, fit the bases, align."""
+
+    model: ModelSpec
+    dataset: str
+    basis: str | None = None
+
+    @property
+    def basis_dataset(self) -> str:
+        return self.basis or self.dataset
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.label} on {self.dataset}"
+
+
+class Grid(Settings):
+    """A named experiment grid: sweeps of models × datasets, methods and stage settings."""
+
+    name: str = "custom"
+    sweeps: list[Sweep] = Field(min_length=1)
+
+    def settings(self) -> Settings:
+        """The stage settings alone (what each cell needs)."""
+        return Settings.model_validate(self.model_dump(include=set(Settings.model_fields)))
+
+    def cells(self) -> list[Cell]:
+        """Every (model, dataset) of the sweeps, in order, each once."""
+        seen: dict[tuple, Cell] = {}
+        for sweep in self.sweeps:
+            for model in sweep.models:
+                for dataset in sweep.datasets:
+                    seen.setdefault((model, dataset), Cell(model=model, dataset=dataset,
+                                                           basis=sweep.basis))
+        return list(seen.values())
+
+    def models(self) -> list[ModelSpec]:
+        return list(dict.fromkeys(c.model for c in self.cells()))
+
+
+# ------------------------------------------------------------------------------ named grids
+
+PAPER_MODELS = (("ViT-B-16", "laion2b_s34b_b88k"), ("ViT-L-14", "laion2b_s32b_b82k"),
+                ("ViT-B-16", "openai"), ("ViT-L-14", "openai"))
+"""The open_clip models of METHOD §4 (BLIP and the vision-only ViTs are not open_clip models)."""
+
+ALIGN_METHODS = ("zero-shot", "residual-star", "residual-full", "coarse", "linear")
+"""``residual_core.align_stage.DEFAULT_METHODS`` (fine-tuning is opt-in: it runs the backbone)."""
+
+
+def _world_sweep() -> dict:
+    return {"models": [{"name": EMBEDDED_MODEL, "pretrained": WORLD_WEIGHTS}],
+            "datasets": list(_world_tasks())}
+
+
+def _named(name: str) -> dict:
+    from residual_core.datasets import PAPER_DATASETS
+
+    align = {"methods": list(ALIGN_METHODS)}
+    if name == "paper":
+        paper = {"models": [{"name": n, "pretrained": t} for n, t in PAPER_MODELS],
+                 "datasets": list(PAPER_DATASETS), "basis": "imagenet"}
+        return {"name": name, "sweeps": [paper, _world_sweep()], "align": align,
+                "similarity_evr": 0.9}
+    if name == "demo":
+        return {"name": name, "sweeps": [_world_sweep()], "align": align}
+    assert name == "smoke"
+    return {"name": name,
+            "sweeps": [{"models": [{"name": EMBEDDED_MODEL}], "datasets": [_world_tasks()[0]]}],
+            "align": {"methods": ["zero-shot", "coarse"], "epochs": 3,
+                      "head_selection": False}}
+
+
+NAMED_GRIDS = ("paper", "demo", "smoke")
+
+
+def validation_message(exc: ValidationError) -> str:
+    """One line naming each invalid field and why (for the CLI and flow errors)."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts)
+
+
+def load_grid(grid: "Grid | str | dict") -> Grid:
+    """A grid from a :class:`Grid`, a dict, a named grid (:data:`NAMED_GRIDS`) or a JSON file.
+
+    Raises :class:`GridError` (one line) for an unknown name, an unreadable file or an invalid
+    grid.
+    """
+    if isinstance(grid, Grid):
+        return grid
+    if isinstance(grid, str):
+        if grid in NAMED_GRIDS:
+            data = _named(grid)
+        elif grid.endswith(".json") or os.path.isfile(grid):
+            try:
+                data = json.loads(Path(grid).read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise GridError(f"cannot read grid file {grid}: {exc}") from None
+        else:
+            raise GridError(f"unknown grid {grid!r}: use {', '.join(NAMED_GRIDS)} or a JSON file")
+    else:
+        data = grid
+    try:
+        return Grid.model_validate(data)
+    except ValidationError as exc:
+        raise GridError(f"invalid grid: {validation_message(exc)}") from None

@@ -1,0 +1,159 @@
+"""The project's prefect.yaml on a real Prefect server: a work pool, a deployment, a worker.
+
+Every Prefect process here is a subprocess (server, CLI commands, workers) with its own
+temporary PREFECT_HOME; this test process never imports Prefect. Each process the tests start
+is stopped by its PID in a ``finally`` block.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from builders import write_image_folder
+from residual_core.tables import read_table
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PREFECT = str(BIN / "prefect")
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _api(url: str, path: str, body: dict | None = None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url + path, data=data, method="POST" if data else "GET",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM (twice: a worker ignores the first), then SIGKILL; only this process."""
+    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real server on a free port; yields the environment of every Prefect command."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    api = f"http://127.0.0.1:{_free_port()}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
+           "HF_HUB_OFFLINE": "1", "RESIDUAL_PROJECT_DIR": str(REPO)}
+    port = api.rsplit(":", 1)[1].split("/")[0]
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port,
+                             "--no-ui"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            try:
+                if _api(api, "/health") is True:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "server not healthy after 150 s"
+            time.sleep(1)
+        _prefect(env, "work-pool", "create", "residual-pool", "--type", "process")
+        yield env
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _prefect(env: dict, *args: str, timeout: float = 180) -> str:
+    result = subprocess.run([PREFECT, *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def _grid(tmp_path: Path) -> dict:
+    folder = write_image_folder(tmp_path / "imgs", ["ant", "bee", "cow"], 20, seed=3)
+    return {"name": "deploy-test",
+            "sweeps": [{"models": [{"name": "residual-tiny"}],
+                        "datasets": [f"imagefolder:{folder}"]}],
+            "align": {"methods": ["zero-shot", "coarse"], "epochs": 2, "head_selection": False},
+            "extract": {"rows_per_chunk": 32, "num_workers": 0},
+            "spectral": {"twonn_max_samples": 500}}
+
+
+def _flow_run(env: dict, run_id: str) -> dict:
+    return _api(env["PREFECT_API_URL"], f"/flow_runs/{run_id}")
+
+
+def _assert_rows(store_root: Path, methods: set[str]) -> None:
+    evaluations = read_table(store_root, "evaluations").to_pylist()
+    assert {r["method"] for r in evaluations} == methods
+    assert all(0 <= r["test_acc"] <= 1 for r in evaluations)
+    assert read_table(store_root, "unit_stats").num_rows == 21  # residual-tiny's units
+
+
+def test_deployment_runs_on_a_worker(server, tmp_path):
+    env = server
+    _prefect(env, "--no-prompt", "deploy", "--name", "residual-smoke")
+    store_root = tmp_path / "store"
+    params = {"grid": _grid(tmp_path), "store_root": str(store_root)}
+    out = _prefect(env, "deployment", "run", "experiment/residual-smoke",
+                   "--params", json.dumps(params))
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+    assert _flow_run(env, run_id)["state_type"] == "SCHEDULED"
+
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "residual-pool",
+                               "--run-once"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = worker.communicate(timeout=300)
+    finally:
+        _stop(worker)
+    run = _flow_run(env, run_id)
+    assert run["state_type"] == "COMPLETED", output[-4000:]
+    _assert_rows(store_root, {"zero-shot", "coarse"})
+
+
+def test_distributed_cells_run_on_pool_workers(server, tmp_path):
+    """`residual run --distribute`: the experiment flow (in the CLI process) submits each cell
+    as a run of the residual-cell deployment; a worker of the pool runs it."""
+    env = server
+    _prefect(env, "--no-prompt", "deploy", "--name", "residual-cell")
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps(_grid(tmp_path)))
+    store_root = tmp_path / "store"
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "residual-pool"],
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        cli = subprocess.run([str(BIN / "residual"), "run", "--distribute", "--grid", str(grid),
+                              "--store-root", str(store_root)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=400)
+    finally:
+        _stop(worker)
+    assert cli.returncode == 0, cli.stdout + cli.stderr[-4000:]
+    assert re.search(r"residual-tiny/random on imagefolder:\S+\s+cell residual-tiny\S* .*"
+                     r"Completed", cli.stdout), cli.stdout
+    _assert_rows(store_root, {"zero-shot", "coarse"})
+    cells = _api(env["PREFECT_API_URL"], "/flow_runs/filter",
+                 {"flow_runs": {"name": {"like_": "cell residual-tiny"}}})
+    assert [c["state_type"] for c in cells] == ["COMPLETED"]

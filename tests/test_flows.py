@@ -1,0 +1,268 @@
+"""The Prefect flows end to end (ephemeral mode): a grid cell on the tiny model runs every stage,
+and reruns recompute exactly the stages whose inputs, parameters or outputs changed.
+
+Prefect runs in ephemeral mode with a temporary PREFECT_HOME (set for the session in conftest.py).
+"""
+
+import json
+import shutil
+import os
+from collections import Counter
+
+import pytest
+
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter,  # noqa: E402
+                                            FlowRunFilterId)
+from prefect.client.schemas.sorting import FlowRunSort  # noqa: E402
+from prefect.exceptions import ParameterTypeError  # noqa: E402
+
+from builders import write_image_folder  # noqa: E402
+from pipelines import tasks  # noqa: E402
+from pipelines.flows import experiment_flow, extract_flow, spectral_flow  # noqa: E402
+from pipelines.grid import (ALIGN_METHODS, EMBEDDED_MODEL, AlignSettings, GridError,  # noqa: E402
+                            SpectralSettings, load_grid)
+from residual_core.align_stage import DEFAULT_METHODS, AlignParams  # noqa: E402
+from residual_core.extract import feature_store_url  # noqa: E402
+from residual_core.spectral_store import SpectralParams, spectral_store_path  # noqa: E402
+from residual_core.tables import read_table  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+@pytest.fixture(scope="module", autouse=True)
+def _temporary_server():
+    """Stop the temporary Prefect server this module started, after sending it the queued logs
+    and events, while pytest still captures output (Prefect's exit hook would log to a closed
+    stream, and workers with no server retry for a minute)."""
+    yield
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+
+    APILogWorker.drain_all(timeout=30)
+    EventsWorker.drain_all(timeout=30)
+    SubprocessASGIServer().stop()
+
+
+STAGE_FUNCTIONS = {"extract": "extract", "spectral": "run_spectral", "align": "run_align"}
+"""Stage -> the residual_core function its task body calls (as named in pipelines.tasks)."""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """An image folder, a store root, and the grid of one cell on them."""
+    root = tmp_path_factory.mktemp("flows")
+    folder = write_image_folder(root / "imgs", ["ant", "bee", "cow"], 24, seed=1)
+    grid = {"name": "test",
+            "sweeps": [{"models": [{"name": EMBEDDED_MODEL}],
+                        "datasets": [f"imagefolder:{folder}"]}],
+            "align": {"methods": ["residual-star"], "epochs": 2, "head_selection": False},
+            "extract": {"rows_per_chunk": 32, "num_workers": 0},
+            "spectral": {"twonn_max_samples": 500}}
+    return {"root": root, "store": root / "store", "grid": grid}
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls of the residual_core functions the stage tasks call (the real
+    functions still run: counting, not mocking)."""
+    counter: Counter = Counter()
+    kwargs: dict = {}
+
+    def counting(stage, original):
+        def wrapper(*args, **kw):
+            counter[stage] += 1
+            kwargs[stage] = kw
+            return original(*args, **kw)
+        return wrapper
+
+    for stage, name in STAGE_FUNCTIONS.items():
+        monkeypatch.setattr(tasks, name, counting(stage, getattr(tasks, name)))
+    counter.kwargs = kwargs
+    return counter
+
+
+def _run(world, **kw) -> dict[str, list[str]]:
+    """Run the grid; returns each stage's task-run states, in order."""
+    report = experiment_flow(grid=world["grid"], store_root=str(world["store"]), **kw)
+    states: dict[str, list[str]] = {}
+    for run in report["runs"] + [r for c in report["cells"] for r in c["runs"]]:
+        states.setdefault(run["stage"], []).append(run["state"])
+    return states
+
+
+def _latest_cell_task_states() -> dict[str, str]:
+    """Task-run states of the latest ``cell`` flow run, as the Prefect API has them."""
+    cells = FlowFilter(name=FlowFilterName(any_=["cell"]))
+    with get_client(sync_client=True) as client:
+        (cell,) = client.read_flow_runs(flow_filter=cells, sort=FlowRunSort.START_TIME_DESC,
+                                        limit=1)
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[cell.id])))
+    return {r.name: r.state.name for r in runs}
+
+
+@pytest.fixture(scope="module")
+def first_run(world):
+    return _run(world)
+
+
+def test_first_run_computes_every_stage_and_writes_the_tables(world, first_run):
+    assert first_run == {"extract": ["Completed"] * 3, "spectral": ["Completed"],
+                         "align": ["Completed"]}
+    evaluations = read_table(world["store"], "evaluations").to_pylist()
+    assert [r["method"] for r in evaluations] == ["residual-star"]
+    assert read_table(world["store"], "unit_stats").num_rows == 21  # 1 + 4 + 4 * 4 units
+    assert (world["store"] / "prefect-results").is_dir()
+
+
+def test_second_run_executes_no_stage_body(world, first_run, calls):
+    states = _run(world)
+    assert states == {"extract": ["Cached"] * 3, "spectral": ["Cached"], "align": ["Cached"]}
+    assert sum(calls.values()) == 0
+    api = _latest_cell_task_states()
+    assert len(api) == 5 and set(api.values()) == {"Cached"}, api
+
+
+def test_changing_an_align_parameter_reruns_only_align(world, first_run, calls):
+    world["grid"]["align"]["epochs"] = 3
+    try:
+        states = _run(world)
+        assert states == {"extract": ["Cached"] * 3, "spectral": ["Cached"],
+                          "align": ["Completed"]}
+        assert calls == {"align": 1}
+        (row,) = read_table(world["store"], "evaluations").to_pylist()
+        assert json.loads(row["preset_params"])["epochs"] == 3
+    finally:
+        world["grid"]["align"]["epochs"] = 2
+    # back to the old parameters: run_align replaced the task's rows, so align runs again
+    assert _run(world)["align"] == ["Completed"]
+    assert calls == {"align": 2}
+
+
+def test_deleted_spectral_output_reruns_spectral_only(world, first_run, calls):
+    shutil.rmtree(spectral_store_path(_train_store(world)))
+    states = _run(world)
+    assert states == {"extract": ["Cached"] * 3, "spectral": ["Completed"], "align": ["Cached"]}
+    assert calls == {"spectral": 1}
+
+
+def test_force_spectral_reruns_spectral_and_align(world, first_run, calls):
+    states = _run(world, force=["spectral"])
+    assert states == {"extract": ["Cached"] * 3, "spectral": ["Completed"],
+                      "align": ["Completed"]}
+    assert calls == {"spectral": 1, "align": 1}
+    assert calls.kwargs["spectral"]["force"] is True  # recomputed, not found up to date
+
+
+def test_spectral_flow_runs_on_a_dask_cluster(world, first_run, calls):
+    model = {"name": EMBEDDED_MODEL}
+    dataset = world["grid"]["sweeps"][0]["datasets"][0]
+    url = spectral_flow(model=model, dataset=dataset, store_root=str(world["store"]),
+                        settings=world["grid"]["spectral"], extract=world["grid"]["extract"],
+                        force=["spectral"], n_workers=1)
+    assert url == spectral_store_path(_train_store(world))
+    assert calls == {"spectral": 1}
+    assert calls.kwargs["spectral"]["n_workers"] == 1
+
+
+def test_world_weights_and_a_basis_dataset(world, calls):
+    """Pretrained weights and the basis dataset's bases are made once, in the parent flow; the
+    cell aligns with them and compares its own bases with them (basis similarity)."""
+    basis = write_image_folder(world["root"] / "basis", ["dog", "elk", "fox"], 20, seed=7)
+    grid = json.loads(json.dumps(world["grid"]))
+    grid["sweeps"][0].update(models=[{"name": EMBEDDED_MODEL, "pretrained": "world"}],
+                             basis=f"imagefolder:{basis}")
+    grid.update(pretrain={"steps": 2, "batch_size": 8}, similarity_evr=0.9)
+    grid["align"].update(methods=["zero-shot"], head_selection=True, random_seeds=2)
+    store = world["root"] / "store-basis"
+    report = experiment_flow(grid=grid, store_root=str(store))
+    assert [(r["stage"], r["state"]) for r in report["runs"]] == [
+        ("pretrain", "Completed"), ("extract", "Completed"), ("spectral", "Completed")]
+    (cell,) = report["cells"]
+    assert [(r["stage"], r["state"]) for r in cell["runs"]] == (
+        [("extract", "Completed")] * 3 + [("align", "Completed"), ("spectral", "Completed"),
+                                          ("similarity", "Completed")])
+    (row,) = read_table(store, "evaluations").to_pylist()
+    assert row["basis_dataset"] == f"imagefolder:{basis}:train"
+    assert row["pretrained"].endswith(".pt") and os.path.isfile(row["pretrained"])
+    assert read_table(store, "head_selection").num_rows > 0
+    similarity = read_table(store, "basis_similarity").to_pylist()
+    assert len(similarity) == 21 and {r["other_dataset"] for r in similarity} == {
+        f"imagefolder:{basis}"}
+    again = experiment_flow(grid=grid, store_root=str(store))
+    states = [r["state"] for r in again["runs"] + again["cells"][0]["runs"]]
+    assert set(states) == {"Cached"} and len(states) == 9
+    assert calls == {"extract": 4, "spectral": 2, "align": 1}  # all in the first run
+
+
+def _train_store(world) -> str:
+    return feature_store_url(EMBEDDED_MODEL, None, world["grid"]["sweeps"][0]["datasets"][0],
+                             "train", world["store"])
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+BAD_GRIDS = {
+    "unknown dataset 'cifar1O'": lambda g: g["sweeps"][0].update(datasets=["cifar1O"]),
+    "unknown model 'ViT-B-61'": lambda g: g["sweeps"][0].update(models=[{"name": "ViT-B-61"}]),
+    "unknown methods": lambda g: g["align"].update(methods=["residual-turbo"]),
+    "align.epochs": lambda g: g["align"].update(epochs="many"),
+}
+
+
+@pytest.mark.parametrize("message", list(BAD_GRIDS))
+def test_bad_grid_is_refused_before_any_task_runs(world, calls, tmp_path, message):
+    grid = json.loads(json.dumps(world["grid"]))
+    BAD_GRIDS[message](grid)
+    # a grid given as data is a flow parameter: Prefect validates it before the flow starts
+    with pytest.raises(ParameterTypeError, match=message):
+        experiment_flow(grid=grid, store_root=str(world["store"]))
+    # a grid file is loaded and validated first thing in the flow
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(grid))
+    with pytest.raises(GridError, match=message):
+        experiment_flow(grid=str(path), store_root=str(world["store"]))
+    assert sum(calls.values()) == 0
+
+
+def test_flow_parameters_are_validated_by_prefect(world, calls):
+    with pytest.raises(ParameterTypeError, match="unknown model"):
+        extract_flow(model={"name": "no-such-model"}, dataset="world/digit")
+    with pytest.raises(ParameterTypeError):
+        experiment_flow(grid=42)
+    assert sum(calls.values()) == 0
+
+
+# ------------------------------------------------------------------------------ keys
+
+
+def test_force_closure_follows_the_stage_graph():
+    assert tasks.forced_stages(["spectral"]) == {"spectral", "align", "similarity"}
+    assert tasks.forced_stages(["pretrain"]) == set(tasks.DEPENDS_ON)
+    assert tasks.forced_stages([]) == set()
+
+
+def test_cache_key_covers_upstream_identity_parameters_and_version(world, first_run,
+                                                                   monkeypatch):
+    inputs = {"feature_url": _train_store(world), "settings": SpectralSettings(),
+              "tables_root": str(world["store"])}
+    key = tasks.stage_key("spectral", inputs)
+    assert tasks.stage_key("spectral", inputs) == key
+    assert tasks.stage_key("spectral", {**inputs, "force": True}) == key
+    assert tasks.stage_key("spectral", {**inputs, "settings": SpectralSettings(seed=1)}) != key
+    monkeypatch.setitem(tasks.STAGE_VERSIONS, "spectral", 99)
+    assert tasks.stage_key("spectral", inputs) != key
+    monkeypatch.undo()
+    # the upstream store's content identity: its config_hash attribute
+    monkeypatch.setattr(tasks, "_store_hash", lambda url: "another-store")
+    assert tasks.stage_key("spectral", inputs) != key
+
+
+def test_grid_defaults_follow_residual_core():
+    assert ALIGN_METHODS == DEFAULT_METHODS
+    assert AlignSettings(methods=list(DEFAULT_METHODS)).params() == AlignParams()
+    assert SpectralSettings().params() == SpectralParams()
+    for name in ("demo", "paper", "smoke"):
+        assert load_grid(name).cells()

@@ -1,0 +1,146 @@
+"""`residual results` against tables of known rows (and of a real `residual run`): filters,
+group-by, formats that parse back, one-line errors with exit status 2."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from builders import write_image_folder
+from pipelines.cli import main
+from residual_core.tables import write_rows
+
+BIN = Path(sys.executable).parent
+
+ROWS = [  # model, dataset, method, seed, test_acc, trainable_parameters
+    ("ViT-B-16", "cifar10", "zero-shot", 0, 0.90, 0),
+    ("ViT-B-16", "cifar10", "coarse", 0, 0.92, 144),
+    ("ViT-B-16", "cifar10", "coarse", 1, 0.94, 144),
+    ("ViT-B-16", "mnist", "coarse", 0, 0.80, 144),
+    ("ViT-L-14", "cifar10", "coarse", 0, 0.96, 384),
+    ("ViT-L-14", "cifar10", "linear", 0, 0.97, 590_592),
+]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tables")
+    rows = [dict(zip(("model", "dataset", "method", "seed", "test_acc", "trainable_parameters"),
+                     r)) for r in ROWS]
+    for (model, dataset) in {(r["model"], r["dataset"]) for r in rows}:
+        write_rows(root, "evaluations", [r for r in rows if (r["model"], r["dataset"]) ==
+                                         (model, dataset)], key="known")
+    return root
+
+
+def _results(capsys, root, *args) -> tuple[int, str, str]:
+    code = main(["results", "--store-root", str(root), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_filter_answers_with_the_matching_rows(capsys, root):
+    code, out, _ = _results(capsys, root, "--model", "ViT-B-16", "--dataset", "cifar10",
+                            "--method", "coarse", "--format", "json")
+    assert code == 0
+    rows = json.loads(out)
+    assert sorted((r["seed"], r["test_acc"]) for r in rows) == [(0, 0.92), (1, 0.94)]
+    assert {(r["model"], r["dataset"], r["method"]) for r in rows} == {
+        ("ViT-B-16", "cifar10", "coarse")}
+
+
+def test_group_by_prints_counts_and_means(capsys, root):
+    code, out, _ = _results(capsys, root, "--group-by", "model,method", "--format", "json")
+    assert code == 0
+    groups = {(g["model"], g["method"]): g for g in json.loads(out)}
+    assert set(groups) == {("ViT-B-16", "zero-shot"), ("ViT-B-16", "coarse"),
+                           ("ViT-L-14", "coarse"), ("ViT-L-14", "linear")}
+    coarse = groups[("ViT-B-16", "coarse")]
+    assert coarse["count"] == 3
+    assert coarse["mean_test_acc"] == pytest.approx((0.92 + 0.94 + 0.80) / 3)
+    assert coarse["mean_seed"] == pytest.approx(1 / 3)
+    assert "mean_dataset" not in coarse  # only numeric columns are averaged
+    code, out, _ = _results(capsys, root, "--group-by", "method")
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["method", "count", "mean_seed"]
+    assert [line.split()[:2] for line in lines[1:]] == [["coarse", "4"], ["linear", "1"],
+                                                        ["zero-shot", "1"]]
+
+
+def test_csv_and_json_parse_back_to_the_same_rows(capsys, root):
+    _, as_json, _ = _results(capsys, root, "--dataset", "cifar10", "--format", "json")
+    _, as_csv, _ = _results(capsys, root, "--dataset", "cifar10", "--format", "csv")
+    from_json = json.loads(as_json)
+    from_csv = list(csv.DictReader(io.StringIO(as_csv)))
+    assert len(from_json) == len(from_csv) == 5
+    for j, c in zip(from_json, from_csv):
+        assert set(j) == set(c)
+        assert (c["model"], c["method"], int(c["seed"]), float(c["test_acc"])) == \
+            (j["model"], j["method"], j["seed"], j["test_acc"])
+
+
+def test_sql_over_the_tables(capsys, root):
+    code, out, _ = _results(capsys, root, "--sql", "SELECT method, max(test_acc) AS best FROM "
+                            "evaluations GROUP BY method ORDER BY method", "--format", "csv")
+    assert code == 0
+    assert list(csv.reader(io.StringIO(out))) == [["method", "best"], ["coarse", "0.96"],
+                                                  ["linear", "0.97"], ["zero-shot", "0.9"]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--group-by", "nope"], "has no column 'nope'"),
+    (["--table", "unit_stats"], "no 'unit_stats' table"),
+    (["--sql", "SELECT * FROM nope"], "SQL error"),
+    (["--sql", "SELECT 1", "--model", "ViT-B-16"], "cannot be combined with --model"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, root, args, message):
+    code, out, err = _results(capsys, root, *args)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("residual: error:") and message in lines[0]
+
+
+def test_bad_column_exits_2_through_the_console_script(root):
+    proc = subprocess.run([str(BIN / "residual"), "results", "--store-root", str(root),
+                           "--method", "coarse", "--group-by", "test_acc,missing"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("residual: error:") and "no column 'missing'" in line
+
+
+@pytest.mark.slow
+def test_results_of_a_real_run(tmp_path, capsys):
+    """`residual run` (ephemeral Prefect, its own PREFECT_HOME) writes the tables that
+    `residual results` then answers from."""
+    folder = write_image_folder(tmp_path / "imgs", ["ant", "bee"], 20, seed=2)
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({
+        "name": "cli-test",
+        "sweeps": [{"models": [{"name": "residual-tiny"}], "datasets": [f"imagefolder:{folder}"]}],
+        "align": {"methods": ["zero-shot", "coarse"], "epochs": 2, "head_selection": False},
+        "extract": {"rows_per_chunk": 32, "num_workers": 0},
+        "spectral": {"twonn_max_samples": 500}}))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), HF_HUB_OFFLINE="1",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+    store = tmp_path / "store"
+    run = subprocess.run([str(BIN / "residual"), "run", "--grid", str(grid), "--store-root",
+                          str(store)], env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "grid cli-test: 1 cells; 5 stage runs here: 5 computed, 0 cached" in run.stdout
+    code, out, _ = _results(capsys, store, "--group-by", "method", "--format", "json")
+    assert code == 0
+    groups = {g["method"]: g for g in json.loads(out)}
+    assert set(groups) == {"zero-shot", "coarse"}
+    assert groups["coarse"]["mean_trainable_parameters"] == 16  # one scalar per head (4 x 4)
+    code, out, _ = _results(capsys, store, "--table", "unit_stats", "--group-by", "kind",
+                            "--format", "csv")
+    counts = {r["kind"]: int(r["count"]) for r in csv.DictReader(io.StringIO(out))}
+    assert counts == {"emb": 1, "mlp": 4, "head": 16}
