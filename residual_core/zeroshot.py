@@ -68,3 +68,26 @@ def accuracy(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarra
     if pred.shape != labels.shape:
         raise ResidualError(f"{pred.shape[0]} predictions for {labels.shape[0]} labels")
     return float((pred == labels).mean()) if labels.size else float("nan")
+
+
+def prototype_classifier(features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
+                         n_classes: int) -> torch.Tensor:
+    """Class prototypes for towers without text (METHOD §4): ``[C, E]`` per-class mean of the
+    ``[N, E]`` train encodings, L2-normalised, used like a text classifier (``x @ W.T``).
+
+    Raises :class:`ResidualError` for labels outside ``[0, n_classes)`` or a class with no sample.
+    """
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if x.ndim != 2 or y.shape != (x.shape[0],):
+        raise ResidualError(f"need features [N, E] and labels [N], got {tuple(x.shape)} and "
+                            f"{tuple(y.shape)}")
+    if y.numel() and (y.min() < 0 or y.max() >= n_classes):
+        raise ResidualError(f"labels must lie in [0, {n_classes}), got {y.min()}..{y.max()}")
+    counts = torch.bincount(y, minlength=n_classes)
+    if (counts == 0).any():
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise ResidualError(f"classes {missing} have no training sample: no prototype")
+    sums = torch.zeros(n_classes, x.shape[1], dtype=torch.float64).index_add_(0, y, x)
+    protos = sums / counts[:, None]
+    return (protos / protos.norm(dim=-1, keepdim=True)).float()
