@@ -322,6 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Prefect's temporary (ephemeral) server can take longer than its 20 s default to start on a
+    # small, busy machine; Prefect reads this when it is first imported, below.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
