@@ -196,6 +196,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(store_root=args.store_root, force=args.force)
 
 
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--pretrained``: a model fully named by architecture and weights."""
+    p.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
+    p.add_argument("--pretrained", default=None,
+                   help="pretrained tag or checkpoint path (default: random weights)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``residual`` command (exposed for docs and tests)."""
     parser = argparse.ArgumentParser(
@@ -219,9 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Decompose every image of a dataset split and write the "
                        "per-unit features to a chunked, resumable Zarr store. Rerunning the same "
                        "command resumes an interrupted run and does nothing for a complete store.")
-    p.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
-    p.add_argument("--pretrained", default=None,
-                   help="pretrained tag or checkpoint path (default: random weights)")
+    _add_model_arguments(p)
     p.add_argument("--dataset", required=True,
                    help="registered dataset (e.g. cifar10) or imagefolder:PATH")
     p.add_argument("--split", required=True, choices=["train", "val", "test"])
@@ -243,8 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Per-unit PCA (out of core, Dask), spectra statistics and TwoNN "
                        "intrinsic dimension of an extracted feature store; writes a spectral Zarr "
                        "store next to it and the Parquet tables spectra and unit_stats.")
-    p.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
-    p.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint path")
+    _add_model_arguments(p)
     p.add_argument("--dataset", required=True, help="dataset name (as extracted)")
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     p.add_argument("--store-root", default=None, help="store root folder or URL (default data)")
@@ -310,9 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("units", help="print the residual unit table of a model",
                        description="Print the residual units (emb, L{l}.mlp, L{l}H{h}) of a model.")
-    p.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
-    p.add_argument("--pretrained", default=None,
-                   help="pretrained tag or checkpoint path (default: random weights)")
+    _add_model_arguments(p)
     p.add_argument("--all", action="store_true", help="print every unit, not the first 24")
     p.set_defaults(func=_cmd_units)
     return parser
