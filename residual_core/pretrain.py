@@ -1,20 +1,29 @@
 """Pretraining the embedded default model on the synthetic world, and measuring what it learned.
 
 :func:`pretrain_embedded` trains the ``residual-tiny`` open_clip CLIP from scratch on image-caption
-pairs of :mod:`residual_core.world` with open_clip's contrastive loss, and caches the state dict
+pairs of :mod:`residual_core.world` with open_clip's contrastive loss and caches the state dict
 under a name keyed by the training config and the world version; the file loads through
 ``load_model(EMBEDDED_MODEL, path)`` like any user checkpoint.
+
+Training has two caption stages (:class:`PretrainConfig`). For the first ``digit_caption_steps``
+steps every caption is the bare digit name (``"seven"``), then captions describe a random subset
+of the attributes (:class:`residual_core.world.CaptionMix`). Why: from a random start both towers
+first collapse onto one direction; descriptive captions then teach colour and background, which
+the collapsed towers can tell apart, but not digits (zero-shot at chance even after 77k pairs, 3x
+the budget, in an earlier version of the world), whereas with class-name captions the image tower
+leaves the collapse after ~100-150 steps, as a supervised classifier of the same tower does.
 
 :func:`evaluate_world` measures, on the downstream tasks, per-task zero-shot accuracy, per-head
 zero-shot accuracy (each head's contribution ``y_u`` scored alone by the text classifier), a
 linear probe on the final image embeddings, and each head's ``K_90``.
 
-Two exact shortcuts make training fit a few CPU minutes: captions are short, and the text tower is
-causal, so running it on tokens truncated after the longest caption of a batch gives the same
-features as the full context (:func:`encode_text_truncated`); and each distinct caption of a batch
-is encoded once. The token embedding table (49,408 x 128, of which the world uses ~60 rows) is
-frozen at its seeded initialisation: its dense gradient and AdamW update would cost more than the
-rest of the text tower's update.
+What makes training fit about two CPU minutes: the text tower is causal, so running it on tokens
+cut after the longest caption of a batch gives the features of the full 32-token context
+(:func:`encode_text_truncated`), done in buckets of similar length; each distinct caption of a
+batch is encoded once; the token embedding table (49,408 x 128, of which the world uses ~60 rows)
+stays frozen at its seeded initialisation, because its dense gradient and AdamW update cost more
+than the rest of the text tower's (unfreezing it did not help in a trial run); and one torch
+thread (see :func:`pretrain_embedded`).
 """
 
 from __future__ import annotations
@@ -38,17 +47,18 @@ from open_clip.transformer import text_global_pool
 from . import world
 from .decompose import decompose, readout_maps
 from .models import EMBEDDED_MODEL, LoadedModel, load_model
-from .spectral import unit_stats
 from .zeroshot import TextClassifier, accuracy, text_classifier
 
 __all__ = [
     "PretrainConfig",
     "WorldReport",
     "checkpoint_name",
+    "checkpoint_path",
     "default_checkpoint_dir",
     "encode_text_truncated",
     "evaluate_world",
     "extract_world",
+    "head_k90",
     "pretrain_embedded",
 ]
 
@@ -57,21 +67,22 @@ __all__ = [
 class PretrainConfig:
     """Everything that determines the pretrained weights besides the seed (hashed into the name).
 
-    ``steps`` batches of ``batch_size`` fresh pairs each (every pair is seen once); AdamW
-    (``betas``, ``eps`` as in open_clip's training) with ``weight_decay`` on matrices only;
-    learning rate warmed up linearly over ``warmup_steps``, then cosine-decayed to 0.
+    ``steps`` batches of ``batch_size`` fresh pairs each (every pair is seen once); the first
+    ``digit_caption_steps`` of them are captioned with the bare digit name, the rest by
+    :func:`residual_core.world.caption` with the mix ``captions``. AdamW (``betas``, ``eps`` as in
+    open_clip's training) with ``weight_decay`` on matrices only; learning rate warmed up linearly
+    over ``warmup_steps``, then cosine-decayed to 0.
     """
 
-    steps: int = 150
-    batch_size: int = 128
-    lr: float = 2e-3
+    steps: int = 520
+    batch_size: int = 64
+    lr: float = 5e-4
     weight_decay: float = 0.1
-    warmup_steps: int = 15
+    warmup_steps: int = 30
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
-    freeze_token_embedding: bool = True
+    digit_caption_steps: int = 200
     captions: world.CaptionMix = field(default_factory=world.CaptionMix)
-    digit_caption_steps: int = 0
 
 
 def default_checkpoint_dir() -> Path:
@@ -106,11 +117,13 @@ def encode_text_truncated(model: torch.nn.Module, tokens: torch.Tensor) -> torch
     return x @ model.text_projection
 
 
-def _encode_captions(model: torch.nn.Module, tokens: torch.Tensor, buckets: int = 3) -> torch.Tensor:
+def _encode_captions(model: torch.nn.Module, tokens: torch.Tensor, buckets: int = 3
+                     ) -> torch.Tensor:
     """:func:`encode_text_truncated` in ``buckets`` groups of similar caption length (exact, and
     cheaper than padding every caption to the longest)."""
-    order = torch.argsort((tokens != 0).sum(1))
-    features = torch.cat([encode_text_truncated(model, tokens[part]) for part in order.chunk(buckets)])
+    order = torch.argsort((tokens != 0).sum(1), stable=True)
+    parts = order.chunk(buckets)
+    features = torch.cat([encode_text_truncated(model, tokens[part]) for part in parts])
     return features[torch.argsort(order)]
 
 
@@ -138,6 +151,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _lr_factor(step: int, config: PretrainConfig) -> float:
+    """Learning-rate multiplier: linear warmup, then cosine decay to 0 at ``config.steps``."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
@@ -145,8 +159,9 @@ def _lr_factor(step: int, config: PretrainConfig) -> float:
 
 
 def _pretraining_data(loaded: LoadedModel, config: PretrainConfig, seed: int):
-    """All pairs, prepared up front: images ``[S·B, 3, 32, 32]``, caption ids ``[S·B]`` and the
-    tokens ``[n_distinct, context]`` of the distinct captions (tokenised once)."""
+    """All ``n = steps·batch_size`` pairs, prepared up front: images ``[n, 3, 32, 32]`` (normalised
+    model input), caption ids ``[n]`` and the tokens ``[n_distinct, context]`` of the distinct
+    captions (tokenised once)."""
     n = config.steps * config.batch_size
     samples = world.pretraining_samples(n, seed)
     visual = loaded.model.visual
@@ -165,12 +180,12 @@ def _train(config: PretrainConfig, seed: int, progress: bool) -> torch.nn.Module
     loaded = load_model(EMBEDDED_MODEL, None, device="cpu", seed=seed)
     model = loaded.model
     images, caption_ids, tokens = _pretraining_data(loaded, config, seed)
-    model.token_embedding.requires_grad_(not config.freeze_token_embedding)
+    model.token_embedding.requires_grad_(False)
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
                                   betas=config.betas, eps=config.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
     loss_fn = ClipLoss()
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the loop draws nothing random today (no dropout); stay seeded
     model.train()
     bar = tqdm(range(config.steps), desc="pretraining residual-tiny", disable=not progress)
     start = time.perf_counter()
@@ -190,6 +205,26 @@ def _train(config: PretrainConfig, seed: int, progress: bool) -> torch.nn.Module
         rate = (step + 1) * config.batch_size / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
     return model.eval()
+
+
+def _resolve(config: PretrainConfig | None, steps: int | None, batch_size: int | None
+             ) -> PretrainConfig:
+    overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size}.items()
+                 if v is not None}
+    return replace(config or PretrainConfig(), **overrides)
+
+
+def checkpoint_path(
+    out_dir: str | Path | None = None,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    config: PretrainConfig | None = None,
+) -> Path:
+    """Where :func:`pretrain_embedded` with the same arguments writes (or finds) its checkpoint."""
+    out_dir = Path(out_dir) if out_dir is not None else default_checkpoint_dir()
+    return out_dir / checkpoint_name(_resolve(config, steps, batch_size), seed)
 
 
 def pretrain_embedded(
@@ -215,21 +250,18 @@ def pretrain_embedded(
             second core gives (measured 3.4x slower with 2 threads on 2 cores at load 5).
 
     Returns:
-        The checkpoint path, ``out_dir / checkpoint_name(config, seed)``; if it exists it is
-        returned without training. It holds ``model.state_dict()`` and loads through
+        The checkpoint path (:func:`checkpoint_path`); if that file exists it is returned without
+        training. It holds ``model.state_dict()`` and loads through
         ``load_model(EMBEDDED_MODEL, path)``.
     """
-    config = config or PretrainConfig()
-    overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size}.items() if v}
-    config = replace(config, **overrides)
-    out_dir = Path(out_dir) if out_dir is not None else default_checkpoint_dir()
-    path = out_dir / checkpoint_name(config, seed)
+    config = _resolve(config, steps, batch_size)
+    path = checkpoint_path(out_dir, seed=seed, config=config)
     if path.is_file():
         return path
     with _threads(num_threads):
         model = _train(config, seed, progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         torch.save(model.state_dict(), tmp)
@@ -243,7 +275,7 @@ def pretrain_embedded(
 # -------------------------------------------------------------------------------- measurement
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: callers may train on these features (e.g. ResiDual's λ)
 def extract_world(loaded: LoadedModel, split: str, batch_size: int = 400) -> torch.Tensor:
     """Per-unit contributions of one split of the downstream pool: ``[N, U, E]`` float32.
 
@@ -327,6 +359,8 @@ def _probe_accuracy(train_x, train_y, test_x, test_y) -> float:
 
 def head_k90(contributions: torch.Tensor, n_layers: int, n_heads: int) -> np.ndarray:
     """``[L, H]`` K_90 of each head, from ``[N, U, E]`` contributions in canonical unit order."""
+    from .spectral import unit_stats  # imports dask: only needed here
+
     heads = contributions[:, 1 + n_layers:].double().numpy()  # [N, L·H, E]
     k90 = [unit_stats(np.linalg.eigvalsh(np.cov(heads[:, u].T))[::-1])["k90"]
            for u in range(heads.shape[1])]
