@@ -683,8 +683,15 @@ def register_dataset(
     _REGISTRY[key] = _Entry(factory, lambda: info)
 
 
+def _register_world() -> None:
+    """The embedded world's tasks are built in: registered on first lookup, because
+    :mod:`residual_core.world` imports this module (a top-level import would be circular)."""
+    from . import world  # noqa: F401  (registers world/* on import)
+
+
 def list_datasets() -> list[str]:
     """Names of all registered datasets, sorted (``imagefolder:PATH`` is always available too)."""
+    _register_world()
     return sorted(_REGISTRY)
 
 
@@ -698,6 +705,7 @@ def _entry(name: str) -> tuple[str, _Entry]:
     if name.startswith(IMAGEFOLDER_PREFIX):
         return name, _Entry(_imagefolder(name), lambda: _imagefolder_info(name))
     key = name.strip().lower()
+    _register_world()
     if key in _REGISTRY:
         return key, _REGISTRY[key]
     close = difflib.get_close_matches(key, list_datasets(), n=3, cutoff=0.6)

@@ -307,6 +307,18 @@ def test_unknown_names_and_splits():
 # (e) prompt file, registry
 
 
+def test_world_tasks_are_built_in_without_importing_the_world_module():
+    import subprocess
+    import sys
+
+    code = ("import sys; from residual_core.datasets import load_dataset; "
+            "assert 'residual_core.world' not in sys.modules; "
+            "print(len(load_dataset('world/size', 'val')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "600"
+
+
 def test_prompt_file_covers_the_paper_datasets():
     assert set(PAPER_DATASETS) | {"imagenet"} <= set(list_datasets())
     for name in (*PAPER_DATASETS, "imagenet"):
