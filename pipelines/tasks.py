@@ -36,7 +36,7 @@ import hashlib
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -46,12 +46,12 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from residual_core.align_stage import ALIGN_VERSION, run_align
+from residual_core.align_stage import ALIGN_VERSION, align_key, run_align
 from residual_core.datasets import IMAGEFOLDER_PREFIX
 from residual_core.errors import ResidualError, StoreError
 from residual_core.extract import extract, feature_store_url
 from residual_core.models import LoadedModel, default_device, file_sha256, load_model
-from residual_core.pretrain import PretrainConfig, checkpoint_name, pretrain_embedded
+from residual_core.pretrain import checkpoint_path, pretrain_embedded
 from residual_core.spectral_store import (SPECTRAL_VERSION, SpectralStore, run_spectral,
                                           similarity, spectral_store_path)
 from residual_core.store import (DECOMPOSITION_VERSION, SCHEMA_VERSION, FeatureStore,
@@ -153,9 +153,8 @@ def _has_rows(root: str, table: str, model: str, dataset: str, **values: Any) ->
 
 def _checkpoint_path(settings: PretrainSettings, out_dir: str) -> Path:
     """Where :func:`pretrain_embedded` writes the checkpoint of these settings."""
-    overrides = {k: v for k, v in (("steps", settings.steps),
-                                   ("batch_size", settings.batch_size)) if v}
-    return Path(out_dir) / checkpoint_name(replace(PretrainConfig(), **overrides), settings.seed)
+    return checkpoint_path(out_dir, seed=settings.seed, steps=settings.steps,
+                           batch_size=settings.batch_size)
 
 
 def _remove_store(url: str) -> None:
@@ -278,19 +277,6 @@ def _align_identity(stores: dict[str, str], spectral_url: str, settings: AlignSe
             "format": ALIGN_VERSION, "tables_root": tables_root}
 
 
-def _align_rows_key(stores: dict[str, str], spectral_url: str, settings: AlignSettings) -> str:
-    """The ``config_hash`` that :func:`run_align` writes into its rows for these inputs (its own
-    formula, which it does not expose: if it ever differs, the check below fails and align
-    reruns; it is never wrongly skipped)."""
-    params = settings.params()
-    return config_hash({
-        "stores": [_store_hash(stores[s]) for s in ("train", "val", "test")],
-        "basis": _spectral_hash(spectral_url),
-        "params": {k: list(v) if isinstance(v, (list, tuple)) else v
-                   for k, v in params.__dict__.items()},
-        "version": ALIGN_VERSION})
-
-
 def _align_ok(stores: dict[str, str], spectral_url: str, settings: AlignSettings,
               tables_root: str, **_) -> bool:
     """The task's ``evaluations`` rows are those of these inputs (run_align replaces a task's
@@ -298,7 +284,8 @@ def _align_ok(stores: dict[str, str], spectral_url: str, settings: AlignSettings
     requested (method, seed); its ``head_selection`` rows exist when asked for."""
     try:
         attrs = FeatureStore.open(stores["train"]).attrs
-        key = _align_rows_key(stores, spectral_url, settings)
+        key = align_key(stores["train"], stores["val"], stores["test"], spectral_url,
+                        settings.params())
     except StoreError:
         return False
     model, dataset = attrs["model"], attrs["dataset"]
@@ -310,11 +297,13 @@ def _align_ok(stores: dict[str, str], spectral_url: str, settings: AlignSettings
 
 
 def align_stage(stores: dict[str, str], spectral_url: str, settings: AlignSettings,
-                tables_root: str, force: bool = False) -> list[dict[str, Any]]:
+                tables_root: str, data_root: str | None = None, force: bool = False
+                ) -> list[dict[str, Any]]:
     """Fit every method × seed on a task's stores with the bases of ``spectral_url``; writes
     the ``evaluations`` (and ``head_selection``) rows and returns the evaluations."""
     result = run_align(stores["train"], stores["val"], stores["test"], settings.params(),
-                       basis_url=spectral_url, tables_root=tables_root, progress=False)
+                       basis_url=spectral_url, tables_root=tables_root, data_root=data_root,
+                       progress=False)
     for row in result.rows:
         _log().info("%s seed %d: val %.4f, test %.4f (%d parameters)", row["method"],
                     row["seed"], row["val_acc"], row["test_acc"], row["trainable_parameters"])
@@ -471,7 +460,8 @@ class Runner:
     def align(self, stores: dict[str, str], spectral_url: str, settings: AlignSettings,
               target: str) -> list[dict[str, Any]]:
         return self.run("align", target, stores=stores, spectral_url=spectral_url,
-                        settings=settings, tables_root=self.store_root)
+                        settings=settings, tables_root=self.store_root,
+                        data_root=self.options.data_root)
 
     def similarity(self, spectral_url: str, basis_url: str, evr_threshold: float,
                    target: str) -> int:

@@ -75,28 +75,41 @@ def default_basis_url(train_url: str) -> str:
     return run_spectral(train_url, progress=False).url
 
 
+def align_key(train_url: str, val_url: str, test_url: str, basis_url: str,
+              params: AlignParams) -> str:
+    """The ``config_hash`` of an align run: its stores' and bases' content, its parameters and
+    :data:`ALIGN_VERSION` (written into every row; equal keys mean equal results)."""
+    return config_hash({
+        "stores": [FeatureStore.open(u).attrs["config_hash"]
+                   for u in (train_url, val_url, test_url)],
+        "basis": SpectralStore.open(basis_url).attrs["config_hash"],
+        "params": {k: list(v) if isinstance(v, (list, tuple)) else v
+                   for k, v in params.__dict__.items()},
+        "version": ALIGN_VERSION})
+
+
 def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams | None = None, *,
               basis_url: str | None = None, tables_root: str | None = None,
-              progress: bool = True) -> AlignResult:
-    """Fit ``params.methods`` × ``params.seeds`` on the task and write tables and weights."""
+              data_root: str | None = None, progress: bool = True) -> AlignResult:
+    """Fit ``params.methods`` × ``params.seeds`` on the task and write tables and weights.
+
+    ``data_root`` is where ``finetune`` reads the task's images again (it runs the backbone;
+    default :func:`residual_core.datasets.default_data_root`); the other methods read only the
+    stores.
+    """
     start = time.perf_counter()
     params = params or AlignParams()
     train = FeatureStore.open(train_url)
     basis_url = basis_url or default_basis_url(train_url)
     bases = load_bases(basis_url)
-    key_parts = {"stores": [FeatureStore.open(u).attrs["config_hash"]
-                            for u in (train_url, val_url, test_url)],
-                 "basis": SpectralStore.open(basis_url).attrs["config_hash"],
-                 "params": {k: list(v) if isinstance(v, (list, tuple)) else v
-                            for k, v in params.__dict__.items()},
-                 "version": ALIGN_VERSION}
-    key = config_hash(key_parts)
+    key = align_key(train_url, val_url, test_url, basis_url, params)
     weights_url = _weights_url(train_url)
     group = zarr.open_group(_zarr_target(weights_url), mode="a")
     rows = []
     for method in params.methods:
         for seed in params.seeds:
-            result = _fit_one(method, seed, train_url, val_url, test_url, bases, params, progress)
+            result = _fit_one(method, seed, train_url, val_url, test_url, bases, params,
+                              data_root, progress)
             rows.append(_row(result, train, key))
             _save_weights(group, result)
     provenance = {"pretrained": train.attrs.get("pretrained"), "config_hash": key}
@@ -112,14 +125,15 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
     return AlignResult(rows, weights_url, basis_url, time.perf_counter() - start, hs_rows)
 
 
-def _fit_one(method, seed, train_url, val_url, test_url, bases, params, progress) -> FitResult:
+def _fit_one(method, seed, train_url, val_url, test_url, bases, params, data_root,
+             progress) -> FitResult:
     if method == "finetune":
-        return _finetune(train_url, val_url, test_url, seed, params, progress)
+        return _finetune(train_url, val_url, test_url, seed, params, data_root, progress)
     return fit(method, train_url, val_url, test_url, bases, seed=seed, epochs=params.epochs,
                patience=params.patience, lambda_init=params.lambda_init, progress=progress)
 
 
-def _finetune(train_url, val_url, test_url, seed, params, progress) -> FitResult:
+def _finetune(train_url, val_url, test_url, seed, params, data_root, progress) -> FitResult:
     """Full fine-tuning runs the backbone online: reload the model and the datasets."""
     from .datasets import load_dataset
     from .models import load_model
@@ -130,7 +144,7 @@ def _finetune(train_url, val_url, test_url, seed, params, progress) -> FitResult
     if loaded.checkpoint_sha256 != attrs.get("checkpoint_sha256"):
         raise ResidualError(f"the checkpoint {attrs['pretrained']} changed since extraction")
     data = {s: load_dataset(attrs["dataset"], FeatureStore.open(u).attrs["split"],
-                            transform=loaded.preprocess)
+                            data_root=data_root, transform=loaded.preprocess)
             for s, u in (("train", train_url), ("val", val_url), ("test", test_url))}
     return finetune(loaded, data["train"], data["val"], data["test"],
                     class_weights=train.class_weights, seed=seed, epochs=params.finetune_epochs,

@@ -82,3 +82,24 @@ def test_report_from_tables(task, tmp_path):
     for png in ("accuracy_vs_parameters.png", "head_zero_shot.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000 and png in text
     assert list((tmp_path / "rep").glob("lambda_*.png")) and "K_90 median" in text
+
+
+def test_finetune_reads_the_images_from_the_given_data_root(tmp_path, monkeypatch):
+    from builders import write_cifar
+    from residual_core.errors import DatasetNotFoundError
+
+    data_root = tmp_path / "datasets"
+    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    write_cifar(data_root, "cifar-10-batches-py", files, "labels", "batches.meta",
+                "label_names", n_classes=10, per_file=[20] * 5 + [20])
+    monkeypatch.setenv("RESIDUAL_DATA_ROOT", str(tmp_path / "elsewhere"))  # default: no CIFAR
+    urls = [extract(EMBEDDED_MODEL, None, "cifar10", s, data_root=data_root,
+                    store_root=tmp_path / "st", batch_size=32, num_workers=0, progress=False,
+                    device="cpu").url for s in ("train", "val", "test")]
+    params = AlignParams(methods=("zero-shot", "finetune"), finetune_epochs=1, patience=1,
+                         head_selection=False)
+    with pytest.raises(DatasetNotFoundError, match="elsewhere"):
+        run_align(*urls, params, progress=False)
+    result = run_align(*urls, params, data_root=str(data_root), progress=False)
+    finetune = [r for r in result.rows if r["method"] == "finetune"]
+    assert len(finetune) == 1 and finetune[0]["trainable_parameters"] > 100_000
