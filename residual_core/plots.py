@@ -73,6 +73,7 @@ def plot_spectra(stats_rows: Sequence[dict], spectra_rows: Sequence[dict], path:
         ax2.fill_between(layers, [np.min(v) for v in values], [np.max(v) for v in values],
                          alpha=0.15)
     ax2.set_xlabel("layer")
+    ax2.set_xticks(layers)
     ax2.set_ylabel("dimension")
     ax2.set_title("head dimensionality by layer (band = min..max)")
     ax2.legend()
