@@ -190,6 +190,17 @@ def _render(tbl, fmt: str, limit: int | None) -> str:
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from residual_core.report import model_report
+    from residual_core.store import default_store_root
+
+    report = model_report(args.store_root or default_store_root(), args.model, args.pretrained,
+                          datasets=args.dataset or None, out_dir=args.out)
+    print(report.results_table)
+    print(f"report: {report.path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -306,6 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows to print (default: 100 for table, all for csv/json; 0: all)")
     p.add_argument("--store-root", default=None, help="root of the tables (default data)")
     p.set_defaults(func=_cmd_results)
+
+    p = sub.add_parser("report", help="write a Markdown report with plots for an evaluated model",
+                       description="From the result tables: the task x method table, accuracy "
+                       "against parameters, per-head zero-shot accuracy, head spectra and "
+                       "K_90/TwoNN by layer, and λ heatmaps, as report.md and PNGs.")
+    p.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
+    p.add_argument("--pretrained", default=None,
+                   help="pretrained tag, checkpoint path or 'random' (default: the only weights "
+                   "evaluated)")
+    p.add_argument("--dataset", action="append", default=[], metavar="DATASET",
+                   help="a task to report (repeatable; default: every evaluated task)")
+    p.add_argument("--store-root", default=None,
+                   help="root of the stores and tables (default data)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default <store-root>/reports/<model>-<weights>)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("models", help="list the open_clip architectures (and pretrained tags)",
                        description="List architecture names known to open_clip.")

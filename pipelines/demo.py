@@ -13,13 +13,12 @@ from pathlib import Path
 
 import torch
 
-from residual_core.datasets import SPLITS, load_dataset
+from residual_core.datasets import load_dataset
 from residual_core.decompose import decompose
-from residual_core.extract import feature_store_url
 from residual_core.models import EMBEDDED_MODEL, load_model
-from residual_core.report import write_report
+from residual_core.report import model_report
 from residual_core.store import default_store_root
-from residual_core.tables import read_table
+from residual_core.world import TASKS
 
 
 def exactness_check(checkpoint: str, task: str, n: int = 64) -> float:
@@ -42,15 +41,11 @@ def run_demo(store_root: str | None = None, force: list[str] | None = None) -> i
     result = experiment_flow(grid="demo", force=force, store_root=str(root))
     seconds = time.perf_counter() - start
     n_runs, computed = count_stage_runs(result)
-    rows = [r for r in read_table(root, "evaluations", model=EMBEDDED_MODEL).to_pylist()
-            if r["dataset"].startswith("world/")]
-    checkpoint = rows[0]["pretrained"]
-    tasks = sorted({r["dataset"] for r in rows})
-    stores = {t: tuple(feature_store_url(EMBEDDED_MODEL, checkpoint, t, s, root) for s in SPLITS)
-              for t in tasks}
-    report = write_report(root, EMBEDDED_MODEL, stores, root / "reports" / "demo",
-                          title="ResiDual on the embedded world")
-    err = exactness_check(checkpoint, tasks[0])
+    (model,) = result["models"]
+    checkpoint = model["pretrained"]
+    report = model_report(root, EMBEDDED_MODEL, checkpoint, datasets=TASKS,
+                          out_dir=root / "reports" / "demo", title="ResiDual on the embedded world")
+    err = exactness_check(checkpoint, TASKS[0])
     print(f"\npipeline: {n_runs} stage runs, {computed} computed, {n_runs - computed} cached, "
           f"{seconds:.0f} s")
     print(f"model: {EMBEDDED_MODEL} pretrained on the world ({checkpoint})\n")

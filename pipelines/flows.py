@@ -226,7 +226,8 @@ def experiment_flow(grid: Grid | str = "paper", force: list[Stage] | None = None
         dask_address, dask_workers, dask_memory_limit: dask cluster of the spectral stage.
 
     Returns:
-        ``{"grid", "cells": [per cell: runs and evaluations, or its flow run's state],
+        ``{"grid", "models": [each model as run: name, pretrained (a world checkpoint's path)],
+        "cells": [per cell: runs and evaluations, or its flow run's state],
         "runs": [stage runs done here]}``. Raises :class:`GridRunError` naming the failed
         cells after every cell has been tried.
     """
@@ -246,7 +247,8 @@ def experiment_flow(grid: Grid | str = "paper", force: list[Stage] | None = None
     else:
         records = _run_cells_here(cells, settings, runner.options, bases)
     _raise_failures(records)
-    return {"grid": grid.name, "cells": records, "runs": runner.runs}
+    return {"grid": grid.name, "models": [m.model_dump() for m in weights.values()],
+            "cells": records, "runs": runner.runs}
 
 
 def count_stage_runs(report: dict[str, Any]) -> tuple[int, int]:

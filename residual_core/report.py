@@ -10,11 +10,16 @@ import numpy as np
 
 from .align import rank_heads
 from .align_stage import stored_lambdas
+from .datasets import SPLITS
 from .errors import ResidualError
+from .extract import feature_store_url
 from .plots import (plot_accuracy_vs_parameters, plot_head_zero_shot, plot_lambda_heatmap,
                     plot_spectra)
 from .store import FeatureStore, slug
 from .tables import read_table
+
+RANDOM_WEIGHTS = "random"
+"""How :func:`model_report` names random weights (rows whose ``pretrained`` is empty)."""
 
 METHOD_ORDER = ("zero-shot", "coarse", "residual-star", "residual-full", "linear", "finetune")
 
@@ -58,13 +63,14 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
     ``{dataset: (train_url, val_url, test_url)}`` from the Parquet tables under ``store_root``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    first_train = FeatureStore.open(next(iter(task_stores.values()))[0])
+    weights = first_train.attrs.get("pretrained")
     evals = [r for r in read_table(store_root, "evaluations", model=model).to_pylist()
-             if r["dataset"] in task_stores]
+             if r["dataset"] in task_stores and r["pretrained"] == weights]
     if not evals:
         raise ResidualError(f"no evaluations of {model} on {sorted(task_stores)} under "
                             f"{store_root}: run the align stage first")
     table = results_table(evals)
-    first_train = FeatureStore.open(next(iter(task_stores.values()))[0])
     n_layers, n_heads, dh = (first_train.dims.layer, first_train.dims.head,
                              first_train.dims.head_dim)
 
@@ -111,3 +117,49 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return Report(path, table)
+
+
+def model_report(store_root: str | Path, model: str, pretrained: str | None = None,
+                 datasets: Sequence[str] | None = None, out_dir: str | Path | None = None,
+                 title: str | None = None) -> Report:
+    """:func:`write_report` for every task on which ``model`` was evaluated under ``store_root``.
+
+    Args:
+        store_root: the root of the stores and tables (local).
+        model, pretrained: the evaluated model; ``pretrained`` is a tag, a checkpoint path or
+            :data:`RANDOM_WEIGHTS`, and may be omitted when one set of weights was evaluated.
+        datasets: the tasks to report (default: every evaluated task of those weights).
+        out_dir: default ``<store_root>/reports/<model>-<weights>``.
+
+    Raises:
+        ResidualError: no evaluations, several weights and no ``pretrained``, unknown weights or
+            tasks (the message lists what was evaluated).
+    """
+    rows = read_table(store_root, "evaluations", model=model).to_pylist()
+    by_weights: dict[str | None, set[str]] = {}
+    for r in rows:
+        by_weights.setdefault(r["pretrained"], set()).add(r["dataset"])
+    labels = {RANDOM_WEIGHTS if w is None else w: w for w in by_weights}
+    if not labels:
+        raise ResidualError(f"no evaluations of {model} under {store_root}: run the align stage "
+                            f"first (`residual run`)")
+    if pretrained is None:
+        if len(labels) > 1:
+            raise ResidualError(f"{model} was evaluated with several weights: pass one of "
+                                f"{', '.join(sorted(labels))}")
+        pretrained = next(iter(labels))
+    key = pretrained if pretrained in labels else str(Path(pretrained).resolve())
+    if key not in labels:
+        raise ResidualError(f"no evaluations of {model} with weights {pretrained!r}; evaluated: "
+                            f"{', '.join(sorted(labels))}")
+    weights = labels[key]
+    evaluated = sorted(by_weights[weights])
+    unknown = sorted(set(datasets or ()) - set(evaluated))
+    if unknown:
+        raise ResidualError(f"{model} ({key}) was not evaluated on {', '.join(unknown)}; "
+                            f"evaluated: {', '.join(evaluated)}")
+    stores = {t: tuple(feature_store_url(model, weights, t, s, store_root) for s in SPLITS)
+              for t in (datasets or evaluated)}
+    out = out_dir or Path(store_root) / "reports" / slug(f"{model}-{Path(key).name}")
+    return write_report(store_root, model, stores, out,
+                        title=title or f"ResiDual report: {model} ({Path(key).name})")

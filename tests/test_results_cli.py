@@ -144,3 +144,16 @@ def test_results_of_a_real_run(tmp_path, capsys):
                             "--format", "csv")
     counts = {r["kind"]: int(r["count"]) for r in csv.DictReader(io.StringIO(out))}
     assert counts == {"emb": 1, "mlp": 4, "head": 16}
+    # `residual report` finds the run's stores from its tables (random weights: "random")
+    code = main(["report", "--model", "residual-tiny", "--store-root", str(store)])
+    out, _ = capsys.readouterr()
+    report = store / "reports" / "residual-tiny-random" / "report.md"
+    assert code == 0 and f"report: {report}" in out and "coarse" in out
+    text = report.read_text()
+    for png in ("accuracy_vs_parameters.png", "head_zero_shot.png"):
+        assert (report.parent / png).stat().st_size > 1000 and png in text
+    for args, message in ((["--pretrained", "openai"], "evaluated: random"),
+                          (["--dataset", "cifar10"], "not evaluated on cifar10")):
+        code = main(["report", "--model", "residual-tiny", "--store-root", str(store), *args])
+        _, err = capsys.readouterr()
+        assert code == 2 and message in err
