@@ -40,7 +40,9 @@ def _heatmap(ax, grid: np.ndarray, title: str, cmap: str, fmt: str = "{:.2f}", v
     if grid.size <= 64:  # annotate small grids (the embedded model's 4x4)
         for (l, h), v in np.ndenumerate(grid):
             if np.isfinite(v):
-                ax.text(h, l, fmt.format(v), ha="center", va="center", fontsize=8)
+                dark = np.mean(im.cmap(im.norm(v))[:3]) < 0.5  # light text on dark cells
+                ax.text(h, l, fmt.format(v), ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
     return im
 
 
