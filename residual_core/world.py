@@ -27,7 +27,9 @@ Downstream tasks ``world/<attribute>`` (:data:`TASKS`) are registered with
 :func:`residual_core.datasets.register_dataset` on import. All five label one shared pool of
 4,200 images (train 2,400 / val 600 / test 1,200, :data:`SPLIT_SIZES`) by one attribute each, so
 the other attributes vary independently, every task's labels are exactly balanced within each
-split, and one feature extraction serves all five tasks. Sample ids are positions in that pool.
+split, and :func:`residual_core.pretrain.evaluate_world` extracts each split once for all five
+tasks (the pipeline keeps one store per task, as for any dataset: a few seconds each). Sample ids
+are positions in that pool.
 """
 
 from __future__ import annotations
