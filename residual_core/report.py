@@ -66,7 +66,7 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
     first_train = FeatureStore.open(next(iter(task_stores.values()))[0])
     weights = first_train.attrs.get("pretrained")
     evals = [r for r in read_table(store_root, "evaluations", model=model).to_pylist()
-             if r["dataset"] in task_stores and r["pretrained"] == weights]
+             if r["dataset"] in task_stores and r.get("pretrained") == weights]
     if not evals:
         raise ResidualError(f"no evaluations of {model} on {sorted(task_stores)} under "
                             f"{store_root}: run the align stage first")
@@ -138,7 +138,7 @@ def model_report(store_root: str | Path, model: str, pretrained: str | None = No
     rows = read_table(store_root, "evaluations", model=model).to_pylist()
     by_weights: dict[str | None, set[str]] = {}
     for r in rows:
-        by_weights.setdefault(r["pretrained"], set()).add(r["dataset"])
+        by_weights.setdefault(r.get("pretrained"), set()).add(r["dataset"])
     labels = {RANDOM_WEIGHTS if w is None else w: w for w in by_weights}
     if not labels:
         raise ResidualError(f"no evaluations of {model} under {store_root}: run the align stage "

@@ -105,6 +105,21 @@ def test_bad_input_is_one_line_and_exit_2(capsys, root, args, message):
     assert len(lines) == 1 and lines[0].startswith("residual: error:") and message in lines[0]
 
 
+def test_report_needs_the_weights_when_several_were_evaluated(tmp_path):
+    from residual_core.errors import ResidualError
+    from residual_core.report import model_report
+
+    for weights, dataset in (("openai", "cifar10"), ("laion2b_s34b_b88k", "mnist")):
+        write_rows(tmp_path, "evaluations", [{"model": "ViT-B-16", "dataset": dataset,
+                                              "method": "zero-shot", "test_acc": 0.5}],
+                   key=weights, provenance={"pretrained": weights})
+    with pytest.raises(ResidualError, match="several weights: pass one of "
+                                            "laion2b_s34b_b88k, openai"):
+        model_report(tmp_path, "ViT-B-16")
+    with pytest.raises(ResidualError, match="not evaluated on mnist; evaluated: cifar10"):
+        model_report(tmp_path, "ViT-B-16", "openai", datasets=["mnist"])
+
+
 def test_bad_column_exits_2_through_the_console_script(root):
     proc = subprocess.run([str(BIN / "residual"), "results", "--store-root", str(root),
                            "--method", "coarse", "--group-by", "test_acc,missing"],
