@@ -36,6 +36,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -86,6 +87,11 @@ def forced_stages(force: Iterable[str]) -> frozenset[str]:
         if not more:
             return frozenset(forced)
         forced |= more
+
+
+def _interactive() -> bool:
+    """Progress bars only on a terminal: a worker's or a test's captured output gets log lines."""
+    return sys.stderr.isatty()
 
 
 def _log() -> logging.Logger | logging.LoggerAdapter:
@@ -187,7 +193,7 @@ def pretrain_stage(settings: PretrainSettings, out_dir: str, force: bool = False
     if force:
         _checkpoint_path(settings, out_dir).unlink(missing_ok=True)
     path = pretrain_embedded(out_dir, seed=settings.seed, steps=settings.steps,
-                             batch_size=settings.batch_size, progress=False)
+                             batch_size=settings.batch_size, progress=_interactive())
     _log().info("checkpoint %s", path)
     return str(path)
 
@@ -229,7 +235,7 @@ def extract_stage(model: str, pretrained: str | None, dataset: str, split: str,
                      store_root=store_root, loaded=loaded, batch_size=settings.batch_size,
                      num_workers=settings.num_workers, device=settings.device,
                      feature_dtype=settings.feature_dtype, rows_per_chunk=settings.rows_per_chunk,
-                     progress=False)
+                     progress=_interactive())
     _log().info("%s: computed %d of %d row chunks (%d images) in %.1f s", result.url,
                 result.computed_chunks, result.total_chunks, result.rows_computed, result.seconds)
     return result.url
@@ -264,7 +270,7 @@ def spectral_stage(feature_url: str, settings: SpectralSettings, tables_root: st
     redo = force or not _spectral_ok(feature_url, settings, tables_root)
     result = run_spectral(feature_url, settings.params(), address=address, n_workers=n_workers,
                           memory_limit=memory_limit, tables_root=tables_root, force=redo,
-                          progress=False)
+                          progress=_interactive())
     _log().info("%s: %s in %.1f s", result.url, "computed" if result.computed else "up to date",
                 result.seconds)
     return result.url
@@ -303,7 +309,7 @@ def align_stage(stores: dict[str, str], spectral_url: str, settings: AlignSettin
     the ``evaluations`` (and ``head_selection``) rows and returns the evaluations."""
     result = run_align(stores["train"], stores["val"], stores["test"], settings.params(),
                        basis_url=spectral_url, tables_root=tables_root, data_root=data_root,
-                       progress=False)
+                       progress=_interactive())
     for row in result.rows:
         _log().info("%s seed %d: val %.4f, test %.4f (%d parameters)", row["method"],
                     row["seed"], row["val_acc"], row["test_acc"], row["trainable_parameters"])
