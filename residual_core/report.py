@@ -91,18 +91,28 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
     lines += ["", "![per-head zero-shot accuracy](head_zero_shot.png)", ""]
 
     lines += ["## Spectra", ""]
+    by_spectrum: dict[tuple, list[str]] = {}  # tasks whose train splits are the same images
+    tables: dict[tuple, tuple[list[dict], list[dict]]] = {}
     for t, urls in task_stores.items():
         split = FeatureStore.open(urls[0]).attrs["split"]
-        stats = read_table(store_root, "unit_stats", model=model, dataset=t,
-                           filters={"split": split}).to_pylist()
-        spectra = read_table(store_root, "spectra", model=model, dataset=t,
-                             filters={"split": split, "kind": "head"}).to_pylist()
-        name = f"spectra_{slug(t)}.png"
-        plot_spectra(stats, spectra, out / name, title=t)
+        stats, spectra = ([r for r in read_table(store_root, table, model=model, dataset=t,
+                                                 filters=filters).to_pylist()
+                           if r.get("pretrained") == weights]
+                          for table, filters in (("unit_stats", {"split": split}),
+                                                 ("spectra", {"split": split, "kind": "head"})))
+        key = tuple(sorted((r["unit_index"], r["total_variance"], r["twonn"]) for r in stats))
+        by_spectrum.setdefault(key, []).append(t)
+        tables[key] = (stats, spectra)
+    for key, tasks in by_spectrum.items():
+        stats, spectra = tables[key]
+        name = f"spectra_{slug(tasks[0])}.png"
+        shared = " (the same train images)" if len(tasks) > 1 else ""
+        plot_spectra(stats, spectra, out / name, title=", ".join(tasks) + shared)
         k90 = [r["k90"] for r in stats if r["kind"] == "head"]
         twonn = [r["twonn"] for r in stats if r["kind"] == "head"]
-        lines += [f"- `{t}`: head K_90 median {np.median(k90):.0f} (max {max(k90)}), TwoNN median "
-                  f"{np.median(twonn):.1f}, of dh = {dh}: ![{t}]({name})"]
+        lines += [f"- {', '.join(f'`{t}`' for t in tasks)}{shared}: head K_90 median "
+                  f"{np.median(k90):.0f} (max {max(k90)}), TwoNN median {np.median(twonn):.1f}, "
+                  f"of dh = {dh}: ![spectra]({name})"]
     lines.append("")
 
     lines += ["## Learned λ (residual-star, seed 0)", ""]
