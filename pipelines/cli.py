@@ -354,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Prefect's temporary (ephemeral) server can take longer than its 20 s default to start on a
     # small, busy machine; Prefect reads this when it is first imported, below.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # The temporary server's telemetry logs an ERROR on every run where there is no internet.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
