@@ -119,16 +119,9 @@ def _spectral_hash(url: str) -> str:
     return SpectralStore.open(url).attrs["config_hash"]
 
 
-@lru_cache(maxsize=64)
-def _file_sha(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file, memoised on (path, size, mtime): checkpoints can be GBs."""
-    return file_sha256(path)
-
-
 def _weights_identity(pretrained: str | None) -> str | None:
     if pretrained is not None and os.path.isfile(pretrained):
-        st = os.stat(pretrained)
-        return _file_sha(os.path.abspath(pretrained), st.st_size, st.st_mtime_ns)
+        return file_sha256(pretrained)
     return pretrained
 
 

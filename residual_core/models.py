@@ -13,6 +13,7 @@ with open_clip on import.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import logging
 import os
@@ -68,11 +69,18 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
-    """SHA-256 of a file, streamed (checkpoints can be GBs)."""
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, streamed and memoised on (path, size, mtime): checkpoints can be GBs,
+    and every store path and cache key of a checkpoint names it by this hash."""
+    st = os.stat(path)
+    return _file_sha256(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while block := fh.read(chunk_bytes):
+        while block := fh.read(1 << 22):
             digest.update(block)
     return digest.hexdigest()
 
