@@ -132,7 +132,7 @@ def run_spectral(feature_url: str, params: SpectralParams | None = None, *,
     y = features.contributions()
     with dask_client(address, n_workers, memory_limit):
         results = pca_units(y)
-        dims = _twonn_all(features, y, params, progress)
+        dims = _twonn_all(features, params, progress)
     _write_store(url, features, results, key, params)
     units = features.units
     provenance = {k: features.attrs.get(k) for k in ("pretrained", "split")}
@@ -159,11 +159,13 @@ def run_spectral(feature_url: str, params: SpectralParams | None = None, *,
     return SpectralResult(url, feature_url, True, time.perf_counter() - start)
 
 
-def _twonn_all(features: FeatureStore, y, params: SpectralParams, progress: bool) -> list[float]:
-    """TwoNN per unit on the same row subsample; each unit's read touches only its own chunks."""
+def _twonn_all(features: FeatureStore, params: SpectralParams, progress: bool) -> list[float]:
+    """TwoNN per unit on the same row subsample; each unit reads and projects only its own raw
+    chunks (slicing the all-units array would project every head for every unit)."""
     out = []
-    for u in tqdm(range(y.shape[1]), desc="twonn", unit="unit", disable=not progress):
-        rows = sample_rows(y, u, max_samples=params.twonn_max_samples, seed=params.seed)
+    for u in tqdm(range(len(features.units)), desc="twonn", unit="unit", disable=not progress):
+        rows = sample_rows(features.contributions(units=[u]), 0,
+                           max_samples=params.twonn_max_samples, seed=params.seed)
         out.append(twonn(rows, params.twonn_discard_fraction, params.twonn_max_samples,
                          params.seed))
     return out
