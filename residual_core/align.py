@@ -630,7 +630,8 @@ def head_selection(val_store: FeatureStore | str | Path, test_store: FeatureStor
     for i, (ranking, r_seed, k) in enumerate(settings):
         n_kept = _n_kept(k, n_heads)
         for a in ablations:
-            rows.append({"ranking": ranking, "seed": r_seed, "keep": k, "n_heads": n_kept,
+            # keep as text: 1 (one head) and 1.0 (all heads) would both become 1.0 in Parquet
+            rows.append({"ranking": ranking, "seed": r_seed, "keep": str(k), "n_heads": n_kept,
                          "fraction": n_kept / n_heads, "ablation": a,
                          "test_acc": float(correct[a][i]) / feats.n})
     return rows

@@ -50,6 +50,8 @@ def test_run_align_writes_tables_and_weights(task):
     assert sum(v.size for v in lambdas.values()) == star["trainable_parameters"]
     hs = read_table(root / "st", "head_selection")
     assert hs.num_rows == len(result.head_selection_rows) > 0
+    kept = {(r["keep"], r["n_heads"]) for r in hs.to_pylist()}  # one head vs all heads
+    assert ("1", 1) in kept and ("1.0", 16) in kept
     # A rerun replaces the task's rows instead of appending.
     run_align(*urls, AlignParams(methods=("zero-shot",), head_selection=False), progress=False)
     assert read_table(root / "st", "evaluations").num_rows == 1
