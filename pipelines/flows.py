@@ -96,11 +96,13 @@ def spectral_flow(model: ModelSpec, dataset: str, split: Split = "train",
 @flow(name="align")
 def align_flow(model: ModelSpec, dataset: str, settings: AlignSettings, basis: str | None = None,
                pretrain: PretrainSettings = PretrainSettings(), store_root: str | None = None,
-               force: list[Stage] | None = None) -> list[dict[str, Any]]:
+               data_root: str | None = None, force: list[Stage] | None = None
+               ) -> list[dict[str, Any]]:
     """Align every method × seed on the extracted train/val/test stores of ``dataset`` with the
     spectral bases of ``basis``'s train split (default: ``dataset``'s); both must have been
-    computed (:func:`extract_flow`, :func:`spectral_flow`). Returns the evaluations."""
-    runner = Runner(_options(store_root, None, force))
+    computed (:func:`extract_flow`, :func:`spectral_flow`). ``data_root``: where ``finetune``
+    reads the images. Returns the evaluations."""
+    runner = Runner(_options(store_root, data_root, force))
     model = runner.weights(model, pretrain)
 
     def url(ds: str, split: str) -> str:

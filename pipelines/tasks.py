@@ -138,16 +138,14 @@ def _dataset_identity(dataset: str) -> str:
     return f"{dataset}#{digest.hexdigest()[:16]}"
 
 
-def _has_rows(root: str, table: str, model: str, dataset: str, **values: Any) -> bool:
-    """Whether ``table`` has a row of ``model`` on ``dataset`` with these column values."""
+def _matching_rows(root: str, table: str, model: str, dataset: str,
+                   **values: Any) -> list[dict[str, Any]]:
+    """Rows of ``table`` of ``model`` on ``dataset`` with these column values (none when the
+    table or one of the columns does not exist yet)."""
     try:
-        tbl = read_table(root, table, model=model, dataset=dataset)
-    except ResidualError:  # no such table (yet)
-        return False
-    if any(column not in tbl.column_names for column in values):
-        return False
-    columns = [tbl.column(column).to_pylist() for column in values]
-    return any(row == tuple(values.values()) for row in zip(*columns))
+        return read_table(root, table, model=model, dataset=dataset, filters=values).to_pylist()
+    except ResidualError:
+        return []
 
 
 def _checkpoint_path(settings: PretrainSettings, out_dir: str) -> Path:
@@ -249,8 +247,8 @@ def _spectral_ok(feature_url: str, settings: SpectralSettings, tables_root: str,
     except StoreError:
         return False
     return (attrs.get("feature_config_hash") == features and attrs.get("params") == _dump(settings)
-            and _has_rows(tables_root, "unit_stats", attrs["model"], attrs["dataset"],
-                          config_hash=attrs["config_hash"]))
+            and bool(_matching_rows(tables_root, "unit_stats", attrs["model"],
+                                    attrs["dataset"], config_hash=attrs["config_hash"])))
 
 
 def spectral_stage(feature_url: str, settings: SpectralSettings, tables_root: str,
@@ -288,11 +286,12 @@ def _align_ok(stores: dict[str, str], spectral_url: str, settings: AlignSettings
     except StoreError:
         return False
     model, dataset = attrs["model"], attrs["dataset"]
-    return (all(_has_rows(tables_root, "evaluations", model, dataset, method=m, seed=s,
-                          config_hash=key)
-                for m in settings.methods for s in settings.seeds)
+    done = {(r["method"], r["seed"])
+            for r in _matching_rows(tables_root, "evaluations", model, dataset, config_hash=key)}
+    return ({(m, s) for m in settings.methods for s in settings.seeds} <= done
             and (not settings.head_selection
-                 or _has_rows(tables_root, "head_selection", model, dataset, config_hash=key)))
+                 or bool(_matching_rows(tables_root, "head_selection", model, dataset,
+                                        config_hash=key))))
 
 
 def align_stage(stores: dict[str, str], spectral_url: str, settings: AlignSettings,
@@ -321,8 +320,8 @@ def _similarity_ok(spectral_url: str, basis_url: str, evr_threshold: float, tabl
         a, b = SpectralStore.open(spectral_url).attrs, SpectralStore.open(basis_url).attrs
     except StoreError:
         return False
-    return _has_rows(tables_root, "basis_similarity", a["model"], a["dataset"],
-                     other_dataset=b["dataset"], evr_threshold=evr_threshold)
+    return bool(_matching_rows(tables_root, "basis_similarity", a["model"], a["dataset"],
+                               other_dataset=b["dataset"], evr_threshold=evr_threshold))
 
 
 def similarity_stage(spectral_url: str, basis_url: str, evr_threshold: float, tables_root: str,

@@ -65,7 +65,7 @@ def default_basis_url(train_url: str) -> str:
     root, sep, rest = train_url.partition("/features/")
     if sep:
         model_dir, weights_dir = rest.split("/")[:2]
-        imagenet = f"{root}/features/{model_dir}/{weights_dir}/imagenet/train.zarr"
+        imagenet = feature_store_path(root, model_dir, weights_dir, "imagenet", "train")
         candidate = spectral_store_path(imagenet)
         try:
             SpectralStore.open(candidate)
@@ -103,14 +103,14 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
     basis_url = basis_url or default_basis_url(train_url)
     bases = load_bases(basis_url)
     key = align_key(train_url, val_url, test_url, basis_url, params)
-    weights_url = _weights_url(train_url)
-    group = zarr.open_group(_zarr_target(weights_url), mode="a")
+    weights = weights_url(train_url)
+    group = zarr.open_group(_zarr_target(weights), mode="a")
     rows = []
     for method in params.methods:
         for seed in params.seeds:
             result = _fit_one(method, seed, train_url, val_url, test_url, bases, params,
                               data_root, progress)
-            rows.append(_row(result, train, key))
+            rows.append(_row(result, train))
             _save_weights(group, result)
     provenance = {"pretrained": train.attrs.get("pretrained"), "config_hash": key}
     root = tables_root or _default_tables_root(train_url)
@@ -122,7 +122,7 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
                    for r in head_selection(val_url, test_url, bases=bases,
                                            random_seeds=params.random_seeds)]
         write_rows(root, "head_selection", hs_rows, key=task_key, provenance=provenance)
-    return AlignResult(rows, weights_url, basis_url, time.perf_counter() - start, hs_rows)
+    return AlignResult(rows, weights, basis_url, time.perf_counter() - start, hs_rows)
 
 
 def _fit_one(method, seed, train_url, val_url, test_url, bases, params, data_root,
@@ -151,7 +151,7 @@ def _finetune(train_url, val_url, test_url, seed, params, data_root, progress) -
                     patience=params.patience, progress=progress)
 
 
-def _row(result: FitResult, train: FeatureStore, key: str) -> dict:
+def _row(result: FitResult, train: FeatureStore) -> dict:
     p = result.params
     settings = {k: p.get(k) for k in ("lr", "batch_size", "epochs", "patience", "ablation",
                                       "lambda_init", "add_mean", "adapt")}
@@ -166,7 +166,9 @@ def _row(result: FitResult, train: FeatureStore, key: str) -> dict:
     }
 
 
-def _weights_url(train_url: str) -> str:
+def weights_url(train_url: str) -> str:
+    """Where :func:`run_align` saves the weights (λ per unit) of a task: ``align.zarr`` next to
+    its train store."""
     return str(Path(train_url).parent / "align.zarr") if "://" not in train_url else \
         train_url.rsplit("/", 1)[0] + "/align.zarr"
 
@@ -191,10 +193,3 @@ def stored_lambdas(weights_url: str, method: str, seed: int = 0) -> dict[str, np
         raise ResidualError(f"no λ for {method} seed {seed} in {weights_url}")
     sub = group[base]
     return {name: sub[name][...] for name in sub.array_keys()}
-
-
-def task_store_urls(model: str, pretrained_id: str, dataset: str, store_root: str | Path
-                    ) -> tuple[str, str, str]:
-    """The train/val/test store paths of a task."""
-    return tuple(feature_store_path(store_root, model, pretrained_id, dataset, s)
-                 for s in ("train", "val", "test"))  # type: ignore[return-value]

@@ -28,8 +28,6 @@ thread (see :func:`pretrain_embedded`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import tempfile
@@ -47,6 +45,7 @@ from open_clip.transformer import text_global_pool
 from . import world
 from .decompose import decompose, readout_maps
 from .models import EMBEDDED_MODEL, LoadedModel, load_model
+from .store import config_hash
 from .zeroshot import TextClassifier, accuracy, text_classifier
 
 __all__ = [
@@ -94,7 +93,7 @@ def default_checkpoint_dir() -> Path:
 def _config_hash(config: PretrainConfig) -> str:
     keyed = {"config": asdict(config), "world_version": world.WORLD_VERSION,
              "model": EMBEDDED_MODEL}
-    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
+    return config_hash(keyed)[:12]
 
 
 def checkpoint_name(config: PretrainConfig, seed: int) -> str:

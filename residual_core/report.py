@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from .align import rank_heads
-from .align_stage import stored_lambdas
+from .align_stage import stored_lambdas, weights_url
 from .datasets import SPLITS
 from .errors import ResidualError
 from .extract import feature_store_url
@@ -95,11 +95,16 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
     tables: dict[tuple, tuple[list[dict], list[dict]]] = {}
     for t, urls in task_stores.items():
         split = FeatureStore.open(urls[0]).attrs["split"]
-        stats, spectra = ([r for r in read_table(store_root, table, model=model, dataset=t,
-                                                 filters=filters).to_pylist()
-                           if r.get("pretrained") == weights]
-                          for table, filters in (("unit_stats", {"split": split}),
-                                                 ("spectra", {"split": split, "kind": "head"})))
+        try:  # a task aligned on another dataset's bases may have no spectra of its own
+            stats, spectra = ([r for r in read_table(store_root, table, model=model, dataset=t,
+                                                     filters=filters).to_pylist()
+                               if r.get("pretrained") == weights]
+                              for table, filters in (("unit_stats", {"split": split}),
+                                                     ("spectra", {"split": split, "kind": "head"})))
+        except ResidualError:
+            continue
+        if not stats:
+            continue
         key = tuple(sorted((r["unit_index"], r["total_variance"], r["twonn"]) for r in stats))
         by_spectrum.setdefault(key, []).append(t)
         tables[key] = (stats, spectra)
@@ -118,7 +123,7 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
     lines += ["## Learned λ (residual-star, seed 0)", ""]
     for t, urls in task_stores.items():
         try:
-            lam = stored_lambdas(str(Path(urls[0]).parent / "align.zarr"), "residual-star", 0)
+            lam = stored_lambdas(weights_url(urls[0]), "residual-star", 0)
         except ResidualError:
             continue
         name = f"lambda_{slug(t)}.png"

@@ -9,6 +9,7 @@ same folder and renamed into place, so no reader ever sees a half-written file.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import uuid
@@ -26,6 +27,7 @@ from .store import slug
 PARTITION_KEYS = ("model", "dataset")
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """Package version plus the git commit when running from a checkout (``0.1.0+g1a2b3c4``)."""
     try:
