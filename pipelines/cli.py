@@ -18,7 +18,8 @@ EXIT_USAGE = 2
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from residual_core.models import EMBEDDED_MODEL, list_models
+    from residual_core.identity import EMBEDDED_MODEL
+    from residual_core.models import list_models
 
     import open_clip
 
@@ -61,10 +62,12 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_spectral(args: argparse.Namespace) -> int:
-    from residual_core.extract import feature_store_url
+    from residual_core.identity import parse_weights
+    from residual_core.layout import Layout
     from residual_core.spectral_store import SpectralParams, run_spectral
 
-    url = feature_store_url(args.model, args.pretrained, args.dataset, args.split, args.store_root)
+    url = Layout.of(args.store_root).feature_store(parse_weights(args.model, args.pretrained),
+                                                   args.dataset, args.split)
     params = SpectralParams(twonn_max_samples=args.twonn_samples, seed=args.seed)
     result = run_spectral(url, params, address=args.address, n_workers=args.workers,
                           memory_limit=args.memory_limit, force=args.force,
@@ -103,10 +106,10 @@ RESULT_TABLES = ("evaluations", "unit_stats", "spectra", "head_selection", "basi
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    from residual_core.store import default_store_root
+    from residual_core.layout import Layout
     from residual_core.tables import read_table, sql
 
-    root = args.store_root or default_store_root()
+    root = Layout.of(args.store_root).root
     if args.sql:
         others = [f"--{k.replace('_', '-')}" for k in ("table", "model", "dataset", "method",
                                                         "group_by") if getattr(args, k)]
@@ -192,9 +195,9 @@ def _render(tbl, fmt: str, limit: int | None) -> str:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from residual_core.report import model_report
-    from residual_core.store import default_store_root
+    from residual_core.layout import Layout
 
-    report = model_report(args.store_root or default_store_root(), args.model, args.pretrained,
+    report = model_report(Layout.of(args.store_root).root, args.model, args.pretrained,
                           datasets=args.dataset or None, out_dir=args.out)
     print(report.results_table)
     print(f"report: {report.path}")

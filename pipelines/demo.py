@@ -15,9 +15,10 @@ import torch
 
 from residual_core.datasets import load_dataset
 from residual_core.decompose import decompose
-from residual_core.models import EMBEDDED_MODEL, load_model
+from residual_core.identity import EMBEDDED_MODEL
+from residual_core.layout import Layout
+from residual_core.models import load_model
 from residual_core.report import model_report
-from residual_core.store import default_store_root
 from residual_core.world import TASKS
 
 
@@ -36,7 +37,8 @@ def run_demo(store_root: str | None = None, force: list[str] | None = None) -> i
     """Run the ``demo`` grid through :func:`pipelines.flows.experiment_flow`; print and report."""
     from pipelines.flows import count_stage_runs, experiment_flow
 
-    root = Path(store_root or default_store_root())
+    layout = Layout.of(store_root)
+    root = Path(layout.root)
     start = time.perf_counter()
     result = experiment_flow(grid="demo", force=force, store_root=str(root))
     seconds = time.perf_counter() - start
@@ -44,7 +46,7 @@ def run_demo(store_root: str | None = None, force: list[str] | None = None) -> i
     (model,) = result["models"]
     checkpoint = model["pretrained"]
     report = model_report(root, EMBEDDED_MODEL, checkpoint, datasets=TASKS,
-                          out_dir=root / "reports" / "demo", title="ResiDual on the embedded world")
+                          out_dir=layout.reports("demo"), title="ResiDual on the embedded world")
     err = exactness_check(checkpoint, TASKS[0])
     print(f"\npipeline: {n_runs} stage runs, {computed} computed, {n_runs - computed} cached, "
           f"{seconds:.0f} s")

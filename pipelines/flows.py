@@ -25,10 +25,9 @@ from typing import Any
 
 from prefect import flow
 
-from residual_core.datasets import SPLITS
 from residual_core.errors import ResidualError
-from residual_core.extract import feature_store_url
-from residual_core.spectral_store import spectral_store_path
+from residual_core.identity import parse_weights
+from residual_core.layout import SPLITS, Layout
 
 from .grid import (AlignSettings, Cell, ExtractSettings, Grid, ModelSpec, PretrainSettings,
                    Settings, SpectralSettings, Split, Stage, load_grid)
@@ -105,11 +104,10 @@ def align_flow(model: ModelSpec, dataset: str, settings: AlignSettings, basis: s
     runner = Runner(_options(store_root, data_root, force))
     model = runner.weights(model, pretrain)
 
-    def url(ds: str, split: str) -> str:
-        return feature_store_url(model.name, model.pretrained, ds, split, runner.store_root)
-
-    stores = {split: url(dataset, split) for split in SPLITS}
-    return runner.align(stores, spectral_store_path(url(basis or dataset, "train")), settings,
+    layout, weights = Layout.of(runner.store_root), parse_weights(model.name, model.pretrained)
+    stores = {split: layout.feature_store(weights, dataset, split) for split in SPLITS}
+    bases = Layout.spectral_store(layout.feature_store(weights, basis or dataset, "train"))
+    return runner.align(stores, bases, settings,
                         f"{model.label} {dataset}")
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from residual_core.errors import ResidualError
+from residual_core.identity import EMBEDDED_MODEL, WORLD_WEIGHTS, WeightsId
 
 if TYPE_CHECKING:
     from residual_core.align_stage import AlignParams
@@ -61,10 +62,6 @@ STAGES: tuple[str, ...] = get_args(Stage)
 
 Split = Literal["train", "val", "test"]
 
-WORLD_WEIGHTS = "world"
-"""``pretrained`` value of the embedded model meaning "pretrained on the synthetic world" (the
-checkpoint that :func:`residual_core.pretrain.pretrain_embedded` writes, made by the pretrain
-stage)."""
 
 
 class GridError(ResidualError):
@@ -76,9 +73,6 @@ class _Frozen(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-
-EMBEDDED_MODEL = "residual-tiny"
-"""The embedded default (``residual_core.models.EMBEDDED_MODEL``, not imported: it loads torch)."""
 
 
 def _world_tasks() -> tuple[str, ...]:
@@ -137,8 +131,7 @@ class ModelSpec(_Frozen):
     @property
     def label(self) -> str:
         """``name/tag``, ``name/<checkpoint file name>`` or ``name/random``."""
-        weights = self.pretrained or "random"
-        return f"{self.name}/{os.path.basename(weights) if os.sep in weights else weights}"
+        return WeightsId(self.name, self.pretrained).label
 
 
 class AlignSettings(_Frozen):

@@ -32,7 +32,6 @@ a forced stage also discards its existing output, so it really recomputes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -48,15 +47,14 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from residual_core.align_stage import ALIGN_VERSION, align_key, run_align
-from residual_core.datasets import IMAGEFOLDER_PREFIX
 from residual_core.errors import ResidualError, StoreError
-from residual_core.extract import extract, feature_store_url
-from residual_core.models import LoadedModel, default_device, file_sha256, load_model
+from residual_core.extract import extract
+from residual_core.identity import config_hash, parse_dataset, parse_weights
+from residual_core.layout import Layout, is_local, local_path
+from residual_core.models import LoadedModel, default_device, load_model
 from residual_core.pretrain import checkpoint_path, pretrain_embedded
-from residual_core.spectral_store import (SPECTRAL_VERSION, SpectralStore, run_spectral,
-                                          similarity, spectral_store_path)
-from residual_core.store import (DECOMPOSITION_VERSION, SCHEMA_VERSION, FeatureStore,
-                                 _is_local, _local_path, config_hash, default_store_root)
+from residual_core.spectral_store import SPECTRAL_VERSION, SpectralStore, run_spectral, similarity
+from residual_core.store import DECOMPOSITION_VERSION, SCHEMA_VERSION, FeatureStore
 from residual_core.tables import read_table
 
 from .grid import (WORLD_WEIGHTS, AlignSettings, ExtractSettings, ModelSpec, PretrainSettings,
@@ -119,23 +117,13 @@ def _spectral_hash(url: str) -> str:
     return SpectralStore.open(url).attrs["config_hash"]
 
 
-def _weights_identity(pretrained: str | None) -> str | None:
-    if pretrained is not None and os.path.isfile(pretrained):
-        return file_sha256(pretrained)
-    return pretrained
+def _weights_identity(model: str, pretrained: str | None) -> dict:
+    return parse_weights(model, pretrained).as_dict()
 
 
-def _dataset_identity(dataset: str) -> str:
-    """A registered dataset is its name; an ``imagefolder:`` one also fingerprints its files
-    (relative path, size, mtime), so adding or editing an image changes the key."""
-    if not dataset.startswith(IMAGEFOLDER_PREFIX):
-        return dataset
-    root = Path(dataset[len(IMAGEFOLDER_PREFIX):]).expanduser()
-    digest = hashlib.sha1()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        st = path.stat()
-        digest.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return f"{dataset}#{digest.hexdigest()[:16]}"
+def _feature_url(model: str, pretrained: str | None, dataset: str, split: str,
+                 store_root: str) -> str:
+    return Layout.of(store_root).feature_store(parse_weights(model, pretrained), dataset, split)
 
 
 def _matching_rows(root: str, table: str, model: str, dataset: str,
@@ -156,8 +144,8 @@ def _checkpoint_path(settings: PretrainSettings, out_dir: str) -> Path:
 
 def _remove_store(url: str) -> None:
     """Delete a store (``force``): the stage then recomputes it from scratch."""
-    if _is_local(url):
-        shutil.rmtree(_local_path(url), ignore_errors=True)
+    if is_local(url):
+        shutil.rmtree(local_path(url), ignore_errors=True)
         return
     import fsspec
 
@@ -191,8 +179,10 @@ def pretrain_stage(settings: PretrainSettings, out_dir: str, force: bool = False
 
 def _extract_identity(model: str, pretrained: str | None, dataset: str, split: str,
                       settings: ExtractSettings, store_root: str, **_) -> dict:
-    return {"store": feature_store_url(model, pretrained, dataset, split, store_root),
-            "weights": _weights_identity(pretrained), "dataset": _dataset_identity(dataset),
+    layout, ref = Layout.of(store_root), parse_dataset(dataset)
+    return {"store": _feature_url(model, pretrained, dataset, split, store_root),
+            "weights": _weights_identity(model, pretrained), "dataset": dataset,
+            "dataset_content": ref.content_identity(cache=layout.manifest(ref)),
             "feature_dtype": settings.feature_dtype, "rows_per_chunk": settings.rows_per_chunk,
             "formats": [DECOMPOSITION_VERSION, SCHEMA_VERSION]}
 
@@ -200,14 +190,14 @@ def _extract_identity(model: str, pretrained: str | None, dataset: str, split: s
 def _extract_ok(model: str, pretrained: str | None, dataset: str, split: str, store_root: str,
                 **_) -> bool:
     try:
-        FeatureStore.open(feature_store_url(model, pretrained, dataset, split, store_root))
+        FeatureStore.open(_feature_url(model, pretrained, dataset, split, store_root))
         return True
     except StoreError:
         return False
 
 
 @lru_cache(maxsize=1)
-def _loaded(model: str, pretrained: str | None, device: str, weights: str | None) -> LoadedModel:
+def _loaded(model: str, pretrained: str | None, device: str, weights: object) -> LoadedModel:
     """The last model loaded by this process (``weights``: its identity, so that a rewritten
     checkpoint file is loaded again): the splits of a cell, and the cells of one model in a
     process, load it once."""
@@ -219,9 +209,9 @@ def extract_stage(model: str, pretrained: str | None, dataset: str, split: str,
                   force: bool = False) -> str:
     """Write (or resume) the feature store of one split; returns its path."""
     if force:
-        _remove_store(feature_store_url(model, pretrained, dataset, split, store_root))
+        _remove_store(_feature_url(model, pretrained, dataset, split, store_root))
     loaded = _loaded(model, pretrained, settings.device or default_device(),
-                     _weights_identity(pretrained))
+                     parse_weights(model, pretrained))
     result = extract(model, pretrained, dataset, split, data_root=data_root,
                      store_root=store_root, loaded=loaded, batch_size=settings.batch_size,
                      num_workers=settings.num_workers, device=settings.device,
@@ -242,7 +232,7 @@ def _spectral_ok(feature_url: str, settings: SpectralSettings, tables_root: str,
     """The spectral store is complete, made from this feature store with these parameters, and
     its table rows exist."""
     try:
-        attrs = SpectralStore.open(spectral_store_path(feature_url)).attrs
+        attrs = SpectralStore.open(Layout.spectral_store(feature_url)).attrs
         features = _store_hash(feature_url)
     except StoreError:
         return False
@@ -388,9 +378,9 @@ class RunOptions(BaseModel):
     def resolved(self) -> "RunOptions":
         """Local roots made absolute, so that every worker and every key sees the same path."""
         def absolute(path: str | None) -> str | None:
-            return str(Path(path).expanduser().resolve()) if path and _is_local(path) else path
+            return str(Path(path).expanduser().resolve()) if path and is_local(path) else path
         return self.model_copy(update={
-            "store_root": absolute(self.store_root or str(default_store_root())),
+            "store_root": absolute(self.store_root or Layout.of().root),
             "data_root": absolute(self.data_root)})
 
 
@@ -410,12 +400,6 @@ class Runner:
         return self.options.store_root
 
     @cached_property
-    def local_root(self) -> Path:
-        """Local folder for Prefect results and checkpoints (the store root when it is local)."""
-        root = self.store_root
-        return _local_path(root) if _is_local(root) else default_store_root().resolve()
-
-    @cached_property
     def forced(self) -> frozenset[str]:
         return forced_stages(self.options.force)
 
@@ -425,7 +409,7 @@ class Runner:
         refresh = forced or not _STAGES[stage].output_ok(**inputs)
         task_ = TASKS[stage].with_options(
             task_run_name=f"{stage}: {target}", refresh_cache=refresh,
-            result_storage=self.local_root / "prefect-results")
+            result_storage=Layout.of(self.store_root).prefect_results.resolve())
         state = task_(**inputs, force=forced, return_state=True)
         result = state.result()  # raises the stage's exception if it failed
         self.runs.append({"stage": stage, "target": target, "state": state.name})
@@ -437,7 +421,7 @@ class Runner:
         if model.pretrained != WORLD_WEIGHTS:
             return model
         path = self.run("pretrain", model.label, settings=settings,
-                        out_dir=str(self.local_root / "checkpoints"))
+                        out_dir=str(Layout.of(self.store_root).checkpoints.resolve()))
         return model.model_copy(update={"pretrained": path})
 
     def extract(self, model: ModelSpec, dataset: str, splits: Iterable[str],

@@ -40,8 +40,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .errors import StoreError
+from .identity import WeightsId
 from .models import LoadedModel
-from .residual import (IDENTITY_KEYS, AlignInputError, KRule, Preset, SpectralBases,
+from .residual import (AlignInputError, KRule, Preset, SpectralBases,
                        UnitAdapter, build_adapter, get_preset)
 from .store import FeatureStore
 from .zeroshot import accuracy, text_classifier
@@ -174,7 +175,7 @@ def _check_same_task(stores: Mapping[str, FeatureStore]) -> None:
     """All splits must come from one model (same weights, same tower) and one dataset."""
     (ref_name, ref), *others = stores.items()
     for name, s in others:
-        for key in IDENTITY_KEYS + ("dataset",):
+        for key in WeightsId.FIELDS + ("dataset",):
             if s.attrs.get(key) != ref.attrs.get(key):
                 raise StoreError(
                     f"the {name} store ({s.url}) has {key} {s.attrs.get(key)!r}, the {ref_name} "
@@ -467,7 +468,7 @@ def finetune(loaded: LoadedModel, train_dataset: Dataset, val_dataset: Dataset,
                           seed=seed, progress=progress, desc=preset.name)
     test_acc = dataset_accuracy(test_dataset) if test_dataset is not None else float("nan")
     params = {"lr": lr, "batch_size": batch_size, "epochs": epochs, "patience": patience,
-              "grad_clip": preset.grad_clip, **loaded.identity,
+              "grad_clip": preset.grad_clip, **loaded.weights.as_dict(),
               "n_train": len(train_dataset)}
     return FitResult(preset.name, params, sum(p.numel() for p in visual.parameters()),
                      outcome.best_val, test_acc, outcome.epochs_run, outcome.best_epoch,

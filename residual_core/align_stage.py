@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -20,9 +19,11 @@ import zarr
 
 from .align import FitResult, fit, finetune, head_selection
 from .errors import ResidualError
-from .residual import IDENTITY_KEYS, SpectralBases
-from .spectral_store import SpectralStore, _default_tables_root, run_spectral, spectral_store_path
-from .store import FeatureStore, _zarr_target, config_hash, feature_store_path, slug
+from .identity import WeightsId, config_hash, slug
+from .layout import Layout, zarr_target
+from .residual import SpectralBases
+from .spectral_store import SpectralStore, run_spectral
+from .store import FeatureStore
 from .tables import write_rows
 
 ALIGN_VERSION = 1
@@ -57,16 +58,15 @@ def load_bases(spectral_url: str) -> SpectralBases:
     spec = SpectralStore.open(spectral_url)
     return SpectralBases.from_pca(spec.results(), spec.units,
                                   f"{spec.attrs['dataset']}:{spec.attrs['split']}",
-                                  {k: spec.attrs.get(k) for k in IDENTITY_KEYS})
+                                  WeightsId.from_attrs(spec.attrs).as_dict())
 
 
 def default_basis_url(train_url: str) -> str:
     """The ImageNet-train spectral store of the same model if present, else the task's own."""
-    root, sep, rest = train_url.partition("/features/")
-    if sep:
-        model_dir, weights_dir = rest.split("/")[:2]
-        imagenet = feature_store_path(root, model_dir, weights_dir, "imagenet", "train")
-        candidate = spectral_store_path(imagenet)
+    where = Layout.parse_feature_store(train_url)
+    if where is not None:
+        candidate = Layout.spectral_store(
+            where.layout.sibling_feature_store(where, "imagenet", "train"))
         try:
             SpectralStore.open(candidate)
             return candidate
@@ -94,7 +94,7 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
     """Fit ``params.methods`` × ``params.seeds`` on the task and write tables and weights.
 
     ``data_root`` is where ``finetune`` reads the task's images again (it runs the backbone;
-    default :func:`residual_core.datasets.default_data_root`); the other methods read only the
+    default ``Layout.of().datasets``); the other methods read only the
     stores.
     """
     start = time.perf_counter()
@@ -103,8 +103,8 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
     basis_url = basis_url or default_basis_url(train_url)
     bases = load_bases(basis_url)
     key = align_key(train_url, val_url, test_url, basis_url, params)
-    weights = weights_url(train_url)
-    group = zarr.open_group(_zarr_target(weights), mode="a")
+    weights = Layout.align_weights(train_url)
+    group = zarr.open_group(zarr_target(weights), mode="a")
     rows = []
     for method in params.methods:
         for seed in params.seeds:
@@ -113,7 +113,7 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
             rows.append(_row(result, train))
             _save_weights(group, result)
     provenance = {"pretrained": train.attrs.get("pretrained"), "config_hash": key}
-    root = tables_root or _default_tables_root(train_url)
+    root = tables_root or Layout.of_store(train_url).root
     task_key = f"align-{train.attrs['config_hash']}"  # reruns replace this task's rows
     write_rows(root, "evaluations", rows, key=task_key, provenance=provenance)
     hs_rows = []
@@ -166,13 +166,6 @@ def _row(result: FitResult, train: FeatureStore) -> dict:
     }
 
 
-def weights_url(train_url: str) -> str:
-    """Where :func:`run_align` saves the weights (λ per unit) of a task: ``align.zarr`` next to
-    its train store."""
-    return str(Path(train_url).parent / "align.zarr") if "://" not in train_url else \
-        train_url.rsplit("/", 1)[0] + "/align.zarr"
-
-
 def _save_weights(group: zarr.Group, result: FitResult) -> None:
     """λ per unit (and any other trainable weights) under ``<method>/seed<k>/``."""
     base = f"{slug(result.method)}/seed{result.seed}"
@@ -187,7 +180,7 @@ def _save_weights(group: zarr.Group, result: FitResult) -> None:
 
 def stored_lambdas(weights_url: str, method: str, seed: int = 0) -> dict[str, np.ndarray]:
     """``{unit name: λ_u}`` saved by :func:`run_align` for ``method`` and ``seed``."""
-    group = zarr.open_group(_zarr_target(weights_url), mode="r")
+    group = zarr.open_group(zarr_target(weights_url), mode="r")
     base = f"{slug(method)}/seed{seed}/lambda"
     if base not in group:
         raise ResidualError(f"no λ for {method} seed {seed} in {weights_url}")

@@ -61,6 +61,8 @@ from torchvision import datasets as tvd
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
 
 from residual_core.errors import DatasetNotFoundError, ResidualError
+from residual_core.identity import IMAGEFOLDER_PREFIX, parse_dataset
+from residual_core.layout import SPLITS, Layout
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -75,7 +77,6 @@ __all__ = [
     "SplitDataset",
     "SplitSource",
     "dataset_info",
-    "default_data_root",
     "list_datasets",
     "load_dataset",
     "register_dataset",
@@ -86,9 +87,6 @@ __all__ = [
 
 SEED = 42
 """Seed of every split."""
-
-SPLITS = ("train", "val", "test")
-"""The splits every dataset provides."""
 
 PAPER_DATASETS = (
     "cifar10",
@@ -104,11 +102,6 @@ PAPER_DATASETS = (
 )
 """The ten downstream datasets of the paper's grid (``imagenet`` is the default basis dataset)."""
 
-IMAGEFOLDER_PREFIX = "imagefolder:"
-"""Prefix of the generic dataset ``imagefolder:PATH``: ``PATH`` (absolute, or relative to the
-current directory, not to the data root) holds one folder of images per class, or ``train/`` and
-``test/`` (and optionally ``val/``) folders of that form; class names are the sorted folder names
-(of ``train/``), used verbatim in the prompts."""
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 """Prompt templates of ``imagefolder:`` datasets."""
@@ -569,7 +562,7 @@ def _positions_of_listed(paths: Sequence[str], list_file: Path) -> np.ndarray:
 
 
 def _imagefolder_path(name: str) -> Path:
-    return Path(name[len(IMAGEFOLDER_PREFIX) :]).expanduser()
+    return parse_dataset(name).path
 
 
 def _imagefolder_class_dir(path: Path) -> Path:
@@ -695,12 +688,6 @@ def list_datasets() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def default_data_root() -> Path:
-    """``$RESIDUAL_DATA_ROOT/datasets`` if that variable is set, else ``./data/datasets``."""
-    base = os.environ.get("RESIDUAL_DATA_ROOT")
-    return (Path(base).expanduser() if base else Path("data")) / "datasets"
-
-
 def _entry(name: str) -> tuple[str, _Entry]:
     if name.startswith(IMAGEFOLDER_PREFIX):
         return name, _Entry(_imagefolder(name), lambda: _imagefolder_info(name))
@@ -733,7 +720,7 @@ def load_dataset(
 ) -> SplitDataset:
     """One split (``"train"``, ``"val"`` or ``"test"``) of a dataset, read from ``data_root``.
 
-    ``data_root`` defaults to :func:`default_data_root`; ``download=True`` lets torchvision fetch
+    ``data_root`` defaults to ``Layout.of().datasets``; ``download=True`` lets torchvision fetch
     a missing dataset that it can download (nothing is downloaded otherwise).
 
     Raises:
@@ -747,7 +734,7 @@ def load_dataset(
             f"unknown split {split!r} for dataset '{key}': expected one of {', '.join(SPLITS)}"
         )
     info = entry.info()
-    root = Path(data_root).expanduser() if data_root is not None else default_data_root()
+    root = Path(data_root).expanduser() if data_root is not None else Layout.of().datasets
     source, labels, indices = entry.factory(split, root, download)
     validate_labels(labels, info)
     return SplitDataset(source, labels, indices, info, split, transform)

@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 from .datasets import load_dataset
 from .decompose import RAW_FIELDS, decompose, readout_maps
 from .errors import StoreError
-from .models import LoadedModel, default_device, file_sha256, load_model
-from .store import (DECOMPOSITION_VERSION, SCHEMA_VERSION, FeatureStore, StoreDims, _is_local,
-                    _local_path, config_hash, default_store_root, feature_store_path,
-                    pretrained_slug)
+from .identity import config_hash, parse_dataset
+from .layout import Layout, is_local, local_path
+from .models import LoadedModel, default_device, load_model
+from .store import DECOMPOSITION_VERSION, SCHEMA_VERSION, FeatureStore, StoreDims
 from .zeroshot import text_classifier
 
 
@@ -66,21 +66,19 @@ class _ChunkBatches(Sampler):
                    for s in (self.store.chunk_rows(int(c)) for c in self.chunks))
 
 
-def feature_store_url(model: str, pretrained: str | None, dataset: str, split: str,
-                      store_root: str | Path | None = None) -> str:
-    """Where ``extract`` writes (and later stages read) the store of these arguments."""
-    sha = None
-    if pretrained is not None and os.path.isfile(pretrained):
-        sha = file_sha256(pretrained)
-    return feature_store_path(store_root or default_store_root(), model,
-                              pretrained_slug(pretrained, sha), dataset, split)
-
-
 def extraction_config(loaded: LoadedModel, dataset: str, split: str, indices: np.ndarray,
-                      feature_dtype: str, rows_per_chunk: int) -> dict[str, Any]:
-    """What determines a store's content (its config hash covers exactly this)."""
+                      feature_dtype: str, rows_per_chunk: int,
+                      dataset_content: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What determines a store's content (its config hash covers exactly this).
+
+    ``dataset_content``: the content identity of a dataset given as files
+    (:meth:`~residual_core.identity.DatasetRef.content_identity`), so that an edited image makes
+    the store stale; registered datasets are named by their name and split indices.
+    """
+    content = {} if dataset_content is None else {"dataset_content": dataset_content}
     return {
-        **loaded.identity,
+        **loaded.weights.as_dict(),
+        **content,
         "dataset": dataset,
         "split": split,
         "n_samples": int(len(indices)),
@@ -133,11 +131,12 @@ def extract(
     if loaded is None:
         loaded = load_model(model, pretrained, device=device)
     data = load_dataset(dataset, split, data_root=data_root, transform=loaded.preprocess)
-    config = extraction_config(loaded, dataset, split, data.indices, feature_dtype, rows_per_chunk)
+    layout = Layout.of(store_root)
+    ref = parse_dataset(dataset)
+    config = extraction_config(loaded, dataset, split, data.indices, feature_dtype, rows_per_chunk,
+                               ref.content_identity(cache=layout.manifest(ref)))
     chash = config_hash(config)
-    url = feature_store_path(store_root or default_store_root(), model,
-                             pretrained_slug(loaded.pretrained, loaded.checkpoint_sha256),
-                             dataset, split)  # the same as feature_store_url(...), no re-hash
+    url = layout.feature_store(loaded.weights, dataset, split)
     with _writer_lock(url):
         store = _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dtype)
         if verify:
@@ -150,7 +149,7 @@ def extract(
 
 
 def _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dtype) -> FeatureStore:
-    exists = _local_path(url).exists() if _is_local(url) else _remote_exists(url)
+    exists = local_path(url).exists() if is_local(url) else _remote_exists(url)
     if exists:
         store = FeatureStore.open(url, require_complete=False)
         if store.attrs.get("config_hash") != chash:
@@ -240,8 +239,8 @@ class _writer_lock:
     def __init__(self, url: str):
         self.url = url
         self.lock = None
-        if _is_local(url):
-            path = _local_path(url)
+        if is_local(url):
+            path = local_path(url)
             path.parent.mkdir(parents=True, exist_ok=True)
             self.lock = FileLock(str(path) + ".lock")
 

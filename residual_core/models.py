@@ -13,8 +13,6 @@ with open_clip on import.
 from __future__ import annotations
 
 import difflib
-import functools
-import hashlib
 import logging
 import os
 import warnings
@@ -27,8 +25,8 @@ import open_clip
 import torch
 
 from .errors import ResidualError, UnknownModelError, WeightsUnavailableError
+from .identity import EMBEDDED_MODEL, WeightsId, file_sha256, looks_like_path
 
-EMBEDDED_MODEL = "residual-tiny"
 _CONFIG_DIR = Path(str(resources.files("residual_core") / "model_configs"))
 if _CONFIG_DIR not in [Path(p) for p in open_clip.factory._MODEL_CONFIG_PATHS]:
     open_clip.add_model_config(_CONFIG_DIR)
@@ -50,13 +48,9 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
     @property
-    def identity(self) -> dict[str, Any]:
-        """What names the weights: used in store attributes and config hashes."""
-        return {
-            "model": self.name,
-            "pretrained": self.pretrained,
-            "checkpoint_sha256": self.checkpoint_sha256,
-        }
+    def weights(self) -> WeightsId:
+        """What names the weights: used in store attributes, paths and config hashes."""
+        return WeightsId(self.name, self.pretrained, self.checkpoint_sha256)
 
 
 def list_models() -> list[str]:
@@ -69,22 +63,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, streamed and memoised on (path, size, mtime): checkpoints can be GBs,
-    and every store path and cache key of a checkpoint names it by this hash."""
-    st = os.stat(path)
-    return _file_sha256(os.path.abspath(path), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_name(name: str) -> None:
     known = list_models()
     if name not in known:
@@ -94,12 +72,6 @@ def _check_name(name: str) -> None:
             f"unknown model {name!r}.{hint} `residual models` lists the {len(known)} known names; "
             "a custom architecture needs an open_clip JSON config (open_clip.add_model_config)."
         )
-
-
-def _looks_like_path(value: str) -> bool:
-    return os.sep in value or value.startswith(".") or value.endswith(
-        (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-    )
 
 
 def load_model(
@@ -144,7 +116,7 @@ def load_model(
         elif os.path.isfile(pretrained):
             resolved = str(Path(pretrained).resolve())
             checkpoint_sha = file_sha256(resolved)
-        elif _looks_like_path(pretrained):
+        elif looks_like_path(pretrained):
             raise ResidualError(
                 f"checkpoint file not found: {pretrained!r}. Pass a file saved with "
                 "torch.save(model.state_dict()) or a pretrained tag."

@@ -44,8 +44,9 @@ from open_clip.transformer import text_global_pool
 
 from . import world
 from .decompose import decompose, readout_maps
-from .models import EMBEDDED_MODEL, LoadedModel, load_model
-from .store import config_hash
+from .identity import EMBEDDED_MODEL, config_hash
+from .layout import Layout
+from .models import LoadedModel, load_model
 from .zeroshot import TextClassifier, accuracy, text_classifier
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
     "WorldReport",
     "checkpoint_name",
     "checkpoint_path",
-    "default_checkpoint_dir",
     "encode_text_truncated",
     "evaluate_world",
     "extract_world",
@@ -82,12 +82,6 @@ class PretrainConfig:
     eps: float = 1e-6
     digit_caption_steps: int = 200
     captions: world.CaptionMix = field(default_factory=world.CaptionMix)
-
-
-def default_checkpoint_dir() -> Path:
-    """``$RESIDUAL_DATA_ROOT/checkpoints`` if that variable is set, else ``./data/checkpoints``."""
-    base = os.environ.get("RESIDUAL_DATA_ROOT")
-    return (Path(base).expanduser() if base else Path("data")) / "checkpoints"
 
 
 def _config_hash(config: PretrainConfig) -> str:
@@ -222,7 +216,7 @@ def checkpoint_path(
     config: PretrainConfig | None = None,
 ) -> Path:
     """Where :func:`pretrain_embedded` with the same arguments writes (or finds) its checkpoint."""
-    out_dir = Path(out_dir) if out_dir is not None else default_checkpoint_dir()
+    out_dir = Path(out_dir) if out_dir is not None else Layout.of().checkpoints
     return out_dir / checkpoint_name(_resolve(config, steps, batch_size), seed)
 
 
@@ -239,7 +233,7 @@ def pretrain_embedded(
     """Pretrain the embedded ``residual-tiny`` CLIP on the synthetic world (or reuse the cache).
 
     Args:
-        out_dir: checkpoint folder (default :func:`default_checkpoint_dir`).
+        out_dir: checkpoint folder (default ``Layout.of().checkpoints``).
         seed: seeds the initialisation, the pretraining samples, captions and data order.
         steps, batch_size: override those fields of ``config``.
         config: the training config (default :class:`PretrainConfig`).

@@ -9,17 +9,14 @@ from typing import Sequence
 import numpy as np
 
 from .align import rank_heads
-from .align_stage import stored_lambdas, weights_url
-from .datasets import SPLITS
+from .align_stage import stored_lambdas
 from .errors import ResidualError
-from .extract import feature_store_url
+from .identity import RANDOM_WEIGHTS, parse_weights, slug
+from .layout import SPLITS, Layout
 from .plots import (plot_accuracy_vs_parameters, plot_head_zero_shot, plot_lambda_heatmap,
                     plot_spectra)
-from .store import FeatureStore, slug
+from .store import FeatureStore
 from .tables import read_table
-
-RANDOM_WEIGHTS = "random"
-"""How :func:`model_report` names random weights (rows whose ``pretrained`` is empty)."""
 
 METHOD_ORDER = ("zero-shot", "coarse", "residual-star", "residual-full", "linear", "finetune")
 
@@ -123,7 +120,7 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
     lines += ["## Learned λ (residual-star, seed 0)", ""]
     for t, urls in task_stores.items():
         try:
-            lam = stored_lambdas(weights_url(urls[0]), "residual-star", 0)
+            lam = stored_lambdas(Layout.align_weights(urls[0]), "residual-star", 0)
         except ResidualError:
             continue
         name = f"lambda_{slug(t)}.png"
@@ -173,8 +170,9 @@ def model_report(store_root: str | Path, model: str, pretrained: str | None = No
     if unknown:
         raise ResidualError(f"{model} ({key}) was not evaluated on {', '.join(unknown)}; "
                             f"evaluated: {', '.join(evaluated)}")
-    stores = {t: tuple(feature_store_url(model, weights, t, s, store_root) for s in SPLITS)
+    layout, weights_id = Layout.of(store_root), parse_weights(model, weights)
+    stores = {t: tuple(layout.feature_store(weights_id, t, s) for s in SPLITS)
               for t in (datasets or evaluated)}
-    out = out_dir or Path(store_root) / "reports" / slug(f"{model}-{Path(key).name}")
+    out = out_dir or layout.reports(f"{model}-{Path(key).name}")
     return write_report(store_root, model, stores, out,
                         title=title or f"ResiDual report: {model} ({Path(key).name})")

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ResidualError, ShapeError
+from .identity import WeightsId
 from .spectral import PCAResult, _k_at, pca_units  # _k_at: spectral's own K-at-EVR rule
 from .units import Unit
 
@@ -39,7 +40,6 @@ if TYPE_CHECKING:  # only for annotations: the store module pulls in zarr and da
 
 __all__ = [
     "ABLATIONS",
-    "IDENTITY_KEYS",
     "KINDS",
     "LAMBDA_INITS",
     "PRESETS",
@@ -66,10 +66,6 @@ LAMBDA_INITS = ("ones", "randn")
 
 KINDS = ("emb", "mlp", "head")
 """Unit kinds, in the order adapted units are grouped inside a module."""
-
-IDENTITY_KEYS = ("model", "pretrained", "checkpoint_sha256")
-"""Store attributes that name the weights (``LoadedModel.identity``)."""
-
 
 class AlignInputError(ResidualError, ValueError):
     """Inputs the align stage cannot use: bad options, labels outside the classes, shapes."""
@@ -152,7 +148,7 @@ class SpectralBases:
         results = pca_units(store.contributions(sel))
         return cls.from_pca(results, [store.units[i] for i in sel],
                             f"{store.attrs.get('dataset')}:{store.attrs.get('split')}",
-                            {k: store.attrs.get(k) for k in IDENTITY_KEYS}, dtype)
+                            WeightsId.from_attrs(store.attrs).as_dict(), dtype)
 
     def position(self, unit: Unit | int) -> int:
         """Row of ``unit`` (a :class:`Unit` or its index) in these bases."""
@@ -180,10 +176,10 @@ class SpectralBases:
         """
         where = f"bases fitted on {self.basis_dataset}"
         if self.model is not None:
-            ours = {k: self.model.get(k) for k in IDENTITY_KEYS}
-            theirs = {k: store.attrs.get(k) for k in IDENTITY_KEYS}
+            ours = WeightsId.from_attrs(self.model).as_dict()
+            theirs = WeightsId.from_attrs(store.attrs).as_dict()
             if ours != theirs:
-                diff = ", ".join(f"{k}: {ours[k]!r} vs {theirs[k]!r}" for k in IDENTITY_KEYS
+                diff = ", ".join(f"{k}: {ours[k]!r} vs {theirs[k]!r}" for k in WeightsId.FIELDS
                                  if ours[k] != theirs[k])
                 raise BasisMismatchError(
                     f"{where} belong to another model than {store.url} ({diff}); fit the bases "

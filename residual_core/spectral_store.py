@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from .errors import StoreError
 from .spectral import PCAResult, basis_similarity_table, pca_units, sample_rows, twonn, unit_stats
-from .store import (FeatureStore, _is_local, _local_path, _now, _zarr_target, config_hash,
-                    default_store_root)
+from .identity import WeightsId, config_hash
+from .layout import Layout, is_local, local_path, zarr_target
+from .store import FeatureStore, _now
 from .tables import write_rows
 from .units import Unit
 
@@ -43,12 +44,6 @@ class SpectralResult:
     feature_url: str
     computed: bool
     seconds: float
-
-
-def spectral_store_path(feature_url: str) -> str:
-    """``.../train.zarr`` -> ``.../train.spectral.zarr``."""
-    base = feature_url[:-len(".zarr")] if feature_url.endswith(".zarr") else feature_url
-    return f"{base}.spectral.zarr"
 
 
 @contextlib.contextmanager
@@ -79,10 +74,10 @@ class SpectralStore:
 
     @classmethod
     def open(cls, url: str) -> "SpectralStore":
-        if _is_local(url) and not _local_path(url).exists():
+        if is_local(url) and not local_path(url).exists():
             raise StoreError(f"no spectral store at {url}: run `residual spectral` first")
         try:
-            group = zarr.open_group(_zarr_target(url), mode="r")
+            group = zarr.open_group(zarr_target(url), mode="r")
         except Exception as exc:
             raise StoreError(f"{url} is not a Zarr group ({type(exc).__name__})") from None
         if group.attrs.get("format") != FORMAT_NAME:
@@ -120,7 +115,7 @@ def run_spectral(feature_url: str, params: SpectralParams | None = None, *,
     start = time.perf_counter()
     params = params or SpectralParams()
     features = FeatureStore.open(feature_url)
-    url = spectral_store_path(feature_url)
+    url = Layout.spectral_store(feature_url)
     key = config_hash({"source": features.attrs["config_hash"], "params": params.__dict__,
                        "version": SPECTRAL_VERSION})
     if not force:
@@ -151,7 +146,7 @@ def run_spectral(feature_url: str, params: SpectralParams | None = None, *,
                           "cumulative_evr": float(c)}
                          for i, (lam, e, c) in enumerate(zip(res.eigenvalues, stats["evr"],
                                                              stats["cumulative_evr"]))]
-    root = tables_root or _default_tables_root(feature_url)
+    root = tables_root or Layout.of_store(feature_url).root
     # Keyed by the feature store: a rerun with other parameters replaces that store's rows.
     rows_key = f"spectral-{features.attrs['config_hash']}"
     write_rows(root, "spectra", spectra_rows, key=rows_key, provenance=provenance)
@@ -173,7 +168,7 @@ def _twonn_all(features: FeatureStore, params: SpectralParams, progress: bool) -
 
 def _write_store(url: str, features: FeatureStore, results: list[PCAResult], key: str,
                  params: SpectralParams) -> None:
-    group = zarr.open_group(_zarr_target(url), mode="w")
+    group = zarr.open_group(zarr_target(url), mode="w")
     n_units, dim = len(results), results[0].mean.shape[0]
     arrays = {
         "mean": np.stack([r.mean for r in results]),
@@ -196,21 +191,15 @@ def _write_store(url: str, features: FeatureStore, results: list[PCAResult], key
     group.attrs["state"] = "complete"  # last: a killed run leaves an incomplete store
 
 
-def _default_tables_root(feature_url: str) -> str:
-    """The store root the feature store lives under (``<root>/features/...``)."""
-    head, sep, _ = feature_url.partition("/features/")
-    return head if sep else str(default_store_root())
-
-
 def similarity(spectral_a: str, spectral_b: str, evr_threshold: float = 0.9,
                tables_root: str | None = None) -> list[dict]:
     """Basis similarity of every unit between two spectral stores of the same model; the rows
     are also written to the ``basis_similarity`` Parquet table."""
     a, b = SpectralStore.open(spectral_a), SpectralStore.open(spectral_b)
-    ident = ("model", "pretrained", "checkpoint_sha256")
-    if any(a.attrs.get(k) != b.attrs.get(k) for k in ident):
+    wa, wb = WeightsId.from_attrs(a.attrs), WeightsId.from_attrs(b.attrs)
+    if wa != wb:
         raise StoreError("basis similarity compares one model's units across datasets; got "
-                         f"{[a.attrs.get(k) for k in ident]} and {[b.attrs.get(k) for k in ident]}")
+                         f"{wa} and {wb}")
     rows = basis_similarity_table(a.results(), b.results(), [u.name for u in a.units],
                                   evr_threshold)
     extra = {"model": a.attrs["model"], "dataset": a.attrs["dataset"],
@@ -219,6 +208,6 @@ def similarity(spectral_a: str, spectral_b: str, evr_threshold: float = 0.9,
     rows = [{**extra, **r} for r in rows]
     key = config_hash({"a": a.attrs["config_hash"], "b": b.attrs["config_hash"],
                        "t": evr_threshold})
-    write_rows(tables_root or _default_tables_root(a.attrs["feature_store"]), "basis_similarity",
+    write_rows(tables_root or Layout.of_store(a.attrs["feature_store"]).root, "basis_similarity",
                rows, key=key)
     return rows

@@ -14,12 +14,9 @@ and rows as a lazy Dask array: the projection is applied on read, block by block
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Sequence
 
 import dask.array as da
@@ -31,6 +28,7 @@ from zarr.core.sync import sync
 
 from .decompose import RAW_FIELDS, ReadoutMaps, project_heads, project_residual
 from .errors import StoreError
+from .layout import is_local, local_path, zarr_target
 from .units import Unit, unit_table
 
 SCHEMA_VERSION = 1
@@ -98,53 +96,6 @@ class StoreDims:
         return tuple(sizes[d] for d in spec.dims)
 
 
-def config_hash(config: dict[str, Any]) -> str:
-    """Stable short hash of a JSON-able configuration."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def slug(text: str) -> str:
-    """A path-safe name: ``world/color -> world-color``; long or odd names get a hash suffix."""
-    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
-    if clean != text or len(clean) > 64:
-        clean = f"{clean[:48]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
-    return clean
-
-
-def pretrained_slug(pretrained: str | None, checkpoint_sha256: str | None) -> str:
-    """``laion2b_s34b_b88k``, ``ckpt-<sha12>`` for a checkpoint file, ``random`` for no weights."""
-    if checkpoint_sha256:
-        return f"ckpt-{checkpoint_sha256[:12]}"
-    return slug(pretrained) if pretrained else "random"
-
-
-def default_store_root() -> Path:
-    """``$RESIDUAL_DATA_ROOT`` or ``./data``."""
-    import os
-
-    return Path(os.environ.get("RESIDUAL_DATA_ROOT", "data"))
-
-
-def feature_store_path(store_root: str | Path, model: str, pretrained_id: str, dataset: str,
-                       split: str) -> str:
-    """Where the store of (model, pretrained, dataset, split) lives under ``store_root``."""
-    root = str(store_root).rstrip("/")
-    return f"{root}/features/{slug(model)}/{pretrained_id}/{slug(dataset)}/{split}.zarr"
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _local_path(url: str) -> Path:
-    return Path(url[len("file://"):] if url.startswith("file://") else url)
-
-
-def _zarr_target(url: str) -> str:
-    """Local stores as plain paths (Zarr's fsspec store does not create local folders)."""
-    return str(_local_path(url)) if _is_local(url) else url
-
-
 class _GuardedArray:
     """Array-like over a Zarr array for ``da.from_array``: read errors become StoreErrors."""
 
@@ -178,7 +129,7 @@ class FeatureStore:
         """Create an empty (incomplete) store with its fixed content written."""
         if feature_dtype not in FEATURE_DTYPES:
             raise StoreError(f"feature dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
-        group = zarr.open_group(_zarr_target(url), mode="w")
+        group = zarr.open_group(zarr_target(url), mode="w")
         compressor = ZstdCodec(level=3, checksum=True)  # checksums catch corrupt chunks
         for name, spec in SCHEMA.items():
             shape = dims.shape(spec)
@@ -209,13 +160,13 @@ class FeatureStore:
         return cls(group, url)
 
     @classmethod
-    def open(cls, url: str | Path, *, require_complete: bool = True) -> "FeatureStore":
+    def open(cls, url: "str | os.PathLike", *, require_complete: bool = True) -> "FeatureStore":
         """Open and validate a store; raise :class:`StoreError` naming the problem and the fix."""
         url = str(url)
-        if _is_local(url) and not _local_path(url).exists():
+        if is_local(url) and not local_path(url).exists():
             raise StoreError(f"no feature store at {url}: run `residual extract` first")
         try:
-            group = zarr.open_group(_zarr_target(url), mode="r+")
+            group = zarr.open_group(zarr_target(url), mode="r+")
         except Exception as exc:
             raise StoreError(f"{url} is not a Zarr group ({type(exc).__name__}); "
                              "is it a feature store?") from None

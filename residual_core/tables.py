@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .errors import ResidualError
-from .store import slug
+from .identity import slug
+from .layout import Layout
 
 PARTITION_KEYS = ("model", "dataset")
 
@@ -39,7 +40,7 @@ def code_version() -> str:
 
 
 def tables_root(root: str | Path) -> Path:
-    return Path(root) / "tables"
+    return Layout.of(root).tables
 
 
 def write_rows(root: str | Path, table: str, rows: Sequence[dict[str, Any]] | pa.Table, *,

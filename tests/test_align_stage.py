@@ -10,7 +10,7 @@ from builders import write_image_folder
 from residual_core.align_stage import AlignParams, run_align, stored_lambdas
 from residual_core.extract import extract
 from residual_core.models import EMBEDDED_MODEL, load_model
-from residual_core.spectral_store import spectral_store_path
+from residual_core.layout import Layout
 from residual_core.tables import read_table
 
 
@@ -32,7 +32,7 @@ PARAMS = AlignParams(methods=("zero-shot", "residual-star", "coarse"), seeds=(0,
 def test_run_align_writes_tables_and_weights(task):
     root, urls = task
     result = run_align(*urls, PARAMS, progress=False)
-    assert result.basis_url == spectral_store_path(urls[0])  # no ImageNet store: own train
+    assert result.basis_url == Layout.spectral_store(urls[0])  # no ImageNet store: own train
     evals = read_table(root / "st", "evaluations")
     assert evals.num_rows == 6
     assert set(evals.column("method").to_pylist()) == {"zero-shot", "residual-star", "coarse"}
@@ -59,7 +59,7 @@ def test_run_align_writes_tables_and_weights(task):
 
 def test_imagenet_bases_are_the_default_when_present(task):
     root, urls = task
-    own = spectral_store_path(urls[0])
+    own = Layout.spectral_store(urls[0])
     run_align(*urls, AlignParams(methods=("zero-shot",), head_selection=False), progress=False)
     imagenet = Path(urls[0]).parents[1] / "imagenet" / "train.spectral.zarr"
     shutil.copytree(own, imagenet)

@@ -20,11 +20,12 @@ from prefect.exceptions import ParameterTypeError  # noqa: E402
 from builders import write_image_folder  # noqa: E402
 from pipelines import tasks  # noqa: E402
 from pipelines.flows import experiment_flow, extract_flow, spectral_flow  # noqa: E402
-from pipelines.grid import (ALIGN_METHODS, EMBEDDED_MODEL, AlignSettings, GridError,  # noqa: E402
+from pipelines.grid import (ALIGN_METHODS, AlignSettings, GridError,  # noqa: E402
                             SpectralSettings, load_grid)
 from residual_core.align_stage import DEFAULT_METHODS, AlignParams  # noqa: E402
-from residual_core.extract import feature_store_url  # noqa: E402
-from residual_core.spectral_store import SpectralParams, spectral_store_path  # noqa: E402
+from residual_core.identity import EMBEDDED_MODEL, WeightsId  # noqa: E402
+from residual_core.layout import Layout  # noqa: E402
+from residual_core.spectral_store import SpectralParams  # noqa: E402
 from residual_core.tables import read_table  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -141,7 +142,7 @@ def test_changing_an_align_parameter_reruns_only_align(world, first_run, calls):
 
 
 def test_deleted_spectral_output_reruns_spectral_only(world, first_run, calls):
-    shutil.rmtree(spectral_store_path(_train_store(world)))
+    shutil.rmtree(Layout.spectral_store(_train_store(world)))
     states = _run(world)
     assert states == {"extract": ["Cached"] * 3, "spectral": ["Completed"], "align": ["Cached"]}
     assert calls == {"spectral": 1}
@@ -161,7 +162,7 @@ def test_spectral_flow_runs_on_a_dask_cluster(world, first_run, calls):
     url = spectral_flow(model=model, dataset=dataset, store_root=str(world["store"]),
                         settings=world["grid"]["spectral"], extract=world["grid"]["extract"],
                         force=["spectral"], n_workers=1)
-    assert url == spectral_store_path(_train_store(world))
+    assert url == Layout.spectral_store(_train_store(world))
     assert calls == {"spectral": 1}
     assert calls.kwargs["spectral"]["n_workers"] == 1
 
@@ -197,8 +198,8 @@ def test_world_weights_and_a_basis_dataset(world, calls):
 
 
 def _train_store(world) -> str:
-    return feature_store_url(EMBEDDED_MODEL, None, world["grid"]["sweeps"][0]["datasets"][0],
-                             "train", world["store"])
+    return Layout.of(world["store"]).feature_store(
+        WeightsId(EMBEDDED_MODEL), world["grid"]["sweeps"][0]["datasets"][0], "train")
 
 
 # ------------------------------------------------------------------------------ validation

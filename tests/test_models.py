@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from residual_core.errors import ResidualError, UnknownModelError, WeightsUnavailableError
-from residual_core.models import EMBEDDED_MODEL, file_sha256, load_model
+from residual_core.identity import EMBEDDED_MODEL, file_sha256
+from residual_core.models import load_model
 
 
 def test_embedded_config_is_registered_with_open_clip():
@@ -30,7 +31,7 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(loaded.model.encode_image(images), ref)
     assert loaded.pretrained == str(path.resolve())
     assert loaded.checkpoint_sha256 == file_sha256(path)
-    assert loaded.identity["checkpoint_sha256"] == loaded.checkpoint_sha256
+    assert loaded.weights.checkpoint_sha256 == loaded.checkpoint_sha256
     assert not loaded.model.training
 
 

@@ -8,10 +8,11 @@ from scipy.linalg import subspace_angles
 from builders import write_image_folder
 from pipelines.cli import main
 from residual_core.errors import StoreError
-from residual_core.extract import extract, feature_store_url
+from residual_core.extract import extract
+from residual_core.identity import WeightsId
+from residual_core.layout import Layout
 from residual_core.models import EMBEDDED_MODEL, load_model
-from residual_core.spectral_store import (SpectralParams, SpectralStore, run_spectral, similarity,
-                                          spectral_store_path)
+from residual_core.spectral_store import SpectralParams, SpectralStore, run_spectral, similarity
 from residual_core.store import FeatureStore
 from residual_core.tables import read_table, sql
 
@@ -40,7 +41,7 @@ def numpy_pca(x):
 def test_spectral_store_equals_numpy(stores):
     root, _, urls = stores
     result = run_spectral(urls["train"], progress=False)
-    assert result.computed and result.url == spectral_store_path(urls["train"])
+    assert result.computed and result.url == Layout.spectral_store(urls["train"])
     spec = SpectralStore.open(result.url)
     y = FeatureStore.open(urls["train"]).contributions().compute()
     for u, res in enumerate(spec.results()):
@@ -91,7 +92,7 @@ def test_local_cluster_matches_local_scheduler(stores):
     _, _, urls = stores
     local = SpectralStore.open(run_spectral(urls["test"], progress=False).url).results()
     run_spectral(urls["test"], n_workers=2, memory_limit="1GB", force=True, progress=False)
-    cluster = SpectralStore.open(spectral_store_path(urls["test"])).results()
+    cluster = SpectralStore.open(Layout.spectral_store(urls["test"])).results()
     for a, b in zip(local, cluster):
         np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(a.mean, b.mean, rtol=1e-12, atol=1e-12)
@@ -126,8 +127,8 @@ def test_cli_spectral(stores, capsys):
     root, folder, urls = stores
     args = ["--model", EMBEDDED_MODEL, "--dataset", f"imagefolder:{folder}", "--split", "train",
             "--store-root", str(root / "st"), "--quiet"]
-    assert feature_store_url(EMBEDDED_MODEL, None, f"imagefolder:{folder}", "train",
-                             root / "st") == urls["train"]
+    assert Layout.of(root / "st").feature_store(
+        WeightsId(EMBEDDED_MODEL), f"imagefolder:{folder}", "train") == urls["train"]
     assert main(["spectral", *args]) == 0
     assert main(["spectral", *args]) == 0
     assert "up to date" in capsys.readouterr().out

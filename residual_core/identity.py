@@ -1,0 +1,187 @@
+"""What names things: a model's weights, a dataset, a configuration. The one place they are parsed.
+
+- :class:`WeightsId` names a model's weights (architecture, pretrained tag or checkpoint path,
+  checkpoint content hash); :func:`parse_weights` makes one from the user's ``--model`` /
+  ``--pretrained`` pair, hashing a checkpoint file once (memoised on path, size and mtime).
+- :class:`DatasetRef` names a dataset: a registered name (``cifar10``, ``world/color``) or
+  ``imagefolder:PATH``; :func:`parse_dataset` is the one place that prefix is parsed, and
+  :meth:`DatasetRef.content_identity` fingerprints the files of a dataset given as files.
+- :func:`config_hash` is the stable short hash of a JSON-able configuration; :func:`slug` makes
+  a name path-safe.
+
+This module imports neither torch nor zarr: the CLI, the grid and the tables use it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["EMBEDDED_MODEL", "IMAGEFOLDER_PREFIX", "RANDOM_WEIGHTS", "WORLD_WEIGHTS", "DatasetRef", "WeightsId",
+           "config_hash", "file_sha256", "looks_like_path", "parse_dataset", "parse_weights",
+           "slug"]
+
+EMBEDDED_MODEL = "residual-tiny"
+"""The embedded default architecture (its open_clip config ships in ``model_configs``)."""
+
+IMAGEFOLDER_PREFIX = "imagefolder:"
+"""Prefix of the generic dataset ``imagefolder:PATH``: ``PATH`` (absolute, or relative to the
+current directory, not to the data root) holds one folder of images per class, or ``train/`` and
+``test/`` (and optionally ``val/``) folders of that form; class names are the sorted folder names
+(of ``train/``), used verbatim in the prompts."""
+
+WORLD_WEIGHTS = "world"
+"""``pretrained`` value of the embedded model meaning "pretrained on the synthetic world" (the
+checkpoint the pretrain stage makes)."""
+
+RANDOM_WEIGHTS = "random"
+"""How random (seeded) weights are named in paths and reports (``pretrained=None``)."""
+
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """Stable short hash of a JSON-able configuration (key order does not matter)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def slug(text: str) -> str:
+    """A path-safe name: ``world/color -> world-color-<hash>``; long or odd names get a hash
+    suffix, and names made only of dots (``..``) never become a path component as they are."""
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+    if clean != text or len(clean) > 64 or not clean.strip("."):
+        clean = f"{clean[:48]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return clean
+
+
+def looks_like_path(value: str) -> bool:
+    """Whether a ``--pretrained`` value is meant as a file (not a tag), even if it is missing."""
+    return os.sep in value or value.startswith(".") or value.endswith(_CHECKPOINT_SUFFIXES)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, streamed and memoised on (path, size, mtime): checkpoints can be GBs,
+    and every store path and cache key of a checkpoint names it by this hash."""
+    st = os.stat(path)
+    return _file_sha256(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class WeightsId:
+    """What names a model's weights: in store attributes, config hashes, paths and table rows.
+
+    ``pretrained`` is a pretrained tag, the absolute path of a checkpoint file (then
+    ``checkpoint_sha256`` is its content hash), or ``None`` for seeded random weights.
+    """
+
+    model: str
+    pretrained: str | None = None
+    checkpoint_sha256: str | None = None
+
+    FIELDS = ("model", "pretrained", "checkpoint_sha256")
+
+    @property
+    def slug(self) -> str:
+        """The weights' path component: ``laion2b_s34b_b88k``, ``ckpt-<sha12>`` or ``random``."""
+        if self.checkpoint_sha256:
+            return f"ckpt-{self.checkpoint_sha256[:12]}"
+        return slug(self.pretrained) if self.pretrained else RANDOM_WEIGHTS
+
+    @property
+    def label(self) -> str:
+        """``name/tag``, ``name/<checkpoint file name>`` or ``name/random`` (for logs)."""
+        weights = self.pretrained or RANDOM_WEIGHTS
+        return f"{self.model}/{os.path.basename(weights) if os.sep in weights else weights}"
+
+    def as_dict(self) -> dict[str, str | None]:
+        return asdict(self)
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> "WeightsId":
+        """The weights named by a store's (or a row's) ``model``/``pretrained``/``checkpoint_sha256``."""
+        return cls(**{k: attrs.get(k) for k in cls.FIELDS})
+
+
+def parse_weights(model: str, pretrained: str | os.PathLike | None) -> WeightsId:
+    """The :class:`WeightsId` of ``--model M --pretrained P``: an existing file is a checkpoint
+    (absolute path, content hash); anything else is a tag (checked when the model is loaded)."""
+    if pretrained is None:
+        return WeightsId(model)
+    pretrained = str(pretrained)
+    if os.path.isfile(pretrained):
+        path = str(Path(pretrained).resolve())
+        return WeightsId(model, path, file_sha256(path))
+    return WeightsId(model, pretrained)
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset as the user names it: a registered name, or ``imagefolder:PATH`` (``path``)."""
+
+    name: str
+    path: Path | None = None
+
+    @property
+    def is_files(self) -> bool:
+        """A dataset given as files (its content, not its name, is its identity)."""
+        return self.path is not None
+
+    def content_identity(self, cache: str | os.PathLike | None = None) -> dict[str, Any] | None:
+        """For a dataset given as files: a digest of its manifest (every file's relative path,
+        size and content hash), so that an edited, added or removed image changes it; ``None``
+        for a registered dataset (its name and split indices identify it).
+
+        ``cache``: a JSON file of the hashes already computed, reused for files whose size and
+        mtime did not change (a large folder is hashed once, then incrementally).
+        """
+        if self.path is None:
+            return None
+        known = _read_manifest(cache)
+        manifest: dict[str, list] = {}
+        digest = hashlib.sha256()
+        for path in sorted(p for p in self.path.rglob("*") if p.is_file()):
+            rel, st = path.relative_to(self.path).as_posix(), path.stat()
+            old = known.get(rel)
+            sha = old[2] if old and old[:2] == [st.st_size, st.st_mtime_ns] else file_sha256(path)
+            manifest[rel] = [st.st_size, st.st_mtime_ns, sha]
+            digest.update(f"{rel}\0{st.st_size}\0{sha}\n".encode())
+        if cache is not None and manifest != known:
+            _write_manifest(cache, manifest)
+        return {"files": len(manifest), "sha256": digest.hexdigest()}
+
+
+def _read_manifest(cache: str | os.PathLike | None) -> dict[str, list]:
+    try:
+        return json.loads(Path(cache).read_text()) if cache is not None else {}
+    except (OSError, ValueError):  # missing or damaged: hash again
+        return {}
+
+
+def _write_manifest(cache: str | os.PathLike, manifest: dict[str, list]) -> None:
+    path = Path(cache)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, path)  # readers see the old or the new manifest, never half of one
+
+
+def parse_dataset(name: str) -> DatasetRef:
+    """The :class:`DatasetRef` of a dataset name (``imagefolder:`` paths are ``~``-expanded)."""
+    if name.startswith(IMAGEFOLDER_PREFIX):
+        return DatasetRef(name, Path(name[len(IMAGEFOLDER_PREFIX):]).expanduser())
+    return DatasetRef(name)

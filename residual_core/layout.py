@@ -1,0 +1,174 @@
+"""Where everything lives under a root: the one place paths are made (and parsed back).
+
+``<root>`` is a local folder or an fsspec URL (``s3://bucket/residual``, ``memory://x``)::
+
+    <root>/features/<model>/<weights>/<dataset>/<split>.zarr            feature store of a split
+    <root>/features/<model>/<weights>/<dataset>/<split>.spectral.zarr   its spectral store
+    <root>/features/<model>/<weights>/<dataset>/align.zarr              a task's align weights
+    <root>/tables/<table>/<model>/<dataset>/part-<key>.parquet          result tables
+    <root>/checkpoints/            pretrained checkpoints (the embedded world)
+    <root>/prefect-results/        Prefect task results (cache records)
+    <root>/reports/<name>/         Markdown reports and plots
+    <root>/cache/manifests/        content manifests of datasets given as files
+    <root>/datasets/               the default dataset root
+
+Checkpoints, Prefect results and manifests are always local (a remote store root keeps them
+under the default local root). ``$RESIDUAL_DATA_ROOT`` (default ``./data``) is read here only.
+Every name that becomes a path component goes through :func:`component`, which refuses ``..``
+and the like. This module imports neither torch nor zarr.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ResidualError
+from .identity import DatasetRef, WeightsId, slug
+
+__all__ = ["DATA_ROOT_ENV", "SPLITS", "FeatureStorePath", "Layout", "component", "data_root",
+           "is_local", "local_path", "zarr_target"]
+
+DATA_ROOT_ENV = "RESIDUAL_DATA_ROOT"
+SPLITS = ("train", "val", "test")
+
+
+def data_root() -> str:
+    """``$RESIDUAL_DATA_ROOT`` (``~`` expanded) or ``data``: the default root of everything."""
+    value = os.environ.get(DATA_ROOT_ENV)
+    return os.path.expanduser(value) if value else "data"
+
+
+def is_local(url: str | os.PathLike) -> bool:
+    """A plain path or a ``file://`` URL."""
+    url = str(url)
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str | os.PathLike) -> Path:
+    """The local path of a plain path or ``file://`` URL."""
+    url = str(url)
+    return Path(url[len("file://"):] if url.startswith("file://") else url)
+
+
+def zarr_target(url: str) -> str:
+    """Local stores as plain paths (Zarr's fsspec store does not create local folders)."""
+    return str(local_path(url)) if is_local(url) else url
+
+
+def component(name: str, what: str) -> str:
+    """``name`` as one path component (:func:`~residual_core.identity.slug`); refuses names
+    that are empty or could climb out of the root."""
+    if not isinstance(name, str) or not name.strip() or name.strip(". ") == "":
+        raise ResidualError(f"invalid {what} name {name!r}: it must be a non-empty name")
+    return slug(name)
+
+
+def _split(split: str) -> str:
+    if split not in SPLITS:
+        raise ResidualError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    return split
+
+
+@dataclass(frozen=True)
+class FeatureStorePath:
+    """A feature store's place in the layout, parsed back from its URL."""
+
+    layout: "Layout"
+    model: str  # path components (slugs), not the real names
+    weights: str
+    dataset: str
+    split: str
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The paths of everything under one root (see the module docstring)."""
+
+    root: str
+
+    @classmethod
+    def of(cls, root: str | os.PathLike | None = None) -> "Layout":
+        """The layout of ``root`` (default :func:`data_root`); local roots are ``~``-expanded."""
+        root = str(root) if root is not None else data_root()
+        if is_local(root):
+            root = os.path.expanduser(root)
+        return cls(root.rstrip("/") or "/")
+
+    def _join(self, *parts: str) -> str:
+        return "/".join((self.root, *parts))
+
+    # ---------------------------------------------------------------- stores
+    def feature_store(self, weights: WeightsId, dataset: str, split: str) -> str:
+        """The feature store of (weights, dataset, split)."""
+        return self._join("features", component(weights.model, "model"), weights.slug,
+                          component(dataset, "dataset"), f"{_split(split)}.zarr")
+
+    def task_folder(self, weights: WeightsId, dataset: str) -> str:
+        """The folder of a task's stores (``.../<model>/<weights>/<dataset>``)."""
+        return self.feature_store(weights, dataset, "train").rsplit("/", 1)[0]
+
+    @staticmethod
+    def spectral_store(feature_url: str) -> str:
+        """A feature store's spectral store, next to it: ``train.zarr -> train.spectral.zarr``."""
+        base = feature_url[:-len(".zarr")] if feature_url.endswith(".zarr") else feature_url
+        return f"{base}.spectral.zarr"
+
+    @staticmethod
+    def align_weights(train_url: str) -> str:
+        """A task's align weights (λ per unit): ``align.zarr`` next to its train store."""
+        return f"{train_url.rstrip('/').rsplit('/', 1)[0]}/align.zarr"
+
+    @classmethod
+    def parse_feature_store(cls, url: str) -> FeatureStorePath | None:
+        """The layout and names a feature store URL was made from, or ``None`` for a store that
+        does not live in a layout (a path the user chose)."""
+        head, sep, rest = str(url).rpartition("/features/")
+        parts = rest.split("/")
+        if not sep or len(parts) != 4 or not parts[3].endswith(".zarr"):
+            return None
+        return FeatureStorePath(cls(head or "/"), parts[0], parts[1], parts[2],
+                                parts[3][:-len(".zarr")])
+
+    @classmethod
+    def of_store(cls, feature_url: str) -> "Layout":
+        """The layout a feature store lives in (the default one for a store outside any)."""
+        where = cls.parse_feature_store(feature_url)
+        return where.layout if where else cls.of()
+
+    def sibling_feature_store(self, of: FeatureStorePath, dataset: str, split: str) -> str:
+        """The store of another dataset/split of the same weights as ``of``."""
+        return self._join("features", of.model, of.weights, component(dataset, "dataset"),
+                          f"{_split(split)}.zarr")
+
+    # ---------------------------------------------------------------- tables and files
+    @property
+    def tables(self) -> Path:
+        """The root of the Parquet tables (local)."""
+        return local_path(self._join("tables"))
+
+    @property
+    def local_root(self) -> Path:
+        """This root when it is local, else the default local root (for what must be local)."""
+        return local_path(self.root) if is_local(self.root) else Path(data_root())
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.local_root / "checkpoints"
+
+    @property
+    def prefect_results(self) -> Path:
+        return self.local_root / "prefect-results"
+
+    def reports(self, name: str) -> Path:
+        return self.local_root / "reports" / component(name, "report")
+
+    def manifest(self, dataset: DatasetRef) -> Path:
+        """The cached content manifest of a dataset given as files."""
+        return self.local_root / "cache" / "manifests" / f"{slug(str(dataset.path))}.json"
+
+    @property
+    def datasets(self) -> Path:
+        """The default dataset root: ``<root>/datasets`` (local)."""
+        return self.local_root / "datasets"
