@@ -32,6 +32,7 @@ from residual_core import align
 from residual_core.datasets import load_dataset
 from residual_core.decompose import decompose, readout_maps
 from residual_core.extract import extract
+from residual_core.stages.extract import Params as ExtractParams
 from residual_core.models import EMBEDDED_MODEL, load_model
 from residual_core.residual import SpectralBases, build_adapter
 from residual_core.store import FeatureStore
@@ -101,9 +102,9 @@ def _run(tmp: Path) -> None:
     tiny = load_model(EMBEDDED_MODEL, None, device="cpu", seed=0)
     stores = {}
     for split in ("train", "val", "test"):
-        res = extract(EMBEDDED_MODEL, None, dataset, split, store_root=tmp / "stores",
-                      loaded=tiny, batch_size=128, rows_per_chunk=128, num_workers=0,
-                      progress=False, device="cpu")
+        res = extract(EMBEDDED_MODEL, None, dataset, split,
+                      ExtractParams(batch_size=128, rows_per_chunk=128, num_workers=0, device="cpu"),
+                      store_root=tmp / "stores", loaded=tiny, progress=False)
         stores[split] = FeatureStore.open(res.url)
     bases = SpectralBases.from_store(stores["train"])
 

@@ -22,6 +22,7 @@ from benchmarks._timing import print_table
 from residual_core.datasets import load_dataset
 from residual_core.decompose import decompose, readout_maps
 from residual_core.extract import extract
+from residual_core.stages.extract import Params as ExtractParams
 from residual_core.models import EMBEDDED_MODEL, load_model
 from residual_core.spectral import pca_units, unit_stats
 from residual_core.store import FeatureStore
@@ -55,9 +56,9 @@ def main() -> None:
     ratios = []
     for rep in range(3):
         t_compute = _compute_only(tiny, name, 64)
-        res = extract(EMBEDDED_MODEL, None, name, "train", store_root=tmp / f"st{rep}",
-                      batch_size=64, rows_per_chunk=256, num_workers=0, progress=False,
-                      device="cpu", loaded=tiny)
+        res = extract(EMBEDDED_MODEL, None, name, "train",
+                      ExtractParams(batch_size=64, rows_per_chunk=256, num_workers=0, device="cpu"),
+                      store_root=tmp / f"st{rep}", progress=False, loaded=tiny)
         ratios.append((t_compute, res.seconds, res.seconds / t_compute))
     t_compute, t_extract, ratio = sorted(ratios, key=lambda r: r[2])[1]
     n = res.rows_computed
@@ -70,9 +71,8 @@ def main() -> None:
     small = write_image_folder(tmp / "small", ["a", "b"], 40, size=224, seed=2)
     for dtype in ("float32", "float16"):
         res = extract("ViT-B-16", None, f"imagefolder:{small}", "train",
-                      store_root=tmp / f"b16-{dtype}", batch_size=16, rows_per_chunk=64,
-                      num_workers=0, progress=False, device="cpu", loaded=b16,
-                      feature_dtype=dtype)
+                      ExtractParams(batch_size=16, rows_per_chunk=64, num_workers=0, device="cpu", feature_dtype=dtype),
+                      store_root=tmp / f"b16-{dtype}", progress=False, loaded=b16)
         store = FeatureStore.open(res.url)
         d = store.dims
         naive_heads = d.n * d.layer * d.head * d.embed * 4
@@ -99,9 +99,9 @@ def main() -> None:
                   every.nbytes / t_all / 1e6]])
 
     # 4. float16 storage: effect on the PCA of every unit (tiny store of step 1, 2048 rows)
-    res16 = extract(EMBEDDED_MODEL, None, name, "train", store_root=tmp / "f16", batch_size=64,
-                    rows_per_chunk=256, num_workers=0, progress=False, device="cpu",
-                    loaded=tiny, feature_dtype="float16")
+    res16 = extract(EMBEDDED_MODEL, None, name, "train",
+                    ExtractParams(batch_size=64, rows_per_chunk=256, num_workers=0, device="cpu", feature_dtype="float16"),
+                    store_root=tmp / "f16", progress=False, loaded=tiny)
     p32 = pca_units(store.contributions())
     p16 = pca_units(FeatureStore.open(res16.url).contributions())
     eig_err, angle = [], []

@@ -9,10 +9,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Literal, Sequence, Union, get_args, get_origin
+
+from pydantic import ValidationError
 
 from pipelines.grid import NAMED_GRIDS, STAGES  # light: imports neither torch nor Prefect
 from residual_core.errors import ResidualError
+from residual_core.stages import StageParams
+from residual_core.stages import extract as extract_stage
+from residual_core.stages import spectral as spectral_stage
 
 EXIT_USAGE = 2
 
@@ -50,10 +55,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from residual_core.extract import extract
 
     result = extract(
-        args.model, args.pretrained, args.dataset, args.split, data_root=args.data_root,
-        store_root=args.store_root, batch_size=args.batch_size, num_workers=args.workers,
-        device=args.device, feature_dtype=args.dtype, rows_per_chunk=args.rows_per_chunk,
-        verify=args.verify, progress=not args.quiet)
+        args.model, args.pretrained, args.dataset, args.split,
+        _params(extract_stage.Params, args), data_root=args.data_root,
+        store_root=args.store_root, verify=args.verify, progress=not args.quiet)
     state = ("already complete, nothing computed" if result.was_cached else
              f"computed {result.computed_chunks} of {result.total_chunks} row chunks "
              f"({result.rows_computed} images)")
@@ -64,12 +68,11 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 def _cmd_spectral(args: argparse.Namespace) -> int:
     from residual_core.identity import parse_weights
     from residual_core.layout import Layout
-    from residual_core.spectral_store import SpectralParams, run_spectral
+    from residual_core.spectral_store import run_spectral
 
     url = Layout.of(args.store_root).feature_store(parse_weights(args.model, args.pretrained),
                                                    args.dataset, args.split)
-    params = SpectralParams(twonn_max_samples=args.twonn_samples, seed=args.seed)
-    result = run_spectral(url, params, address=args.address, n_workers=args.workers,
+    result = run_spectral(url, _params(spectral_stage.Params, args), address=args.address, n_workers=args.workers,
                           memory_limit=args.memory_limit, force=args.force,
                           progress=not args.quiet)
     state = "computed" if result.computed else "up to date, nothing computed"
@@ -210,6 +213,54 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(store_root=args.store_root, force=args.force)
 
 
+def _add_params(p: argparse.ArgumentParser, schema: type[StageParams]) -> None:
+    """One option per field of a stage's ``Params``: ``--field-name``, the field's type, choices
+    and description; the default (``None``) leaves the schema's default in place."""
+    for name, field in schema.model_fields.items():
+        kind, choices, many = _option_type(field.annotation)
+        default = "" if field.default is None else f" (default {field.default})"
+        kwargs: dict[str, Any] = {"dest": name, "default": None,
+                                  "help": f"{field.description}{default}"}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=kind, metavar=name.upper() if choices is None else None,
+                          choices=choices)
+            if many:
+                kwargs["nargs"] = "+"
+        p.add_argument(f"--{name.replace('_', '-')}", **kwargs)
+
+
+def _option_type(annotation: Any) -> tuple[type, tuple | None, bool]:
+    """``(type, choices, several values)`` of a field's annotation."""
+    many = False
+    if get_origin(annotation) in (tuple, list):
+        annotation, many = get_args(annotation)[0], True
+    if get_origin(annotation) is Union:  # X | None
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) is Literal:
+        choices = get_args(annotation)
+        return type(choices[0]), choices, many
+    for base in (bool, int, float, str):
+        if annotation is base or (isinstance(annotation, type) and issubclass(annotation, base)):
+            return base, None, many
+    return str, None, many
+
+
+def _params(schema: type[StageParams], args: argparse.Namespace) -> StageParams:
+    """The stage's ``Params`` from the options given; a bad value is a one-line error naming
+    its option."""
+    given = {name: getattr(args, name) for name in schema.model_fields
+             if getattr(args, name, None) is not None}
+    try:
+        return schema(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors())
+        raise ResidualError(f"invalid option: {problems}") from None
+
+
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     """``--model`` and ``--pretrained``: a model fully named by architecture and weights."""
     p.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
@@ -246,13 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True, choices=["train", "val", "test"])
     p.add_argument("--data-root", default=None, help="dataset root (default data/datasets)")
     p.add_argument("--store-root", default=None, help="store root folder or URL (default data)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
-                   help="storage dtype of the raw features (default float32)")
-    p.add_argument("--rows-per-chunk", type=int, default=1024,
-                   help="rows per chunk: the unit of writing and resuming (default 1024)")
+    _add_params(p, extract_stage.Params)
     p.add_argument("--verify", action="store_true",
                    help="decode written chunks first and recompute damaged ones")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -270,9 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="start a LocalCluster with this many worker processes")
     p.add_argument("--memory-limit", default=None, help="per-worker memory limit, e.g. 2GB")
-    p.add_argument("--twonn-samples", type=int, default=50_000,
-                   help="rows subsampled for TwoNN (default 50000)")
-    p.add_argument("--seed", type=int, default=42, help="TwoNN subsample seed (default 42)")
+    _add_params(p, spectral_stage.Params)
     p.add_argument("--force", action="store_true", help="recompute even if up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_spectral)

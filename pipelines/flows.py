@@ -21,16 +21,25 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from prefect import flow
 
 from residual_core.errors import ResidualError
-from residual_core.identity import parse_weights
+from residual_core.identity import WORLD_WEIGHTS, parse_weights
 from residual_core.layout import SPLITS, Layout
+from residual_core.stages.align import Inputs as AlignInputs
+from residual_core.stages.align import Params as AlignParams
+from residual_core.stages.extract import Inputs as ExtractInputs
+from residual_core.stages.extract import Params as ExtractParams
+from residual_core.stages.pretrain import Inputs as PretrainInputs
+from residual_core.stages.pretrain import Params as PretrainParams
+from residual_core.stages.similarity import Inputs as SimilarityInputs
+from residual_core.stages.similarity import Params as SimilarityParams
+from residual_core.stages.spectral import Inputs as SpectralInputs
+from residual_core.stages.spectral import Params as SpectralParams
 
-from .grid import (AlignSettings, Cell, ExtractSettings, Grid, ModelSpec, PretrainSettings,
-                   Settings, SpectralSettings, Split, Stage, load_grid)
+from .grid import Cell, Grid, ModelSpec, Settings, Split, Stage, load_grid
 from .tasks import RunOptions, Runner
 
 __all__ = ["CELL_DEPLOYMENT", "GridRunError", "align_flow", "cell_flow", "experiment_flow",
@@ -63,23 +72,71 @@ def _options(store_root: str | None, data_root: str | None, force: list[Stage] |
     return RunOptions(store_root=store_root, data_root=data_root, force=force or [], **dask)
 
 
+# ------------------------------------------------------------------------------ stage calls
+# Each turns a flow's names into the stage's inputs and runs it through the runner.
+
+
+def _weights(runner: Runner, model: ModelSpec, params: PretrainParams) -> ModelSpec:
+    """``model`` with ``pretrained: world`` replaced by the pretrained checkpoint's path."""
+    if model.pretrained != WORLD_WEIGHTS:
+        return model
+    inputs = PretrainInputs(out_dir=str(runner.layout.checkpoints.resolve()))
+    result = runner.run("pretrain", model.label, inputs, params)
+    return model.model_copy(update={"pretrained": result.checkpoint})
+
+
+def _extract(runner: Runner, model: ModelSpec, dataset: str, splits: Iterable[str],
+             params: ExtractParams) -> dict[str, str]:
+    """Feature store path of each split (``model`` with resolved weights)."""
+    def inputs(split: str) -> ExtractInputs:
+        return ExtractInputs(model=model.name, pretrained=model.pretrained, dataset=dataset,
+                              split=split, store_root=runner.store_root,
+                              data_root=runner.options.data_root)
+    return {split: runner.run("extract", f"{model.label} {dataset} {split}", inputs(split),
+                              params).url
+            for split in splits}
+
+
+def _spectral(runner: Runner, feature_url: str, params: SpectralParams, target: str) -> str:
+    o = runner.options
+    inputs = SpectralInputs(feature_url=feature_url, tables_root=runner.store_root,
+                             address=o.dask_address, n_workers=o.dask_workers,
+                             memory_limit=o.dask_memory_limit)
+    return runner.run("spectral", target, inputs, params).url
+
+
+def _align(runner: Runner, stores: dict[str, str], spectral_url: str, params: AlignParams,
+           target: str) -> list[dict[str, Any]]:
+    inputs = AlignInputs(stores=stores, spectral_url=spectral_url,
+                          tables_root=runner.store_root, data_root=runner.options.data_root)
+    return runner.run("align", target, inputs, params).rows
+
+
+def _similarity(runner: Runner, spectral_url: str, basis_url: str, evr_threshold: float,
+                target: str) -> int:
+    inputs = SimilarityInputs(spectral_url=spectral_url, basis_url=basis_url,
+                               tables_root=runner.store_root)
+    return runner.run("similarity", target, inputs,
+                      SimilarityParams(evr_threshold=evr_threshold)).rows
+
+
 @flow(name="extract")
 def extract_flow(model: ModelSpec, dataset: str, splits: list[Split] = list(SPLITS),
-                 settings: ExtractSettings = ExtractSettings(),
-                 pretrain: PretrainSettings = PretrainSettings(), store_root: str | None = None,
+                 settings: ExtractParams = ExtractParams(),
+                 pretrain: PretrainParams = PretrainParams(), store_root: str | None = None,
                  data_root: str | None = None, force: list[Stage] | None = None
                  ) -> dict[str, str]:
     """Extract (or reuse) the feature stores of ``model`` on ``dataset``; returns
     ``{split: store path}``."""
     runner = Runner(_options(store_root, data_root, force))
-    return runner.extract(runner.weights(model, pretrain), dataset, splits, settings)
+    return _extract(runner, _weights(runner, model, pretrain), dataset, splits, settings)
 
 
 @flow(name="spectral")
 def spectral_flow(model: ModelSpec, dataset: str, split: Split = "train",
-                  settings: SpectralSettings = SpectralSettings(),
-                  extract: ExtractSettings = ExtractSettings(),
-                  pretrain: PretrainSettings = PretrainSettings(), store_root: str | None = None,
+                  settings: SpectralParams = SpectralParams(),
+                  extract: ExtractParams = ExtractParams(),
+                  pretrain: PretrainParams = PretrainParams(), store_root: str | None = None,
                   data_root: str | None = None, force: list[Stage] | None = None,
                   address: str | None = None, n_workers: int | None = None,
                   memory_limit: str | None = None) -> str:
@@ -88,13 +145,14 @@ def spectral_flow(model: ModelSpec, dataset: str, split: Split = "train",
     spectral store's path."""
     runner = Runner(_options(store_root, data_root, force, dask_address=address,
                              dask_workers=n_workers, dask_memory_limit=memory_limit))
-    return _spectral_of(runner, runner.weights(model, pretrain), dataset, split, extract,
+    return _spectral_of(runner, _weights(runner, model, pretrain), dataset, split, extract,
                         settings)
 
 
 @flow(name="align")
-def align_flow(model: ModelSpec, dataset: str, settings: AlignSettings, basis: str | None = None,
-               pretrain: PretrainSettings = PretrainSettings(), store_root: str | None = None,
+def align_flow(model: ModelSpec, dataset: str, settings: AlignParams = AlignParams(),
+               basis: str | None = None, pretrain: PretrainParams = PretrainParams(),
+               store_root: str | None = None,
                data_root: str | None = None, force: list[Stage] | None = None
                ) -> list[dict[str, Any]]:
     """Align every method × seed on the extracted train/val/test stores of ``dataset`` with the
@@ -102,37 +160,37 @@ def align_flow(model: ModelSpec, dataset: str, settings: AlignSettings, basis: s
     computed (:func:`extract_flow`, :func:`spectral_flow`). ``data_root``: where ``finetune``
     reads the images. Returns the evaluations."""
     runner = Runner(_options(store_root, data_root, force))
-    model = runner.weights(model, pretrain)
+    model = _weights(runner, model, pretrain)
 
     layout, weights = Layout.of(runner.store_root), parse_weights(model.name, model.pretrained)
     stores = {split: layout.feature_store(weights, dataset, split) for split in SPLITS}
     bases = Layout.spectral_store(layout.feature_store(weights, basis or dataset, "train"))
-    return runner.align(stores, bases, settings,
+    return _align(runner, stores, bases, settings,
                         f"{model.label} {dataset}")
 
 
 def _run_cell(runner: Runner, cell: Cell, settings: Settings,
               bases: str | None = None) -> list[dict[str, Any]]:
-    model = runner.weights(cell.model, settings.pretrain)
-    stores = runner.extract(model, cell.dataset, SPLITS, settings.extract)
+    model = _weights(runner, cell.model, settings.pretrain)
+    stores = _extract(runner, model, cell.dataset, SPLITS, settings.extract)
     if bases is None:
         bases = _spectral_of(runner, model, cell.basis_dataset, "train", settings.extract,
                              settings.spectral, stores["train"] if cell.basis is None else None)
-    evaluations = runner.align(stores, bases, settings.align, f"{model.label} {cell.dataset}")
+    evaluations = _align(runner, stores, bases, settings.align, f"{model.label} {cell.dataset}")
     if settings.similarity_evr is not None and cell.basis is not None:
         own = _spectral_of(runner, model, cell.dataset, "train", settings.extract,
                            settings.spectral, stores["train"])
-        runner.similarity(own, bases, settings.similarity_evr, f"{model.label} {cell.dataset}")
+        _similarity(runner, own, bases, settings.similarity_evr, f"{model.label} {cell.dataset}")
     return [{"cell": cell.label, **row} for row in evaluations]
 
 
 def _spectral_of(runner: Runner, model: ModelSpec, dataset: str, split: str,
-                 extract: ExtractSettings, spectral: SpectralSettings,
+                 extract_params: ExtractParams, spectral_params: SpectralParams,
                  store: str | None = None) -> str:
     """The spectral store of ``dataset``'s ``split`` (its feature store extracted first unless
     given)."""
-    store = store or runner.extract(model, dataset, [split], extract)[split]
-    return runner.spectral(store, spectral, f"{model.label} {dataset} {split}")
+    store = store or _extract(runner, model, dataset, [split], extract_params)[split]
+    return _spectral(runner, store, spectral_params, f"{model.label} {dataset} {split}")
 
 
 @flow(name="cell")
@@ -237,7 +295,7 @@ def experiment_flow(grid: Grid | str = "paper", force: list[Stage] | None = None
     settings = grid.settings()
     # Inputs several cells share are made first, here, so that cells running in parallel on
     # several workers never write (or force) the same output.
-    weights = {m: runner.weights(m, settings.pretrain) for m in grid.models()}
+    weights = {m: _weights(runner, m, settings.pretrain) for m in grid.models()}
     cells = [c.model_copy(update={"model": weights[c.model]}) for c in grid.cells()]
     bases = {(model, basis): _spectral_of(runner, model, basis, "train", settings.extract,
                                           settings.spectral)

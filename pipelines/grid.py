@@ -25,42 +25,25 @@ import difflib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from residual_core.errors import ResidualError
 from residual_core.identity import EMBEDDED_MODEL, WORLD_WEIGHTS, WeightsId
+from residual_core.stages import STAGES
+from residual_core.stages.align import DEFAULT_METHODS
+from residual_core.stages.align import Params as AlignParams
+from residual_core.stages.extract import Params as ExtractParams
+from residual_core.stages.extract import Split
+from residual_core.stages.pretrain import Params as PretrainParams
+from residual_core.stages.spectral import Params as SpectralParams
 
-if TYPE_CHECKING:
-    from residual_core.align_stage import AlignParams
-    from residual_core.spectral_store import SpectralParams
+__all__ = ["NAMED_GRIDS", "STAGES", "Cell", "Grid", "GridError", "ModelSpec", "Settings", "Split",
+           "Stage", "Sweep", "load_grid", "validation_message"]
 
-__all__ = [
-    "NAMED_GRIDS",
-    "STAGES",
-    "WORLD_WEIGHTS",
-    "AlignSettings",
-    "Cell",
-    "ExtractSettings",
-    "Grid",
-    "GridError",
-    "ModelSpec",
-    "PretrainSettings",
-    "Settings",
-    "SpectralSettings",
-    "Split",
-    "Stage",
-    "Sweep",
-    "load_grid",
-    "validation_message",
-]
-
-Stage = Literal["pretrain", "extract", "spectral", "align", "similarity"]
-"""Pipeline stages (what ``--force`` names)."""
-STAGES: tuple[str, ...] = get_args(Stage)
-
-Split = Literal["train", "val", "test"]
+Stage = Literal[tuple(STAGES)]  # type: ignore[valid-type]
+"""A stage name (what ``--force`` names)."""
 
 
 
@@ -134,76 +117,13 @@ class ModelSpec(_Frozen):
         return WeightsId(self.name, self.pretrained).label
 
 
-class AlignSettings(_Frozen):
-    """The align stage (:func:`residual_core.align_stage.run_align`): every method × seed on a
-    task's stores, and the head-selection experiment."""
-
-    methods: list[str] = Field(min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    epochs: int = Field(30, ge=0)
-    patience: int = Field(5, ge=1)
-    lambda_init: Literal["ones", "randn"] = "ones"
-    finetune_epochs: int = Field(30, ge=0)
-    head_selection: bool = True
-    random_seeds: int = Field(10, ge=1)
-
-    @field_validator("methods")
-    @classmethod
-    def _known_methods(cls, methods: list[str]) -> list[str]:
-        from residual_core.residual import PRESETS
-
-        unknown = [m for m in methods if m not in PRESETS]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; known methods: {', '.join(PRESETS)}")
-        return methods
-
-    def params(self) -> "AlignParams":
-        from residual_core.align_stage import AlignParams
-
-        return AlignParams(**{k: tuple(v) if isinstance(v, list) else v
-                              for k, v in self.model_dump().items()})
-
-
-class ExtractSettings(_Frozen):
-    """Extraction settings (:func:`residual_core.extract.extract`); only ``feature_dtype`` and
-    ``rows_per_chunk`` change what a store holds."""
-
-    batch_size: int = Field(64, ge=1)
-    feature_dtype: Literal["float32", "float16"] = "float32"
-    rows_per_chunk: int = Field(1024, ge=1)
-    num_workers: int | None = Field(None, ge=0)
-    device: str | None = None
-
-
-class SpectralSettings(_Frozen):
-    """Spectral-stage parameters (:class:`residual_core.spectral_store.SpectralParams`)."""
-
-    twonn_max_samples: int = Field(50_000, ge=3)
-    twonn_discard_fraction: float = Field(0.1, ge=0, lt=1)
-    seed: int = 42
-
-    def params(self) -> "SpectralParams":
-        from residual_core.spectral_store import SpectralParams
-
-        return SpectralParams(**self.model_dump())
-
-
-class PretrainSettings(_Frozen):
-    """Pretraining of the embedded model on the synthetic world (for ``pretrained: world``);
-    ``None`` keeps :class:`residual_core.pretrain.PretrainConfig`'s value."""
-
-    seed: int = 0
-    steps: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=2)
-
-
 class Settings(_Frozen):
     """Stage settings shared by every cell of a grid."""
 
-    align: AlignSettings
-    extract: ExtractSettings = ExtractSettings()
-    spectral: SpectralSettings = SpectralSettings()
-    pretrain: PretrainSettings = PretrainSettings()
+    align: AlignParams = AlignParams()
+    extract: ExtractParams = ExtractParams()
+    spectral: SpectralParams = SpectralParams()
+    pretrain: PretrainParams = PretrainParams()
     similarity_evr: float | None = Field(None, gt=0, le=1)
     """When set, the bases of each cell's own train split are compared with those of its sweep's
     basis dataset (basis similarity at this EVR truncation, table ``basis_similarity``); cells
@@ -275,9 +195,6 @@ PAPER_MODELS = (("ViT-B-16", "laion2b_s34b_b88k"), ("ViT-L-14", "laion2b_s32b_b8
                 ("ViT-B-16", "openai"), ("ViT-L-14", "openai"))
 """The open_clip models of METHOD §4 (BLIP and the vision-only ViTs are not open_clip models)."""
 
-ALIGN_METHODS = ("zero-shot", "residual-star", "residual-full", "coarse", "linear")
-"""``residual_core.align_stage.DEFAULT_METHODS`` (fine-tuning is opt-in: it runs the backbone)."""
-
 
 def _world_sweep() -> dict:
     return {"models": [{"name": EMBEDDED_MODEL, "pretrained": WORLD_WEIGHTS}],
@@ -287,7 +204,7 @@ def _world_sweep() -> dict:
 def _named(name: str) -> dict:
     from residual_core.datasets import PAPER_DATASETS
 
-    align = {"methods": list(ALIGN_METHODS)}
+    align = {"methods": list(DEFAULT_METHODS)}
     if name == "paper":
         paper = {"models": [{"name": n, "pretrained": t} for n, t in PAPER_MODELS],
                  "datasets": list(PAPER_DATASETS), "basis": "imagenet"}

@@ -26,7 +26,7 @@ import copy
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -234,12 +234,6 @@ class FitResult:
     basis_dataset: str | None
     state: dict[str, np.ndarray] = field(repr=False)
     history: list[dict[str, float]] = field(default_factory=list, repr=False)
-
-    def as_row(self) -> dict[str, Any]:
-        """A flat dict without the weights (for a results table)."""
-        row = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name not in ("state", "history", "params")}  # asdict would copy the weights
-        return {**row, **{f"param_{k}": v for k, v in self.params.items()}}
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -23,34 +22,14 @@ from .identity import WeightsId, config_hash, slug
 from .layout import Layout, zarr_target
 from .residual import SpectralBases
 from .spectral_store import SpectralStore, run_spectral
+from .stages.align import Result
+from .stages.align import Params as AlignParams
 from .store import FeatureStore
 from .tables import write_rows
 
 ALIGN_VERSION = 1
-DEFAULT_METHODS = ("zero-shot", "residual-star", "residual-full", "coarse", "linear")
-
-
-@dataclass
-class AlignParams:
-    """Settings of one align run (all part of its cache key)."""
-
-    methods: Sequence[str] = DEFAULT_METHODS
-    seeds: Sequence[int] = (0,)
-    epochs: int = 30
-    patience: int = 5
-    lambda_init: str = "ones"
-    finetune_epochs: int = 30
-    head_selection: bool = True
-    random_seeds: int = 10
-
-
-@dataclass
-class AlignResult:
-    rows: list[dict]
-    weights_url: str
-    basis_url: str
-    seconds: float
-    head_selection_rows: list[dict] = field(default_factory=list)
+AlignResult = Result
+"""What :func:`run_align` returns (the align stage's result)."""
 
 
 def load_bases(spectral_url: str) -> SpectralBases:
@@ -83,8 +62,7 @@ def align_key(train_url: str, val_url: str, test_url: str, basis_url: str,
         "stores": [FeatureStore.open(u).attrs["config_hash"]
                    for u in (train_url, val_url, test_url)],
         "basis": SpectralStore.open(basis_url).attrs["config_hash"],
-        "params": {k: list(v) if isinstance(v, (list, tuple)) else v
-                   for k, v in params.__dict__.items()},
+        "params": params.model_dump(mode="json"),
         "version": ALIGN_VERSION})
 
 
@@ -122,7 +100,8 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
                    for r in head_selection(val_url, test_url, bases=bases,
                                            random_seeds=params.random_seeds)]
         write_rows(root, "head_selection", hs_rows, key=task_key, provenance=provenance)
-    return AlignResult(rows, weights, basis_url, time.perf_counter() - start, hs_rows)
+    return AlignResult(rows=rows, weights_url=weights, basis_url=basis_url,
+                       seconds=time.perf_counter() - start, head_selection_rows=hs_rows)
 
 
 def _fit_one(method, seed, train_url, val_url, test_url, bases, params, data_root,

@@ -10,10 +10,10 @@ refuses a second concurrent writer.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,26 +27,17 @@ from tqdm.auto import tqdm
 from .datasets import load_dataset
 from .decompose import RAW_FIELDS, decompose, readout_maps
 from .errors import StoreError
-from .identity import config_hash, parse_dataset
-from .layout import Layout, is_local, local_path
+from .identity import WeightsId, config_hash, parse_dataset, parse_weights
+from .layout import Layout, is_local, local_path, remove_tree
 from .models import LoadedModel, default_device, load_model
+from .stages.extract import Params as ExtractParams
+from .stages.extract import Result
 from .store import DECOMPOSITION_VERSION, SCHEMA_VERSION, FeatureStore, StoreDims
 from .zeroshot import text_classifier
 
 
-@dataclass
-class ExtractResult:
-    """What an extraction did: the store, and how many row chunks it computed now."""
-
-    url: str
-    computed_chunks: int
-    total_chunks: int
-    rows_computed: int
-    seconds: float
-
-    @property
-    def was_cached(self) -> bool:
-        return self.computed_chunks == 0
+ExtractResult = Result
+"""What :func:`extract` returns (the extract stage's result)."""
 
 
 class _ChunkBatches(Sampler):
@@ -66,9 +57,9 @@ class _ChunkBatches(Sampler):
                    for s in (self.store.chunk_rows(int(c)) for c in self.chunks))
 
 
-def extraction_config(loaded: LoadedModel, dataset: str, split: str, indices: np.ndarray,
-                      feature_dtype: str, rows_per_chunk: int,
-                      dataset_content: dict[str, Any] | None = None) -> dict[str, Any]:
+def store_config(weights: WeightsId, dataset: str, split: str, indices: np.ndarray,
+                 params: ExtractParams, dataset_content: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
     """What determines a store's content (its config hash covers exactly this).
 
     ``dataset_content``: the content identity of a dataset given as files
@@ -77,17 +68,47 @@ def extraction_config(loaded: LoadedModel, dataset: str, split: str, indices: np
     """
     content = {} if dataset_content is None else {"dataset_content": dataset_content}
     return {
-        **loaded.weights.as_dict(),
+        **weights.as_dict(),
         **content,
         "dataset": dataset,
         "split": split,
         "n_samples": int(len(indices)),
         "indices_sha1": _sha1(np.ascontiguousarray(indices, dtype=np.int64)),
-        "feature_dtype": feature_dtype,
-        "rows_per_chunk": rows_per_chunk,
+        "feature_dtype": params.feature_dtype,
+        "rows_per_chunk": params.rows_per_chunk,
         "decomposition_version": DECOMPOSITION_VERSION,
         "schema_version": SCHEMA_VERSION,
     }
+
+
+def _config(weights: WeightsId, dataset: str, split: str, indices: np.ndarray,
+            params: ExtractParams, layout: Layout) -> dict[str, Any]:
+    ref = parse_dataset(dataset)
+    return store_config(weights, dataset, split, indices, params,
+                        ref.content_identity(cache=layout.manifest(ref)))
+
+
+def store_config_hash(weights: WeightsId, dataset: str, split: str, params: ExtractParams, *,
+                      data_root: str | Path | None = None,
+                      store_root: str | Path | None = None) -> str:
+    """The config hash :func:`extract` gives the store of these arguments, without loading the
+    model or decoding an image (the dataset's listing gives the split's sample ids)."""
+    data = load_dataset(dataset, split, data_root=data_root)
+    return config_hash(_config(weights, dataset, split, data.indices, params,
+                               Layout.of(store_root)))
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded_model(model: str, pretrained: str | None, device: str,
+                  weights: WeightsId) -> LoadedModel:
+    return load_model(model, pretrained, device=device)
+
+
+def loaded_model(model: str, pretrained: str | None, device: str | None = None) -> LoadedModel:
+    """The model, loaded once per process for consecutive calls with the same weights (the
+    splits of a task; a rewritten checkpoint file has another identity and is loaded again)."""
+    return _loaded_model(model, pretrained, device or default_device(),
+                         parse_weights(model, pretrained))
 
 
 def extract(
@@ -95,14 +116,10 @@ def extract(
     pretrained: str | None,
     dataset: str,
     split: str,
+    params: ExtractParams | None = None,
     *,
     data_root: str | Path | None = None,
     store_root: str | Path | None = None,
-    batch_size: int = 64,
-    num_workers: int | None = None,
-    device: str | None = None,
-    feature_dtype: str = "float32",
-    rows_per_chunk: int = 1024,
     verify: bool = False,
     progress: bool = True,
     loaded: LoadedModel | None = None,
@@ -112,13 +129,10 @@ def extract(
     Args:
         model, pretrained: open_clip name and tag / checkpoint path / None (random weights).
         dataset, split: a registered dataset name (or ``imagefolder:PATH``) and ``train|val|test``.
-        data_root: where datasets live (default ``$RESIDUAL_DATA_ROOT/datasets``).
+        params: batch size, storage dtype, rows per chunk, DataLoader workers, device
+            (:class:`residual_core.stages.extract.Params`).
+        data_root: where datasets live (default ``Layout.of().datasets``).
         store_root: local folder or fsspec URL under which stores live (default ``data/``).
-        batch_size: images per forward pass (batches never cross row chunks).
-        num_workers: DataLoader worker processes (default: ``min(4, cpus - 1)``).
-        device: ``cuda``/``cpu`` (default CUDA when present).
-        feature_dtype: ``float32`` or ``float16`` storage of the raw arrays (LN stats stay float32).
-        rows_per_chunk: rows per written chunk (the unit of resumption).
         verify: decode every already-written chunk first and recompute damaged ones.
         progress: show a progress bar (images/s and ETA).
         loaded: an already loaded model (skips loading; must match ``model``/``pretrained``).
@@ -127,25 +141,25 @@ def extract(
         :class:`ExtractResult`; ``computed_chunks == 0`` when the store was already complete.
     """
     start = time.perf_counter()
-    device = device or default_device()
+    params = params or ExtractParams()
     if loaded is None:
-        loaded = load_model(model, pretrained, device=device)
+        loaded = load_model(model, pretrained, device=params.device or default_device())
     data = load_dataset(dataset, split, data_root=data_root, transform=loaded.preprocess)
     layout = Layout.of(store_root)
-    ref = parse_dataset(dataset)
-    config = extraction_config(loaded, dataset, split, data.indices, feature_dtype, rows_per_chunk,
-                               ref.content_identity(cache=layout.manifest(ref)))
+    config = _config(loaded.weights, dataset, split, data.indices, params, layout)
     chash = config_hash(config)
+    rows_per_chunk, feature_dtype = params.rows_per_chunk, params.feature_dtype
     url = layout.feature_store(loaded.weights, dataset, split)
     with _writer_lock(url):
         store = _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dtype)
         if verify:
             store.mark_pending(store.verify())
         pending = store.pending_chunks()
-        rows = _compute(store, loaded, data, pending, batch_size, num_workers, progress)
+        rows = _compute(store, loaded, data, pending, params.batch_size, params.num_workers,
+                        progress)
         store.finalize()
-    return ExtractResult(url, len(pending), store.dims.row_chunk, rows,
-                         time.perf_counter() - start)
+    return ExtractResult(url=url, computed_chunks=len(pending), total_chunks=store.dims.row_chunk,
+                         rows_computed=rows, seconds=time.perf_counter() - start)
 
 
 def _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dtype) -> FeatureStore:
@@ -256,6 +270,13 @@ class _writer_lock:
     def __exit__(self, *exc):
         if self.lock is not None:
             self.lock.release()
+
+
+def remove_store(url: str) -> None:
+    """Delete a feature store (``--force``), holding the writer lock: a running extraction of
+    it is not pulled from under it (the lock refuses instead)."""
+    with _writer_lock(url):
+        remove_tree(url)
 
 
 def _remote_exists(url: str) -> bool:

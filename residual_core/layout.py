@@ -7,12 +7,12 @@
     <root>/features/<model>/<weights>/<dataset>/align.zarr              a task's align weights
     <root>/tables/<table>/<model>/<dataset>/part-<key>.parquet          result tables
     <root>/checkpoints/            pretrained checkpoints (the embedded world)
-    <root>/prefect-results/        Prefect task results (cache records)
+    <root>/stage-records/          the JSON result of each stage run, by stage key
     <root>/reports/<name>/         Markdown reports and plots
     <root>/cache/manifests/        content manifests of datasets given as files
     <root>/datasets/               the default dataset root
 
-Checkpoints, Prefect results and manifests are always local (a remote store root keeps them
+Checkpoints, stage records and manifests are always local (a remote store root keeps them
 under the default local root). ``$RESIDUAL_DATA_ROOT`` (default ``./data``) is read here only.
 Every name that becomes a path component goes through :func:`component`, which refuses ``..``
 and the like. This module imports neither torch nor zarr.
@@ -21,6 +21,7 @@ and the like. This module imports neither torch nor zarr.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from .errors import ResidualError
 from .identity import DatasetRef, WeightsId, slug
 
 __all__ = ["DATA_ROOT_ENV", "SPLITS", "FeatureStorePath", "Layout", "component", "data_root",
-           "is_local", "local_path", "zarr_target"]
+           "is_local", "local_path", "remove_tree", "zarr_target"]
 
 DATA_ROOT_ENV = "RESIDUAL_DATA_ROOT"
 SPLITS = ("train", "val", "test")
@@ -55,6 +56,18 @@ def local_path(url: str | os.PathLike) -> Path:
 def zarr_target(url: str) -> str:
     """Local stores as plain paths (Zarr's fsspec store does not create local folders)."""
     return str(local_path(url)) if is_local(url) else url
+
+
+def remove_tree(url: str) -> None:
+    """Delete a store (a folder, local or fsspec) if it exists."""
+    if is_local(url):
+        shutil.rmtree(local_path(url), ignore_errors=True)
+        return
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def component(name: str, what: str) -> str:
@@ -158,8 +171,9 @@ class Layout:
         return self.local_root / "checkpoints"
 
     @property
-    def prefect_results(self) -> Path:
-        return self.local_root / "prefect-results"
+    def stage_records(self) -> Path:
+        """The JSON record of each stage run, by stage key (what a rerun returns as cached)."""
+        return self.local_root / "stage-records"
 
     def reports(self, name: str) -> Path:
         return self.local_root / "reports" / component(name, "report")

@@ -33,7 +33,7 @@ from torch import nn
 from .errors import ResidualError, ShapeError
 from .identity import WeightsId
 from .spectral import PCAResult, _k_at, pca_units  # _k_at: spectral's own K-at-EVR rule
-from .units import Unit
+from .units import KINDS, Unit
 
 if TYPE_CHECKING:  # only for annotations: the store module pulls in zarr and dask
     from .store import FeatureStore
@@ -64,8 +64,6 @@ ABLATIONS = ("sum", "zero", "mean")
 LAMBDA_INITS = ("ones", "randn")
 """``ones`` (= the zero-shot model when nothing is dropped) or ``randn``: N(1, 1), seeded."""
 
-KINDS = ("emb", "mlp", "head")
-"""Unit kinds, in the order adapted units are grouped inside a module."""
 
 class AlignInputError(ResidualError, ValueError):
     """Inputs the align stage cannot use: bad options, labels outside the classes, shapes."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -18,6 +17,8 @@ import zarr
 from tqdm.auto import tqdm
 
 from .errors import StoreError
+from .stages.spectral import Params as SpectralParams
+from .stages.spectral import Result
 from .spectral import PCAResult, basis_similarity_table, pca_units, sample_rows, twonn, unit_stats
 from .identity import WeightsId, config_hash
 from .layout import Layout, is_local, local_path, zarr_target
@@ -29,21 +30,15 @@ SPECTRAL_VERSION = 1
 FORMAT_NAME = "residual-spectral-store"
 
 
-@dataclass
-class SpectralParams:
-    """Parameters of the spectral stage (part of its cache key)."""
-
-    twonn_max_samples: int = 50_000
-    twonn_discard_fraction: float = 0.1
-    seed: int = 42
+SpectralResult = Result
+"""What :func:`run_spectral` returns (the spectral stage's result)."""
 
 
-@dataclass
-class SpectralResult:
-    url: str
-    feature_url: str
-    computed: bool
-    seconds: float
+def spectral_key(feature_config_hash: str, params: SpectralParams) -> str:
+    """The config hash of the spectral store of a feature store (by its config hash) with these
+    parameters: what the store records, and the spectral stage's identity."""
+    return config_hash({"source": feature_config_hash, "params": params.model_dump(),
+                        "version": SPECTRAL_VERSION})
 
 
 @contextlib.contextmanager
@@ -116,13 +111,13 @@ def run_spectral(feature_url: str, params: SpectralParams | None = None, *,
     params = params or SpectralParams()
     features = FeatureStore.open(feature_url)
     url = Layout.spectral_store(feature_url)
-    key = config_hash({"source": features.attrs["config_hash"], "params": params.__dict__,
-                       "version": SPECTRAL_VERSION})
+    key = spectral_key(features.attrs["config_hash"], params)
     if not force:
         with contextlib.suppress(StoreError):
             existing = SpectralStore.open(url)
             if existing.attrs.get("config_hash") == key:
-                return SpectralResult(url, feature_url, False, time.perf_counter() - start)
+                return SpectralResult(url=url, feature_url=feature_url, computed=False,
+                                      seconds=time.perf_counter() - start)
 
     y = features.contributions()
     with dask_client(address, n_workers, memory_limit):
@@ -151,7 +146,8 @@ def run_spectral(feature_url: str, params: SpectralParams | None = None, *,
     rows_key = f"spectral-{features.attrs['config_hash']}"
     write_rows(root, "spectra", spectra_rows, key=rows_key, provenance=provenance)
     write_rows(root, "unit_stats", stats_rows, key=rows_key, provenance=provenance)
-    return SpectralResult(url, feature_url, True, time.perf_counter() - start)
+    return SpectralResult(url=url, feature_url=feature_url, computed=True,
+                          seconds=time.perf_counter() - start)
 
 
 def _twonn_all(features: FeatureStore, params: SpectralParams, progress: bool) -> list[float]:
@@ -180,7 +176,7 @@ def _write_store(url: str, features: FeatureStore, results: list[PCAResult], key
         group.create_array(name, shape=value.shape, chunks=chunks, dtype="float64")[...] = value
     group.attrs.update({
         "format": FORMAT_NAME, "spectral_version": SPECTRAL_VERSION, "config_hash": key,
-        "params": params.__dict__, "feature_store": features.url,
+        "params": params.model_dump(), "feature_store": features.url,
         "feature_config_hash": features.attrs["config_hash"],
         "units": features.attrs["units"], "n_samples": int(results[0].n_samples),
         "n_units": n_units, "embed_dim": dim,
@@ -206,8 +202,13 @@ def similarity(spectral_a: str, spectral_b: str, evr_threshold: float = 0.9,
              "other_dataset": b.attrs["dataset"], "split": a.attrs["split"],
              "other_split": b.attrs["split"], "evr_threshold": evr_threshold}
     rows = [{**extra, **r} for r in rows]
-    key = config_hash({"a": a.attrs["config_hash"], "b": b.attrs["config_hash"],
-                       "t": evr_threshold})
+    key = similarity_key(a.attrs["config_hash"], b.attrs["config_hash"], evr_threshold)
     write_rows(tables_root or Layout.of_store(a.attrs["feature_store"]).root, "basis_similarity",
-               rows, key=key)
+               rows, key=key, provenance={"pretrained": a.attrs.get("pretrained"),
+                                          "config_hash": key})
     return rows
+
+
+def similarity_key(a_config_hash: str, b_config_hash: str, evr_threshold: float) -> str:
+    """The key of the basis-similarity rows of two spectral stores (by their config hashes)."""
+    return config_hash({"a": a_config_hash, "b": b_config_hash, "t": evr_threshold})

@@ -134,3 +134,18 @@ def sql(root: str | Path, query: str, tables: Iterable[str] | None = None) -> pa
         return con.sql(query).to_arrow_table()
     except duckdb.Error as exc:
         raise ResidualError(f"SQL error: {str(exc).splitlines()[0]}") from None
+
+
+def matching_rows(root: str | Path, table: str, model: str, dataset: str,
+                  **values: Any) -> list[dict[str, Any]]:
+    """The rows of ``table`` of ``model`` on ``dataset`` with these column values (none when the
+    table or one of the columns does not exist yet)."""
+    try:
+        return read_table(root, table, model=model, dataset=dataset, filters=values).to_pylist()
+    except ResidualError:
+        return []
+
+
+def has_rows(root: str | Path, table: str, model: str, dataset: str, **values: Any) -> bool:
+    """Whether :func:`matching_rows` finds any."""
+    return bool(matching_rows(root, table, model, dataset, **values))

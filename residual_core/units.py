@@ -7,9 +7,11 @@ attention heads ``L{l}H{h}`` layer-major. ``U = 1 + L + L*H``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 UnitKind = Literal["emb", "mlp", "head"]
+KINDS: tuple[str, ...] = get_args(UnitKind)
+"""Unit kinds, in canonical order (the order adapted units are grouped in inside a module)."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from residual_core import align
 from residual_core.datasets import load_dataset
 from residual_core.errors import StoreError
 from residual_core.extract import extract
+from residual_core.stages.extract import Params as ExtractParams
 from residual_core.models import EMBEDDED_MODEL, load_model
 from residual_core.residual import (PRESETS, AlignInputError, BasisMismatchError, CoarseResiDual,
                                     ResiDual, SpectralBases, UnknownPresetError, build_adapter,
@@ -41,9 +42,9 @@ def stores(tiny, folder, tmp_path_factory):
     root = tmp_path_factory.mktemp("stores")
     out = {}
     for split in ("train", "val", "test"):
-        res = extract(EMBEDDED_MODEL, None, f"imagefolder:{folder}", split, store_root=root,
-                      loaded=tiny, batch_size=64, rows_per_chunk=32, num_workers=0,
-                      progress=False, device="cpu")
+        res = extract(EMBEDDED_MODEL, None, f"imagefolder:{folder}", split,
+                      ExtractParams(batch_size=64, rows_per_chunk=32, num_workers=0, device="cpu"),
+                      store_root=root, loaded=tiny, progress=False)
         out[split] = FeatureStore.open(res.url)
     return out
 

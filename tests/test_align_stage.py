@@ -9,6 +9,7 @@ import pytest
 from builders import write_image_folder
 from residual_core.align_stage import AlignParams, run_align, stored_lambdas
 from residual_core.extract import extract
+from residual_core.stages.extract import Params as ExtractParams
 from residual_core.models import EMBEDDED_MODEL, load_model
 from residual_core.layout import Layout
 from residual_core.tables import read_table
@@ -19,9 +20,9 @@ def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("align")
     folder = write_image_folder(root / "imgs", ["a", "b", "c"], 50, size=32, seed=5)
     tiny = load_model(EMBEDDED_MODEL, None, device="cpu", seed=0)
-    urls = [extract(EMBEDDED_MODEL, None, f"imagefolder:{folder}", s, store_root=root / "st",
-                    loaded=tiny, batch_size=16, rows_per_chunk=32, num_workers=0,
-                    progress=False, device="cpu").url for s in ("train", "val", "test")]
+    urls = [extract(EMBEDDED_MODEL, None, f"imagefolder:{folder}", s,
+                    ExtractParams(batch_size=16, rows_per_chunk=32, num_workers=0, device="cpu"),
+                    store_root=root / "st", loaded=tiny, progress=False).url for s in ("train", "val", "test")]
     return root, urls
 
 
@@ -95,9 +96,9 @@ def test_finetune_reads_the_images_from_the_given_data_root(tmp_path, monkeypatc
     write_cifar(data_root, "cifar-10-batches-py", files, "labels", "batches.meta",
                 "label_names", n_classes=10, per_file=[20] * 5 + [20])
     monkeypatch.setenv("RESIDUAL_DATA_ROOT", str(tmp_path / "elsewhere"))  # default: no CIFAR
-    urls = [extract(EMBEDDED_MODEL, None, "cifar10", s, data_root=data_root,
-                    store_root=tmp_path / "st", batch_size=32, num_workers=0, progress=False,
-                    device="cpu").url for s in ("train", "val", "test")]
+    urls = [extract(EMBEDDED_MODEL, None, "cifar10", s,
+                    ExtractParams(batch_size=32, num_workers=0, device="cpu"),
+                    data_root=data_root, store_root=tmp_path / "st", progress=False).url for s in ("train", "val", "test")]
     params = AlignParams(methods=("zero-shot", "finetune"), finetune_epochs=1, patience=1,
                          head_selection=False)
     with pytest.raises(DatasetNotFoundError, match="elsewhere"):

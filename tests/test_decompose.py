@@ -6,7 +6,7 @@ import torch
 
 from residual_core.decompose import (
     RawContributions, ReadoutMaps, decompose, project, readout_maps)
-from residual_core.sample_images import sample_crops
+from builders import sample_crops
 from residual_core.errors import ShapeError, UnsupportedModelError
 from residual_core.models import EMBEDDED_MODEL, load_model
 

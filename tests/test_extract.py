@@ -17,6 +17,7 @@ from residual_core.datasets import load_dataset
 from residual_core.decompose import RAW_FIELDS, decompose
 from residual_core.errors import DatasetNotFoundError, StoreError
 from residual_core.extract import extract
+from residual_core.stages.extract import Params as ExtractParams
 from residual_core.models import EMBEDDED_MODEL, load_model
 from residual_core.store import FeatureStore
 
@@ -34,9 +35,12 @@ def folder(tmp_path_factory):
 
 
 def run(tiny, dataset, split, root, **kw):
-    kw = {"batch_size": 8, "rows_per_chunk": 16, "num_workers": 0, "progress": False,
-          "device": "cpu", **kw}
-    return extract(EMBEDDED_MODEL, None, dataset, split, store_root=root, loaded=tiny, **kw)
+    """Extract with small chunks; ``kw``: extract() arguments and ExtractParams fields."""
+    settings = {k: kw.pop(k) for k in list(kw) if k in ExtractParams.model_fields}
+    params = ExtractParams(**{"batch_size": 8, "rows_per_chunk": 16, "num_workers": 0,
+                              "device": "cpu", **settings})
+    return extract(EMBEDDED_MODEL, None, dataset, split, params, store_root=root, loaded=tiny,
+                   progress=False, **kw)
 
 
 def direct(tiny, dataset, split, **kw):
@@ -111,7 +115,7 @@ def test_kill_9_then_resume_gives_the_clean_store(tiny, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [str(BIN), "extract", "--model", EMBEDDED_MODEL, "--dataset", name, "--split", "train",
            "--store-root", str(tmp_path / "killed"), "--batch-size", "8", "--rows-per-chunk", "16",
-           "--workers", "0", "--device", "cpu", "--quiet"]
+           "--num-workers", "0", "--device", "cpu", "--quiet"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     done_path = None
     deadline = time.time() + 180
@@ -149,8 +153,9 @@ def test_mismatched_config_is_an_error(tiny, folder, tmp_path):
     ckpt = tmp_path / "w.pt"
     torch.save(other.model.state_dict(), ckpt)
     # Same weights under another identity (a checkpoint) get their own store, never a mix.
-    res = extract(EMBEDDED_MODEL, str(ckpt), name, "test", store_root=tmp_path, batch_size=8,
-                  rows_per_chunk=16, num_workers=0, progress=False, device="cpu")
+    res = extract(EMBEDDED_MODEL, str(ckpt), name, "test",
+                  ExtractParams(batch_size=8, rows_per_chunk=16, num_workers=0, device="cpu"),
+                  store_root=tmp_path, progress=False)
     assert "ckpt-" in res.url and res.computed_chunks == res.total_chunks
 
 

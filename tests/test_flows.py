@@ -4,6 +4,7 @@ and reruns recompute exactly the stages whose inputs, parameters or outputs chan
 Prefect runs in ephemeral mode with a temporary PREFECT_HOME (set for the session in conftest.py).
 """
 
+import dataclasses
 import json
 import shutil
 import os
@@ -18,14 +19,12 @@ from prefect.client.schemas.sorting import FlowRunSort  # noqa: E402
 from prefect.exceptions import ParameterTypeError  # noqa: E402
 
 from builders import write_image_folder  # noqa: E402
-from pipelines import tasks  # noqa: E402
 from pipelines.flows import experiment_flow, extract_flow, spectral_flow  # noqa: E402
-from pipelines.grid import (ALIGN_METHODS, AlignSettings, GridError,  # noqa: E402
-                            SpectralSettings, load_grid)
-from residual_core.align_stage import DEFAULT_METHODS, AlignParams  # noqa: E402
+from pipelines.grid import GridError, load_grid  # noqa: E402
+from residual_core import align_stage, extract as extract_engine, spectral_store  # noqa: E402
 from residual_core.identity import EMBEDDED_MODEL, WeightsId  # noqa: E402
 from residual_core.layout import Layout  # noqa: E402
-from residual_core.spectral_store import SpectralParams  # noqa: E402
+from residual_core.stages import STAGES, downstream, extract, spectral  # noqa: E402
 from residual_core.tables import read_table  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -45,8 +44,10 @@ def _temporary_server():
     SubprocessASGIServer().stop()
 
 
-STAGE_FUNCTIONS = {"extract": "extract", "spectral": "run_spectral", "align": "run_align"}
-"""Stage -> the residual_core function its task body calls (as named in pipelines.tasks)."""
+STAGE_FUNCTIONS = {"extract": (extract_engine, "extract"),
+                   "spectral": (spectral_store, "run_spectral"),
+                   "align": (align_stage, "run_align")}
+"""Stage -> the residual_core engine function its stage runs (module, name)."""
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,8 @@ def world(tmp_path_factory):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the calls of the residual_core functions the stage tasks call (the real
-    functions still run: counting, not mocking)."""
+    """Counts the calls of the residual_core engines the stages run (the real functions still
+    run: counting, not mocking)."""
     counter: Counter = Counter()
     kwargs: dict = {}
 
@@ -77,8 +78,8 @@ def calls(monkeypatch):
             return original(*args, **kw)
         return wrapper
 
-    for stage, name in STAGE_FUNCTIONS.items():
-        monkeypatch.setattr(tasks, name, counting(stage, getattr(tasks, name)))
+    for stage, (module, name) in STAGE_FUNCTIONS.items():
+        monkeypatch.setattr(module, name, counting(stage, getattr(module, name)))
     counter.kwargs = kwargs
     return counter
 
@@ -114,7 +115,7 @@ def test_first_run_computes_every_stage_and_writes_the_tables(world, first_run):
     evaluations = read_table(world["store"], "evaluations").to_pylist()
     assert [r["method"] for r in evaluations] == ["residual-star"]
     assert read_table(world["store"], "unit_stats").num_rows == 21  # 1 + 4 + 4 * 4 units
-    assert (world["store"] / "prefect-results").is_dir()
+    assert len(list((world["store"] / "stage-records").glob("*.json"))) == 5
 
 
 def test_second_run_executes_no_stage_body(world, first_run, calls):
@@ -240,30 +241,64 @@ def test_flow_parameters_are_validated_by_prefect(world, calls):
 
 
 def test_force_closure_follows_the_stage_graph():
-    assert tasks.forced_stages(["spectral"]) == {"spectral", "align", "similarity"}
-    assert tasks.forced_stages(["pretrain"]) == set(tasks.DEPENDS_ON)
-    assert tasks.forced_stages([]) == set()
+    assert downstream(["spectral"]) == {"spectral", "align", "similarity"}
+    assert downstream(["pretrain"]) == set(STAGES)
+    assert downstream(["align"]) == {"align"}
+    assert downstream([]) == set()
 
 
-def test_cache_key_covers_upstream_identity_parameters_and_version(world, first_run,
+def test_stage_key_covers_upstream_identity_parameters_and_version(world, first_run,
                                                                    monkeypatch):
-    inputs = {"feature_url": _train_store(world), "settings": SpectralSettings(),
-              "tables_root": str(world["store"])}
-    key = tasks.stage_key("spectral", inputs)
-    assert tasks.stage_key("spectral", inputs) == key
-    assert tasks.stage_key("spectral", {**inputs, "force": True}) == key
-    assert tasks.stage_key("spectral", {**inputs, "settings": SpectralSettings(seed=1)}) != key
-    monkeypatch.setitem(tasks.STAGE_VERSIONS, "spectral", 99)
-    assert tasks.stage_key("spectral", inputs) != key
-    monkeypatch.undo()
+    stage = STAGES["spectral"]
+    inputs = spectral.Inputs(feature_url=_train_store(world), tables_root=str(world["store"]))
+    params = spectral.Params()
+    key = stage.key(inputs, params)
+    assert stage.key(inputs, params) == key
+    assert stage.key(inputs.model_copy(update={"n_workers": 2}), params) == key  # run-only
+    assert stage.key(inputs, spectral.Params(seed=1)) != key
+    assert dataclasses.replace(stage, version=99).key(inputs, params) != key
     # the upstream store's content identity: its config_hash attribute
-    monkeypatch.setattr(tasks, "_store_hash", lambda url: "another-store")
-    assert tasks.stage_key("spectral", inputs) != key
+    monkeypatch.setattr(spectral, "_feature_hash", lambda url: "another-store")
+    assert stage.key(inputs, params) != key
 
 
-def test_grid_defaults_follow_residual_core():
-    assert ALIGN_METHODS == DEFAULT_METHODS
-    assert AlignSettings(methods=list(DEFAULT_METHODS)).params() == AlignParams()
-    assert SpectralSettings().params() == SpectralParams()
+def test_extract_key_is_the_store_config_hash_and_ignores_run_only_settings(world, first_run):
+    stage = STAGES["extract"]
+    inputs = extract.Inputs(model=EMBEDDED_MODEL, dataset=world["grid"]["sweeps"][0]["datasets"][0],
+                            split="train", store_root=str(world["store"]))
+    params = extract.Params(**world["grid"]["extract"])
+    store = extract_engine.FeatureStore.open(inputs.url)
+    assert stage.identity(inputs, params)["config_hash"] == store.attrs["config_hash"]
+    assert stage.is_current(inputs, params)
+    slower = params.model_copy(update={"batch_size": 3, "device": "cpu"})
+    assert stage.key(inputs, slower) == stage.key(inputs, params) and stage.is_current(inputs, slower)
+    other = params.model_copy(update={"rows_per_chunk": 8})
+    assert stage.key(inputs, other) != stage.key(inputs, params)
+    assert not stage.is_current(inputs, other)
+
+
+def test_a_tampered_stage_record_is_recomputed_never_executed(world, first_run, calls, tmp_path):
+    import pickle
+
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    records = sorted((world["store"] / "stage-records").glob("align-*.json"))
+    assert records
+    for record in records:
+        record.write_bytes(pickle.dumps(Payload()))
+    states = _run(world)
+    assert states["align"] == ["Completed"] and calls == {"align": 1}
+    assert not marker.exists()
+    assert _run(world)["align"] == ["Cached"]  # the record was rewritten as JSON
+
+
+def test_grid_settings_are_the_stage_params():
+    settings = load_grid("demo").settings()
+    for name in ("align", "extract", "spectral", "pretrain"):
+        assert type(getattr(settings, name)) is STAGES[name].Params
     for name in ("demo", "paper", "smoke"):
         assert load_grid(name).cells()

@@ -133,15 +133,16 @@ def test_dataset_content_changes_when_an_image_is_edited_in_place(tmp_path):
 def test_edited_images_make_the_store_stale(tmp_path):
     from residual_core.extract import extract
     from residual_core.models import load_model
+    from residual_core.stages.extract import Params
 
     folder = write_image_folder(tmp_path / "imgs", ["a", "b"], 6)
     tiny = load_model(EMBEDDED_MODEL, None, device="cpu")
-    kw = dict(store_root=tmp_path / "st", loaded=tiny, batch_size=8, rows_per_chunk=16,
-              num_workers=0, progress=False, device="cpu")
+    params = Params(batch_size=8, rows_per_chunk=16, num_workers=0, device="cpu")
+    kw = dict(store_root=tmp_path / "st", loaded=tiny, progress=False)
     name = f"imagefolder:{folder}"
-    assert not extract(EMBEDDED_MODEL, None, name, "train", **kw).was_cached
-    assert extract(EMBEDDED_MODEL, None, name, "train", **kw).was_cached
+    assert not extract(EMBEDDED_MODEL, None, name, "train", params, **kw).was_cached
+    assert extract(EMBEDDED_MODEL, None, name, "train", params, **kw).was_cached
     for image in sorted(folder.rglob("*.png")):  # every image rewritten in place
         Image.fromarray(255 - np.asarray(Image.open(image))).save(image)
     with pytest.raises(StoreError, match="dataset_content"):
-        extract(EMBEDDED_MODEL, None, name, "train", **kw)
+        extract(EMBEDDED_MODEL, None, name, "train", params, **kw)

@@ -9,6 +9,7 @@ from builders import write_image_folder
 from pipelines.cli import main
 from residual_core.errors import StoreError
 from residual_core.extract import extract
+from residual_core.stages.extract import Params as ExtractParams
 from residual_core.identity import WeightsId
 from residual_core.layout import Layout
 from residual_core.models import EMBEDDED_MODEL, load_model
@@ -25,8 +26,8 @@ def stores(tmp_path_factory):
     urls = {}
     for split in ("train", "test"):
         urls[split] = extract(EMBEDDED_MODEL, None, f"imagefolder:{folder}", split,
-                              store_root=root / "st", loaded=tiny, batch_size=16,
-                              rows_per_chunk=32, num_workers=0, progress=False, device="cpu").url
+                              ExtractParams(batch_size=16, rows_per_chunk=32, num_workers=0, device="cpu"),
+                              store_root=root / "st", loaded=tiny, progress=False).url
     return root, folder, urls
 
 

@@ -255,6 +255,7 @@ def aligned(pretrained, report, tmp_path_factory):
     from residual_core.align import fit
     from residual_core.align_stage import load_bases
     from residual_core.extract import extract
+    from residual_core.stages.extract import Params as ExtractParams
     from residual_core.spectral_store import run_spectral
 
     root = tmp_path_factory.mktemp("stores")
@@ -262,8 +263,9 @@ def aligned(pretrained, report, tmp_path_factory):
             if acc < 0.6 and report.probe[t] - acc > 0.25]
     results = {}
     for task in weak:
-        urls = [extract(EMBEDDED_MODEL, pretrained.pretrained, task, split, store_root=root,
-                        loaded=pretrained, num_workers=0, progress=False).url
+        urls = [extract(EMBEDDED_MODEL, pretrained.pretrained, task, split,
+                        ExtractParams(num_workers=0), store_root=root, loaded=pretrained,
+                        progress=False).url
                 for split in ("train", "val", "test")]
         bases = load_bases(run_spectral(urls[0], tables_root=root, progress=False).url)
         results[task] = {m: fit(m, *urls, bases, progress=False)

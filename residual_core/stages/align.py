@@ -1,0 +1,119 @@
+"""The align stage: every method × seed on a task's cached features, and the head-selection
+experiment (:func:`residual_core.align_stage.run_align`); tables ``evaluations`` and
+``head_selection``, λ per unit in the task's ``align.zarr``.
+
+Its key is the align run's own config hash (:func:`~residual_core.align_stage.align_key`: the
+stores' and the bases' content, the parameters, the format version); it is current when the
+``evaluations`` rows of that key cover every requested (method, seed) and, when asked for, the
+``head_selection`` rows exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, StrictInt, field_validator
+
+from ..errors import StoreError
+from .base import Stage, StageInputs, StageParams, StageResult
+
+DEFAULT_METHODS = ("zero-shot", "residual-star", "residual-full", "coarse", "linear")
+"""What the align stage fits by default: every method that trains on cached features
+(``finetune`` is opt-in: it runs the backbone)."""
+
+
+class Params(StageParams):
+    """Settings of one align run (all part of its key)."""
+
+    methods: tuple[str, ...] = Field(DEFAULT_METHODS, min_length=1,
+                                     description="align methods (presets) to fit")
+    seeds: tuple[StrictInt, ...] = Field((0,), min_length=1, description="seeds of every fit")
+    epochs: int = Field(30, ge=0, description="maximum training epochs")
+    patience: int = Field(5, ge=1, description="early-stopping patience (epochs without a "
+                          "better validation accuracy)")
+    lambda_init: Literal["ones", "randn"] = Field("ones", description="initial λ")
+    finetune_epochs: int = Field(30, ge=0, description="maximum epochs of finetune")
+    head_selection: bool = Field(True, description="also run the head-selection experiment")
+    random_seeds: int = Field(10, ge=1, description="seeds of the random head ranking (R)")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
+        from ..residual import PRESETS  # torch: only once a grid or call is validated
+
+        unknown = [m for m in methods if m not in PRESETS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; known methods: {', '.join(PRESETS)}")
+        return methods
+
+
+class Inputs(StageInputs):
+    """A task's train/val/test stores, the spectral store of its bases, the root of the tables
+    and where ``finetune`` reads the images (``data_root``)."""
+
+    stores: dict[Literal["train", "val", "test"], str]
+    spectral_url: str
+    tables_root: str
+    data_root: str | None = None
+
+    @field_validator("stores")
+    @classmethod
+    def _three_splits(cls, stores: dict) -> dict:
+        if set(stores) != {"train", "val", "test"}:
+            raise ValueError(f"align needs the train, val and test stores, got {sorted(stores)}")
+        return stores
+
+
+class Result(StageResult):
+    """Each fit's evaluation row, the head-selection rows, where the weights went."""
+
+    rows: list[dict[str, Any]]
+    weights_url: str
+    basis_url: str
+    seconds: float
+    head_selection_rows: list[dict[str, Any]] = Field(default_factory=list)
+
+
+def _key(inputs: Inputs, params: Params) -> str:
+    from ..align_stage import align_key
+
+    s = inputs.stores
+    return align_key(s["train"], s["val"], s["test"], inputs.spectral_url, params)
+
+
+def identity(inputs: Inputs, params: Params) -> dict[str, Any]:
+    return {"config_hash": _key(inputs, params), "tables_root": inputs.tables_root}
+
+
+def is_current(inputs: Inputs, params: Params) -> bool:
+    from ..store import FeatureStore
+    from ..tables import matching_rows
+
+    try:
+        attrs = FeatureStore.open(inputs.stores["train"]).attrs
+        key = _key(inputs, params)
+    except StoreError:
+        return False
+    rows = {table: matching_rows(inputs.tables_root, table, attrs["model"], attrs["dataset"],
+                                 config_hash=key)
+            for table in ("evaluations", "head_selection")}
+    done = {(r["method"], r["seed"]) for r in rows["evaluations"]}
+    return ({(m, s) for m in params.methods for s in params.seeds} <= done
+            and (not params.head_selection or bool(rows["head_selection"])))
+
+
+def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
+    from ..align_stage import run_align
+
+    s = inputs.stores
+    return run_align(s["train"], s["val"], s["test"], params, basis_url=inputs.spectral_url,
+                     tables_root=inputs.tables_root, data_root=inputs.data_root,
+                     progress=progress)
+
+
+def discard(inputs: Inputs, params: Params) -> None:
+    """Nothing to delete: a rerun replaces the task's rows and weights."""
+
+
+STAGE = Stage("align", 1, ("extract", "spectral"), Params, Inputs, Result, identity, is_current,
+              run, discard)

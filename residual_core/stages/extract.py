@@ -1,0 +1,107 @@
+"""The extract stage: the feature store of one dataset split (:func:`residual_core.extract.extract`).
+
+Its key is the store's own config hash (:func:`residual_core.extract.store_config`), so the
+stage and the store decide "current" from one identity: the weights, the dataset (and the
+content of a dataset given as files), the split's sample ids, the storage dtype, the row chunks
+and the format versions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from ..errors import StoreError
+from ..identity import parse_weights
+from ..layout import Layout
+from .base import RUN_ONLY, Stage, StageInputs, StageParams, StageResult
+
+Split = Literal["train", "val", "test"]
+
+
+class Params(StageParams):
+    """Extraction settings; only ``feature_dtype`` and ``rows_per_chunk`` change what a store
+    holds."""
+
+    batch_size: int = Field(64, ge=1, json_schema_extra=RUN_ONLY,
+                            description="images per forward pass (batches never cross row chunks)")
+    feature_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="storage dtype of the raw features (LN statistics stay float32)")
+    rows_per_chunk: int = Field(1024, ge=1,
+                                description="rows per chunk: the unit of writing and resuming")
+    num_workers: int | None = Field(None, ge=0, json_schema_extra=RUN_ONLY,
+                                    description="DataLoader worker processes "
+                                    "(default min(4, CPUs - 1))")
+    device: str | None = Field(None, json_schema_extra=RUN_ONLY,
+                               description="torch device, e.g. cuda, cuda:1 or cpu "
+                               "(default cuda when present)")
+
+
+class Inputs(StageInputs):
+    """A model's weights on one split, and where stores and datasets live."""
+
+    model: str
+    pretrained: str | None = None
+    dataset: str
+    split: Split
+    store_root: str
+    data_root: str | None = None
+
+    @property
+    def url(self) -> str:
+        """Where the store of these inputs lives."""
+        return Layout.of(self.store_root).feature_store(parse_weights(self.model, self.pretrained),
+                                                        self.dataset, self.split)
+
+
+class Result(StageResult):
+    """What an extraction did: the store, and how many row chunks it computed now."""
+
+    url: str
+    computed_chunks: int
+    total_chunks: int
+    rows_computed: int
+    seconds: float
+
+    @property
+    def was_cached(self) -> bool:
+        return self.computed_chunks == 0
+
+
+def identity(inputs: Inputs, params: Params) -> dict[str, Any]:
+    from ..extract import store_config_hash
+
+    return {"store": inputs.url,
+            "config_hash": store_config_hash(
+                parse_weights(inputs.model, inputs.pretrained), inputs.dataset, inputs.split,
+                params, data_root=inputs.data_root, store_root=inputs.store_root)}
+
+
+def is_current(inputs: Inputs, params: Params) -> bool:
+    from ..store import FeatureStore
+
+    try:
+        store = FeatureStore.open(inputs.url)
+    except StoreError:
+        return False
+    return store.attrs.get("config_hash") == identity(inputs, params)["config_hash"]
+
+
+def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
+    from ..extract import extract, loaded_model
+
+    loaded = loaded_model(inputs.model, inputs.pretrained, params.device)
+    return extract(inputs.model, inputs.pretrained, inputs.dataset, inputs.split, params,
+                   data_root=inputs.data_root, store_root=inputs.store_root, loaded=loaded,
+                   progress=progress)
+
+
+def discard(inputs: Inputs, params: Params) -> None:
+    from ..extract import remove_store
+
+    remove_store(inputs.url)
+
+
+STAGE = Stage("extract", 1, ("pretrain",), Params, Inputs, Result, identity, is_current, run,
+              discard)

@@ -1,0 +1,73 @@
+"""The similarity stage: basis similarity of every unit between a task's own bases and those of
+its basis dataset (:func:`residual_core.spectral_store.similarity`), table ``basis_similarity``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from ..errors import StoreError
+from .base import Stage, StageInputs, StageParams, StageResult
+
+
+class Params(StageParams):
+    """Basis-similarity parameters."""
+
+    evr_threshold: float = Field(0.9, gt=0, le=1,
+                                 description="cumulative EVR at which each basis is truncated")
+
+
+class Inputs(StageInputs):
+    """The two spectral stores (same model) and the root of the tables."""
+
+    spectral_url: str
+    basis_url: str
+    tables_root: str
+
+
+class Result(StageResult):
+    rows: int
+
+
+def _hashes(inputs: Inputs) -> tuple[str, str]:
+    from ..spectral_store import SpectralStore
+
+    return tuple(SpectralStore.open(u).attrs["config_hash"]
+                 for u in (inputs.spectral_url, inputs.basis_url))
+
+
+def identity(inputs: Inputs, params: Params) -> dict[str, Any]:
+    from ..spectral_store import similarity_key
+
+    return {"rows": similarity_key(*_hashes(inputs), params.evr_threshold),
+            "tables_root": inputs.tables_root}
+
+
+def is_current(inputs: Inputs, params: Params) -> bool:
+    from ..spectral_store import SpectralStore
+    from ..tables import has_rows
+
+    try:
+        attrs = SpectralStore.open(inputs.spectral_url).attrs
+        key = identity(inputs, params)["rows"]
+    except StoreError:
+        return False
+    return has_rows(inputs.tables_root, "basis_similarity", attrs["model"], attrs["dataset"],
+                    config_hash=key)
+
+
+def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
+    from ..spectral_store import similarity
+
+    return Result(rows=len(similarity(inputs.spectral_url, inputs.basis_url,
+                                      params.evr_threshold, tables_root=inputs.tables_root)))
+
+
+def discard(inputs: Inputs, params: Params) -> None:
+    """Nothing to delete: a rerun replaces its rows (same key)."""
+
+
+STAGE = Stage("similarity", 1, ("spectral",), Params, Inputs, Result, identity, is_current, run,
+              discard)
