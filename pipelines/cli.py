@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("results", help="query the result tables (Parquet)",
                        description="Print rows of a result table, filtered, or grouped (count and "
                        "mean of every numeric column per group), or the answer of a SQL query "
-                       "over all tables (DuckDB; each table is a view of its name).")
+                       "over the tables (DuckDB; each table is a table of its name, read into "
+                       "memory; the query cannot touch any file).")
     p.add_argument("--table", choices=RESULT_TABLES, default=None,
                    help="table to read (default evaluations)")
     p.add_argument("--model", default=None, help="only rows of this model")
@@ -310,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", default=None, metavar="COLS",
                    help="comma-separated columns: one row per group with count and means")
     p.add_argument("--sql", default=None, metavar="QUERY",
-                   help="a SQL query over the tables instead of the options above")
+                   help="a SQL query over the tables instead of the options above; it may "
+                   "only read the tables (an in-memory copy of those it names): COPY, EXPORT, "
+                   "read_csv/read_parquet/glob, ATTACH, INSTALL/LOAD and SET are refused")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table",
                    help="output format (default table)")
     p.add_argument("--limit", type=int, default=None,

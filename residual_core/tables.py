@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -176,17 +177,45 @@ def list_tables(root: str | Path) -> list[str]:
     return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.exists() else []
 
 
+# Set before the query runs, locked last: the query cannot turn any of them back.
+_SANDBOX = ("SET python_enable_replacements = false",  # no Python variables as tables
+            "SET autoinstall_known_extensions = false", "SET autoload_known_extensions = false",
+            "SET temp_directory = ''",  # no spill files
+            "SET enable_external_access = false",  # no files, URLs, ATTACH, INSTALL/LOAD
+            "SET lock_configuration = true")
+
+
 def sql(root: str | Path, query: str, tables: Iterable[str] | None = None) -> pa.Table:
-    """Run SQL (DuckDB) over the tables, each visible as a view of its name."""
+    """Run SQL (DuckDB) over the tables, each visible as a table of its name.
+
+    A query may only read the tables. Each table the query names is read (whole versions, see
+    :func:`read_table`) into an in-memory database, and the connection is then cut off from the
+    file system and its settings locked: COPY, EXPORT, read_csv/read_parquet/glob, ATTACH,
+    INSTALL/LOAD and SET are refused with a :class:`ResidualError`. INSERT, UPDATE or DROP
+    change only that in-memory copy, never the files.
+    """
     import duckdb
 
-    con = duckdb.connect()
-    for name in tables or list_tables(root):
-        files = ", ".join("'" + str(f).replace("'", "''") + "'" for f in table_files(root, name))
-        if files:
-            con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM '
-                        f"read_parquet([{files}], union_by_name=true)")
+    con = duckdb.connect(":memory:")
     try:
-        return con.sql(query).to_arrow_table()
-    except duckdb.Error as exc:
-        raise ResidualError(f"SQL error: {str(exc).splitlines()[0]}") from None
+        for name in tables or list_tables(root):
+            if not re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", query, re.IGNORECASE):
+                continue  # not named by the query: not worth reading
+            tbl = _load(root, name)
+            if tbl is not None:
+                con.register("_residual_load", tbl)
+                con.execute(f'CREATE TABLE "{name.replace(chr(34), chr(34) * 2)}" AS '
+                            "SELECT * FROM _residual_load")
+                con.unregister("_residual_load")
+        for setting in _SANDBOX:
+            con.execute(setting)
+        try:
+            result = con.sql(query)
+            return result.to_arrow_table() if result is not None else pa.table({})
+        except duckdb.Error as exc:
+            refused = isinstance(exc, duckdb.PermissionException) or "locked" in str(exc)
+            hint = ("; a --sql query may only read the tables (no files, URLs, ATTACH, "
+                    "INSTALL/LOAD or SET)" if refused else "")
+            raise ResidualError(f"SQL error: {str(exc).splitlines()[0]}{hint}") from None
+    finally:
+        con.close()

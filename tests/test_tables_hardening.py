@@ -14,7 +14,7 @@ import pytest
 
 from pipelines.cli import main
 from residual_core.errors import ResidualError
-from residual_core.tables import read_table, write_rows
+from residual_core.tables import read_table, sql, table_files, write_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,10 @@ def test_reads_see_one_whole_version_while_another_process_replaces_the_partitio
         failures, versions = [], set()
         for i in range(300):
             try:
-                tbl = read_table(tmp_path, "churn")
+                if i % 10 == 9:  # the SQL path reads through the same reader
+                    tbl = sql(tmp_path, "SELECT model, version FROM churn")
+                else:
+                    tbl = read_table(tmp_path, "churn")
             except Exception as exc:  # noqa: BLE001  (every failure is a defect here)
                 failures.append(f"{type(exc).__name__}: {exc}")
                 continue
@@ -103,9 +106,84 @@ def test_a_corrupt_partition_is_one_line_naming_the_file_and_the_fix(tmp_path, c
         read_table(tmp_path, "evaluations")
     message = str(err.value)
     assert "\n" not in message and str(bad) in message and "rerun" in message
+    with pytest.raises(ResidualError, match="rerun"):
+        sql(tmp_path, "SELECT count(*) FROM evaluations")
     code = main(["results", "--store-root", str(tmp_path)])
     out, err_text = capsys.readouterr()
     assert code == 2 and out == ""
     (line,) = err_text.strip().splitlines()
     assert line.startswith("residual: error:") and str(bad) in line and "delete" in line
     assert read_table(tmp_path, "evaluations", model="a").num_rows == 3  # others still read
+
+
+@pytest.fixture
+def two_tables(tmp_path):
+    write_rows(tmp_path, "evaluations", rows("a", "d", 3) + rows("b", "d", 2), key="k")
+    write_rows(tmp_path, "unit_stats", [{"model": m, "dataset": "d", "k90": k}
+                                        for m, k in (("a", 7), ("b", 9))], key="k")
+    return tmp_path
+
+
+def snapshot(root):
+    """Every file under the root with its bytes (the tables, and anything a query wrote)."""
+    return {p: p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+SECRET = "top-secret-line"
+REFUSED = [  # (statement, path it must not create, relative to the root)
+    ("COPY (SELECT 1 AS a) TO '{root}/out.csv'", "out.csv"),
+    ("COPY evaluations TO '{root}/tables/evaluations/a/d/part-copy.parquet' (FORMAT parquet)",
+     "tables/evaluations/a/d/part-copy.parquet"),
+    ("EXPORT DATABASE '{root}/export'", "export"),
+    ("ATTACH '{root}/other.duckdb' AS other", "other.duckdb"),
+    ("SELECT 1; COPY (SELECT 1 AS a) TO '{root}/second.csv'", "second.csv"),
+    ("SET enable_external_access = true; COPY (SELECT 1 AS a) TO '{root}/on.csv'", "on.csv"),
+    ("RESET enable_external_access; COPY (SELECT 1 AS a) TO '{root}/reset.csv'", "reset.csv"),
+    ("SET lock_configuration = false", None),
+    ("SELECT * FROM read_csv('{root}/secret.csv')", None),
+    ("SELECT * FROM read_text('{root}/secret.csv')", None),
+    ("SELECT * FROM '{root}/secret.csv'", None),
+    ("SELECT * FROM glob('{root}/*')", None),
+    ("SELECT * FROM read_parquet('{root}/tables/evaluations/*/*/*.parquet')", None),
+    ("INSTALL httpfs", None),
+    ("LOAD httpfs", None),
+]
+
+
+@pytest.mark.parametrize("statement, creates", REFUSED, ids=[s for s, _ in REFUSED])
+def test_sql_refuses_every_file_system_access_as_one_line(two_tables, statement, creates):
+    root = two_tables
+    (root / "secret.csv").write_text(f"name\n{SECRET}\n")
+    before = snapshot(root)
+    with pytest.raises(ResidualError) as err:
+        sql(root, statement.format(root=root))
+    message = str(err.value)
+    assert "\n" not in message and SECRET not in message
+    assert creates is None or not (root / creates).exists()
+    assert snapshot(root) == before  # nothing written, the tables unchanged
+
+
+def test_sql_reads_the_tables_group_by_and_join(two_tables):
+    out = sql(two_tables, "SELECT e.model, count(*) AS n, max(s.k90) AS k90 FROM evaluations e "
+                          "JOIN unit_stats s USING (model, dataset) GROUP BY e.model "
+                          "ORDER BY e.model").to_pylist()
+    assert out == [{"model": "a", "n": 3, "k90": 7}, {"model": "b", "n": 2, "k90": 9}]
+
+
+def test_sql_changes_to_a_table_stay_in_memory(two_tables):
+    before = snapshot(two_tables)
+    assert sql(two_tables, "INSERT INTO evaluations SELECT * FROM evaluations").num_rows == 1
+    assert sql(two_tables, "DROP TABLE evaluations").num_rows == 0
+    assert snapshot(two_tables) == before
+    assert read_table(two_tables, "evaluations").num_rows == 5
+
+
+def test_results_sql_refusal_exits_2_with_one_line(two_tables, capsys):
+    target = two_tables / "tables" / "evaluations" / "a" / "d" / "part-x.parquet"
+    code = main(["results", "--store-root", str(two_tables), "--sql",
+                 f"COPY evaluations TO '{target}' (FORMAT parquet)"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and not target.exists()
+    (line,) = err.strip().splitlines()
+    assert line.startswith("residual: error:") and "only read the tables" in line
+    assert len(table_files(two_tables, "evaluations")) == 2
