@@ -263,16 +263,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset name (as extracted)")
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     p.add_argument("--store-root", default=None, help="store root folder or URL (default data)")
-    p.add_argument("--address", default=None, help="dask.distributed scheduler address")
+    p.add_argument("--address", default=None,
+                   help="dask.distributed scheduler address (must answer within 5 s)")
     p.add_argument("--workers", type=int, default=None,
-                   help="start a LocalCluster with this many worker processes")
-    p.add_argument("--memory-limit", default=None, help="per-worker memory limit, e.g. 2GB")
+                   help="start a LocalCluster (on 127.0.0.1) with this many worker processes, "
+                   ">= 1 (default or 0: the local threaded scheduler)")
+    p.add_argument("--memory-limit", default=None,
+                   help="per-worker memory limit, e.g. 2GB, 512MiB or auto")
     p.add_argument("--twonn-samples", type=int, default=50_000,
                    help="rows subsampled for TwoNN (default 50000)")
     p.add_argument("--seed", type=int, default=42, help="TwoNN subsample seed (default 42)")
     p.add_argument("--force", action="store_true", help="recompute even if up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_spectral)
+
+    def spectral(args: argparse.Namespace) -> int:
+        """Bad Dask options are refused before the feature store is opened: dask_client checks
+        them when called and starts nothing until entered."""
+        from residual_core.spectral_store import dask_client
+
+        dask_client(args.address, args.workers, args.memory_limit)
+        return _cmd_spectral(args)
+    p.set_defaults(func=spectral)
 
     p = sub.add_parser("run", help="run an experiment grid incrementally (Prefect flows)",
                        description="Run an experiment grid: every (model, dataset) cell through "

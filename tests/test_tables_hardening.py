@@ -187,3 +187,88 @@ def test_results_sql_refusal_exits_2_with_one_line(two_tables, capsys):
     (line,) = err.strip().splitlines()
     assert line.startswith("residual: error:") and "only read the tables" in line
     assert len(table_files(two_tables, "evaluations")) == 2
+
+
+def _spectral(capsys, root, *args) -> tuple[int, str]:
+    code = main(["spectral", "--model", "residual-tiny", "--dataset", "never-extracted",
+                 "--store-root", str(root), "--quiet", *args])
+    out, err = capsys.readouterr()
+    assert out == ""
+    return code, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "-1"], "--workers must be >= 1"),
+    (["--workers", "-1", "--address", "tcp://127.0.0.1:1"], "--workers must be >= 1"),
+    (["--memory-limit", "banana"], "--memory-limit 'banana' is not a size"),
+    (["--workers", "2", "--memory-limit", "2 parsecs"], "--memory-limit '2 parsecs' is not a size"),
+])
+def test_spectral_refuses_bad_dask_options_in_one_line_before_opening_the_store(
+        tmp_path, capsys, args, message):
+    code, err = _spectral(capsys, tmp_path, *args)
+    (line,) = err.strip().splitlines()
+    assert code == 2 and line.startswith("residual: error:") and message in line
+
+
+@pytest.mark.parametrize("args", [["--workers", "0"], ["--memory-limit", "2GB"],
+                                  ["--memory-limit", "auto"]])
+def test_spectral_accepts_good_dask_options_and_reaches_the_store(tmp_path, capsys, args):
+    code, err = _spectral(capsys, tmp_path, *args)
+    (line,) = err.strip().splitlines()
+    assert code == 2 and "never-extracted" in line  # refused for the missing store only
+
+
+def test_dask_client_without_workers_or_address_is_the_threaded_scheduler():
+    from residual_core.spectral_store import dask_client
+
+    for n_workers in (None, 0):
+        with dask_client(n_workers=n_workers) as client:
+            assert client is None
+
+
+def test_an_unreachable_scheduler_fails_within_seconds_in_one_line():
+    import socket
+
+    from residual_core.spectral_store import dask_client
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(ResidualError) as err:
+        with dask_client(address=f"tcp://127.0.0.1:{port}"):
+            pass
+    assert time.monotonic() - start < 15
+    message = str(err.value)
+    assert "\n" not in message and "could not reach the dask scheduler" in message
+    assert f"127.0.0.1:{port}" in message
+
+
+def _listening(processes) -> set[tuple[str, int]]:
+    import psutil
+
+    found = set()
+    for proc in processes:
+        try:
+            found |= {(c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:  # a process that just ended
+            pass
+    return found
+
+
+def test_the_local_cluster_listens_on_loopback_only():
+    import psutil
+
+    from residual_core.spectral_store import dask_client
+
+    me = psutil.Process()
+    before = _listening([me])
+    with dask_client(n_workers=1) as client:
+        opened = _listening([me, *me.children(recursive=True)]) - before
+        info = client.scheduler_info()
+        dashboard = client.dashboard_link
+    assert info["address"].startswith("tcp://127.0.0.1:")
+    assert all(w.startswith("tcp://127.0.0.1:") for w in info["workers"])
+    assert dashboard.startswith("http://127.0.0.1:")
+    assert opened and {ip for ip, _ in opened} == {"127.0.0.1"}, opened
