@@ -311,14 +311,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset name (as extracted)")
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     p.add_argument("--store-root", default=None, help="store root folder or URL (default data)")
-    p.add_argument("--address", default=None, help="dask.distributed scheduler address")
+    p.add_argument("--address", default=None,
+                   help="dask.distributed scheduler address (must answer within 5 s)")
     p.add_argument("--workers", type=int, default=None,
-                   help="start a LocalCluster with this many worker processes")
-    p.add_argument("--memory-limit", default=None, help="per-worker memory limit, e.g. 2GB")
+                   help="start a LocalCluster (on 127.0.0.1) with this many worker processes, "
+                   ">= 1 (default or 0: the local threaded scheduler)")
+    p.add_argument("--memory-limit", default=None,
+                   help="per-worker memory limit, e.g. 2GB, 512MiB or auto")
     _add_params(p, spectral_stage.Params)
     p.add_argument("--force", action="store_true", help="recompute even if up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_spectral)
+
+    def spectral(args: argparse.Namespace) -> int:
+        """Bad Dask options are refused before the feature store is opened: dask_client checks
+        them when called and starts nothing until entered."""
+        from residual_core.spectral_store import dask_client
+
+        dask_client(args.address, args.workers, args.memory_limit)
+        return _cmd_spectral(args)
+    p.set_defaults(func=spectral)
 
     p = sub.add_parser("run", help="run an experiment grid incrementally (Prefect flows)",
                        description="Run an experiment grid: every (model, dataset) cell through "
@@ -347,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("results", help="query the result tables (Parquet)",
                        description="Print rows of a result table, filtered, or grouped (count and "
                        "mean of every numeric column per group), or the answer of a SQL query "
-                       "over all tables (DuckDB; each table is a view of its name).")
+                       "over the tables (DuckDB; each table is a table of its name, read into "
+                       "memory; the query cannot touch any file).")
     p.add_argument("--table", choices=RESULT_TABLES, default=None,
                    help="table to read (default evaluations)")
     p.add_argument("--model", default=None, help="only rows of this model")
@@ -356,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", default=None, metavar="COLS",
                    help="comma-separated columns: one row per group with count and means")
     p.add_argument("--sql", default=None, metavar="QUERY",
-                   help="a SQL query over the tables instead of the options above")
+                   help="a SQL query over the tables instead of the options above; it may "
+                   "only read the tables (an in-memory copy of those it names): COPY, EXPORT, "
+                   "read_csv/read_parquet/glob, ATTACH, INSTALL/LOAD and SET are refused")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table",
                    help="output format (default table)")
     p.add_argument("--limit", type=int, default=None,

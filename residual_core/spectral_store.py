@@ -41,24 +41,56 @@ def spectral_key(feature_config_hash: str, params: SpectralParams) -> str:
                         "version": SPECTRAL_VERSION})
 
 
-@contextlib.contextmanager
 def dask_client(address: str | None = None, n_workers: int | None = None,
-                memory_limit: str | None = None) -> Iterator[Any]:
+                memory_limit: str | None = None,
+                connect_timeout: float = 5.0) -> contextlib.AbstractContextManager[Any]:
     """A ``dask.distributed`` client for the block: connect to ``address``, or start a
-    LocalCluster of ``n_workers`` processes; with neither, the local threaded scheduler."""
-    if address is None and not n_workers:
-        yield None
-        return
-    from dask.distributed import Client, LocalCluster
+    LocalCluster of ``n_workers`` processes; with neither (or 0 workers), the local threaded
+    scheduler.
 
-    if address is not None:
-        with Client(address) as client:
-            yield client
-        return
-    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                      memory_limit=memory_limit or "auto", dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
-        yield client
+    The arguments are checked when this is called, before anything starts, so a caller can
+    refuse bad options before expensive work (the CLI does, before opening the store). The
+    cluster (scheduler, dashboard, workers) listens on 127.0.0.1 only: it runs pickled code.
+    An unreachable ``address`` fails after ``connect_timeout`` seconds instead of hanging.
+    """
+    from .errors import ResidualError
+
+    if n_workers is not None and n_workers < 0:
+        raise ResidualError(f"--workers must be >= 1 worker processes (0 or none: the local "
+                            f"threaded scheduler), got {n_workers}")
+    if memory_limit is not None and memory_limit != "auto":
+        from dask.utils import parse_bytes
+
+        try:
+            parse_bytes(memory_limit)
+        except (ValueError, TypeError):
+            raise ResidualError(f"--memory-limit {memory_limit!r} is not a size: use e.g. 2GB, "
+                                "512MiB or auto") from None
+
+    @contextlib.contextmanager
+    def client() -> Iterator[Any]:
+        if address is None and not n_workers:
+            yield None
+            return
+        from dask.distributed import Client, LocalCluster
+
+        if address is not None:
+            try:
+                connected = Client(address, timeout=connect_timeout)
+            except (OSError, ValueError) as exc:  # refused, timed out, malformed
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ResidualError(f"could not reach the dask scheduler at {address} "
+                                    f"({reason}): start it, or check --address") from None
+            with connected:
+                yield connected
+            return
+        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                          host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                          memory_limit=memory_limit or "auto") as cluster, \
+                Client(cluster) as local:
+            yield local
+
+    return client()
 
 
 class SpectralStore:

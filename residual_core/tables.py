@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -95,14 +97,15 @@ def read_table(root: str | Path, table: str, *, model: str | None = None,
                dataset: str | None = None, filters: dict[str, Any] | None = None) -> pa.Table:
     """Read ``table`` (pruned to one model/dataset when given), optionally filtering on columns.
 
-    Raises :class:`ResidualError` when the table has no files at all.
+    Safe while a writer replaces partitions: every file is one whole version (see
+    :func:`_read_files`). Raises :class:`ResidualError` when the table has no files at all or a
+    file is not readable Parquet.
     """
-    files = table_files(root, table, model, dataset)
-    if not files:
+    tbl = _load(root, table, model, dataset)
+    if tbl is None:
         raise ResidualError(f"no {table!r} table under {tables_root(root)} "
                             f"{'for ' + str(model or '') + ' ' + str(dataset or '') if model or dataset else ''}"
                             "(run the stage that writes it first)")
-    tbl = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
     conditions = dict(filters or {})
     conditions.update({k: v for k, v in (("model", model), ("dataset", dataset)) if v})
     for column, value in conditions.items():
@@ -115,25 +118,108 @@ def read_table(root: str | Path, table: str, *, model: str | None = None,
     return tbl
 
 
+# The stage whose rerun rewrites a table's files (the `--force` names of `residual run`).
+_WRITING_STAGE = {"evaluations": "align", "head_selection": "align", "spectra": "spectral",
+                  "unit_stats": "spectral", "basis_similarity": "similarity"}
+_LIST_ATTEMPTS = 5
+
+
+def _load(root: str | Path, table: str, model: str | None = None,
+          dataset: str | None = None) -> pa.Table | None:
+    """All rows of ``table``'s files (of ``model``/``dataset``), or None when it has none."""
+    tables = _read_files(root, table, model, dataset)
+    if not tables:
+        return None
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ResidualError(f"the files of table {table!r} under {tables_root(root)} have "
+                            f"incompatible columns ({str(exc).splitlines()[0]}): rerun the "
+                            f"{_WRITING_STAGE.get(table, 'writing')} stage with --force") from None
+
+
+def _read_files(root: str | Path, table: str, model: str | None,
+                dataset: str | None) -> list[pa.Table]:
+    """Each file of the listing, whole. pyarrow opens a path more than once per read (footer,
+    then pages), so a concurrent ``os.replace`` could hand it parts of two versions; one open
+    handle pins one version. A listed file that vanished (its key deleted meanwhile) means the
+    listing is stale: list again, keeping the files already read."""
+    read: dict[Path, pa.Table] = {}
+    for attempt in range(_LIST_ATTEMPTS):
+        files = table_files(root, table, model, dataset)
+        try:
+            for path in files:
+                if path not in read:
+                    read[path] = _read_file(path, table)
+            return [read[path] for path in files]
+        except FileNotFoundError:
+            time.sleep(0.01 * attempt)
+    raise ResidualError(f"the files of table {table!r} under {tables_root(root)} kept vanishing "
+                        f"while being read ({_LIST_ATTEMPTS} listings): is something deleting "
+                        "them? Retry when it has finished")
+
+
+def _read_file(path: Path, table: str) -> pa.Table:
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        return pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as exc:  # truncated, garbage, empty
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        stage = _WRITING_STAGE.get(table)
+        fix = (f"rerun the {stage} stage with --force (`residual run --force {stage}`)" if stage
+               else f"rerun the stage that writes the {table!r} table")
+        raise ResidualError(f"{path} is not a readable Parquet file ({reason}): {fix}, or "
+                            "delete the file") from None
+
+
 def list_tables(root: str | Path) -> list[str]:
     base = tables_root(root)
     return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.exists() else []
 
 
+# Set before the query runs, locked last: the query cannot turn any of them back.
+_SANDBOX = ("SET python_enable_replacements = false",  # no Python variables as tables
+            "SET autoinstall_known_extensions = false", "SET autoload_known_extensions = false",
+            "SET temp_directory = ''",  # no spill files
+            "SET enable_external_access = false",  # no files, URLs, ATTACH, INSTALL/LOAD
+            "SET lock_configuration = true")
+
+
 def sql(root: str | Path, query: str, tables: Iterable[str] | None = None) -> pa.Table:
-    """Run SQL (DuckDB) over the tables, each visible as a view of its name."""
+    """Run SQL (DuckDB) over the tables, each visible as a table of its name.
+
+    A query may only read the tables. Each table the query names is read (whole versions, see
+    :func:`read_table`) into an in-memory database, and the connection is then cut off from the
+    file system and its settings locked: COPY, EXPORT, read_csv/read_parquet/glob, ATTACH,
+    INSTALL/LOAD and SET are refused with a :class:`ResidualError`. INSERT, UPDATE or DROP
+    change only that in-memory copy, never the files.
+    """
     import duckdb
 
-    con = duckdb.connect()
-    for name in tables or list_tables(root):
-        files = ", ".join("'" + str(f).replace("'", "''") + "'" for f in table_files(root, name))
-        if files:
-            con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM '
-                        f"read_parquet([{files}], union_by_name=true)")
+    con = duckdb.connect(":memory:")
     try:
-        return con.sql(query).to_arrow_table()
-    except duckdb.Error as exc:
-        raise ResidualError(f"SQL error: {str(exc).splitlines()[0]}") from None
+        for name in tables or list_tables(root):
+            if not re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", query, re.IGNORECASE):
+                continue  # not named by the query: not worth reading
+            tbl = _load(root, name)
+            if tbl is not None:
+                con.register("_residual_load", tbl)
+                con.execute(f'CREATE TABLE "{name.replace(chr(34), chr(34) * 2)}" AS '
+                            "SELECT * FROM _residual_load")
+                con.unregister("_residual_load")
+        for setting in _SANDBOX:
+            con.execute(setting)
+        try:
+            result = con.sql(query)
+            return result.to_arrow_table() if result is not None else pa.table({})
+        except duckdb.Error as exc:
+            refused = isinstance(exc, duckdb.PermissionException) or "locked" in str(exc)
+            hint = ("; a --sql query may only read the tables (no files, URLs, ATTACH, "
+                    "INSTALL/LOAD or SET)" if refused else "")
+            raise ResidualError(f"SQL error: {str(exc).splitlines()[0]}{hint}") from None
+    finally:
+        con.close()
 
 
 def matching_rows(root: str | Path, table: str, model: str, dataset: str,
