@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from .datasets import load_dataset
-from .decompose import RAW_FIELDS, decompose, readout_maps
+from .decompose import RAW_FIELDS, ReadoutMaps, decompose, readout_maps
 from .errors import StoreError
 from .models import LoadedModel, default_device, file_sha256, load_model
 from .store import (DECOMPOSITION_VERSION, SCHEMA_VERSION, FeatureStore, StoreDims, _is_local,
@@ -121,7 +121,9 @@ def extract(
         device: ``cuda``/``cpu`` (default CUDA when present).
         feature_dtype: ``float32`` or ``float16`` storage of the raw arrays (LN stats stay float32).
         rows_per_chunk: rows per written chunk (the unit of resumption).
-        verify: decode every already-written chunk first and recompute damaged ones.
+        verify: check every array first: recompute damaged row chunks (decoded, labels and
+            indices compared with the dataset's), rewrite damaged read-out maps and text
+            classifier (recomputed from the model), rebuild a corrupt ``done``.
         progress: show a progress bar (images/s and ETA).
         loaded: an already loaded model (skips loading; must match ``model``/``pretrained``).
 
@@ -141,12 +143,21 @@ def extract(
     with _writer_lock(url):
         store = _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dtype)
         if verify:
-            store.mark_pending(store.verify())
+            store.repair_fixed(*_fixed_content(loaded, data.info))
+            store.mark_pending(store.verify(labels=data.labels, indices=data.indices))
         pending = store.pending_chunks()
         rows = _compute(store, loaded, data, pending, batch_size, num_workers, progress)
         store.finalize()
     return ExtractResult(url, len(pending), store.dims.row_chunk, rows,
                          time.perf_counter() - start)
+
+
+def _fixed_content(loaded: LoadedModel, info) -> tuple[ReadoutMaps, dict[str, np.ndarray]]:
+    """The read-out maps and the text classifier: the fixed arrays, derived from the model."""
+    maps = readout_maps(loaded.model)
+    classifier = text_classifier(loaded.model, loaded.tokenizer, info.classnames, info.templates)
+    return maps, {"template_embeddings": classifier.template_embeddings.numpy(),
+                  "class_weights": classifier.weights.numpy()}
 
 
 def _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dtype) -> FeatureStore:
@@ -160,9 +171,8 @@ def _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dt
                 f"{url} was extracted with another configuration (differs in: {', '.join(diff)}). "
                 "Delete it, or choose another --store-root, to extract with the new one.")
         return store
-    maps = readout_maps(loaded.model)
     info = data.info
-    classifier = text_classifier(loaded.model, loaded.tokenizer, info.classnames, info.templates)
+    maps, text = _fixed_content(loaded, info)
     vis = loaded.model.visual
     dims = StoreDims(n=len(data), layer=maps.n_layers, head=maps.n_heads, head_dim=maps.head_dim,
                      width=maps.width, embed=maps.embed_dim, n_class=len(info.classnames),
@@ -180,9 +190,7 @@ def _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dt
         "residual_version": _version("residual"),
     }
     return FeatureStore.create(
-        url, dims=dims, feature_dtype=feature_dtype, attrs=attrs, maps=maps,
-        text={"template_embeddings": classifier.template_embeddings.numpy(),
-              "class_weights": classifier.weights.numpy()},
+        url, dims=dims, feature_dtype=feature_dtype, attrs=attrs, maps=maps, text=text,
         labels=np.asarray(data.labels, dtype=np.int64),
         indices=np.asarray(data.indices, dtype=np.int64))
 
@@ -216,6 +224,8 @@ def _compute(store: FeatureStore, loaded: LoadedModel, data, pending: np.ndarray
             rows = store.chunk_rows(chunk)
             if filled == rows.stop - rows.start:
                 block = {k: np.concatenate([b[k] for b in buffer]) for k in RAW_FIELDS}
+                block["labels"] = np.asarray(data.labels[rows], dtype=np.int64)
+                block["indices"] = np.asarray(data.indices[rows], dtype=np.int64)
                 _drain(writes, keep=1)  # at most one chunk queued behind the one being computed
                 writes.append(writer.submit(store.write_chunk, chunk, block))
                 buffer, filled = [], 0

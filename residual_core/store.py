@@ -29,7 +29,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.core.sync import sync
 
-from .decompose import RAW_FIELDS, ReadoutMaps, project_heads, project_residual
+from .decompose import ReadoutMaps, project_heads, project_residual
 from .errors import StoreError
 from .units import Unit, unit_table
 
@@ -72,6 +72,12 @@ SCHEMA: dict[str, ArraySpec] = {
     "text/class_weights": ArraySpec(("class", "embed"), "float32", False,
                                     doc="zero-shot classifier: averaged, renormalised"),
 }
+# Row-chunked arrays (raw fields, labels, indices: write_chunk writes them all) and the fixed ones
+# derived from the model (maps/*, text/*: recomputed and rewritten by repair_fixed).
+ROW_FIELDS = tuple(name for name, spec in SCHEMA.items() if spec.row_chunked)
+FIXED_FIELDS = tuple(name for name, spec in SCHEMA.items()
+                     if not spec.row_chunked and name != "done")
+REQUIRED_ATTRS = ("dims", "feature_dtype", "rows_per_chunk", "config_hash")
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,12 @@ def _zarr_target(url: str) -> str:
     return str(_local_path(url)) if _is_local(url) else url
 
 
+def _reason(exc: BaseException) -> str:
+    """``Type: first line`` of an exception from deep in the codec stack: messages stay one line."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 class _GuardedArray:
     """Array-like over a Zarr array for ``da.from_array``: read errors become StoreErrors."""
 
@@ -158,7 +170,7 @@ class _GuardedArray:
         except Exception as exc:  # a truncated/corrupt chunk fails deep in the codec stack
             raise StoreError(
                 f"{self.where} is corrupt: cannot read rows {key[0] if isinstance(key, tuple) else key}"
-                f" ({type(exc).__name__}: {exc}). Rerun the extraction with verify=True "
+                f" ({_reason(exc)}). Rerun the extraction with verify=True "
                 "(`residual extract ... --verify`) to recompute damaged chunks."
             ) from None
 
@@ -217,7 +229,7 @@ class FeatureStore:
         try:
             group = zarr.open_group(_zarr_target(url), mode="r+")
         except Exception as exc:
-            raise StoreError(f"{url} is not a Zarr group ({type(exc).__name__}); "
+            raise StoreError(f"{url} is not a Zarr group ({_reason(exc)}); "
                              "is it a feature store?") from None
         store = cls(group, url)
         store._validate(require_complete)
@@ -231,19 +243,31 @@ class FeatureStore:
         if a.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(f"{self.url} has schema version {a.get('schema_version')}, this code "
                              f"reads version {SCHEMA_VERSION}: re-extract it")
-        dims = self.dims
+        for key in REQUIRED_ATTRS:
+            if key not in a:
+                raise StoreError(f"{self.url} lacks the {key!r} attribute (damaged store): "
+                                 "delete it and extract again")
+        try:
+            dims = self.dims
+        except (TypeError, ValueError):
+            raise StoreError(f"{self.url} has a malformed 'dims' attribute {a['dims']!r} (damaged "
+                             "store): delete it and extract again") from None
         for name, spec in SCHEMA.items():
-            if name not in self.group:
+            try:
+                arr = self.group[name] if name in self.group else None
+            except Exception as exc:
+                raise StoreError(f"{self.url}: the metadata of array {name!r} is unreadable "
+                                 f"({_reason(exc)}); delete the store and extract again") from None
+            if arr is None:
                 raise StoreError(f"{self.url} lacks array {name!r}: the store is incomplete or "
                                  "foreign; delete it and extract again")
-            arr = self.group[name]
             expected = dims.shape(spec)
             dtype = a["feature_dtype"] if spec.dtype == "feature" else spec.dtype
             if tuple(arr.shape) != expected or arr.dtype != np.dtype(dtype):
                 raise StoreError(f"{self.url}: array {name!r} is {arr.shape} {arr.dtype}, the "
                                  f"layout says {expected} {dtype}; delete it and extract again")
         if require_complete and not self.complete:
-            missing = int((self.group["done"][:] == 0).sum())
+            missing = int((self._done() == 0).sum())
             raise StoreError(f"{self.url} is incomplete ({missing} of {dims.row_chunk} row chunks "
                              "missing): rerun the same `residual extract` command to resume it")
 
@@ -267,59 +291,89 @@ class FeatureStore:
     @property
     def maps(self) -> ReadoutMaps:
         return ReadoutMaps.from_numpy(
-            {k.split("/", 1)[1]: self.group[k][...] for k in SCHEMA if k.startswith("maps/")})
+            {k.split("/", 1)[1]: self._read(k) for k in SCHEMA if k.startswith("maps/")})
 
     @property
     def labels(self) -> np.ndarray:
-        return self.group["labels"][...]
+        return self._read("labels")
 
     @property
     def indices(self) -> np.ndarray:
-        return self.group["indices"][...]
+        return self._read("indices")
 
     @property
     def class_weights(self) -> np.ndarray:
         """``[C, E]`` zero-shot classifier."""
-        return self.group["text/class_weights"][...]
+        return self._read("text/class_weights")
+
+    def _read(self, name: str) -> np.ndarray:
+        """A whole array; a corrupt chunk is a StoreError naming the array and the fix."""
+        try:
+            return self.group[name][...]
+        except Exception as exc:
+            raise StoreError(f"{self.url}/{name} is corrupt ({_reason(exc)}). Rerun the extraction "
+                             "with verify=True (`residual extract ... --verify`) to repair it"
+                             ) from None
+
+    def _done(self) -> np.ndarray:
+        try:
+            return self.group["done"][...]
+        except Exception as exc:
+            raise StoreError(f"{self.url}/done is corrupt ({_reason(exc)}): rerun the extraction "
+                             "with verify=True (`residual extract ... --verify`) to rebuild it"
+                             ) from None
 
     def pending_chunks(self) -> np.ndarray:
         """Indices of row chunks not yet written."""
-        return np.flatnonzero(self.group["done"][...] == 0)
+        return np.flatnonzero(self._done() == 0)
 
     def chunk_rows(self, chunk: int) -> slice:
         r = self.dims.rows_per_chunk
         return slice(chunk * r, min((chunk + 1) * r, self.dims.n))
 
     # ---------------------------------------------------------------- writing
-    def write_chunk(self, chunk: int, raw: dict[str, np.ndarray]) -> None:
-        """Write one full row chunk of the raw arrays, then mark it done (the commit point)."""
+    def write_chunk(self, chunk: int, values: dict[str, np.ndarray]) -> None:
+        """Write one full row chunk of every row-chunked array, then mark it done (commit point).
+
+        ``values`` holds :data:`ROW_FIELDS`: the raw fields and the chunk's labels and indices, so
+        that a chunk recomputed after damage is exactly what a clean extraction wrote. The chunk's
+        old shards are deleted first: Zarr reads a partial (last) shard before rewriting it, which
+        fails on a corrupt one.
+        """
         rows = self.chunk_rows(chunk)
         n = rows.stop - rows.start
-        for name in RAW_FIELDS:
-            value = raw[name]
-            if value.shape[0] != n:
-                raise StoreError(f"chunk {chunk} needs {n} rows of {name}, got {value.shape[0]}")
-            self.group[name][rows] = value
+        missing = [name for name in ROW_FIELDS if name not in values]
+        if missing:
+            raise StoreError(f"chunk {chunk}: write_chunk needs {', '.join(missing)} as well")
+        for name in ROW_FIELDS:
+            if values[name].shape[0] != n:
+                raise StoreError(f"chunk {chunk} needs {n} rows of {name}, got "
+                                 f"{values[name].shape[0]}")
+        self._delete_shards([chunk])
+        for name in ROW_FIELDS:
+            self.group[name][rows] = values[name]
         self.group["done"][chunk] = 1
 
     def mark_pending(self, chunks: Sequence[int]) -> None:
         """Mark row chunks as not written and delete their data (e.g. damaged chunks).
 
         Deleting matters: Zarr reads an existing shard before rewriting it, which fails on a
-        corrupt one.
+        corrupt one. :meth:`write_chunk` rewrites every array deleted here.
         """
         if not len(chunks):
             return
-        done = self.group["done"][...]
-        done[list(chunks)] = 0
-        self.group["done"][...] = done
         self.set_attrs(state="incomplete")
-        for name, spec in SCHEMA.items():
-            if spec.row_chunked:
-                arr = self.group[name]
-                for chunk in chunks:
-                    key = arr.metadata.encode_chunk_key((int(chunk),) + (0,) * (arr.ndim - 1))
-                    sync(self.group.store.delete(f"{arr.path}/{key}"))
+        done = self._done()
+        done[[int(c) for c in chunks]] = 0
+        self.group["done"][...] = done
+        self._delete_shards(chunks)
+
+    def _delete_shards(self, chunks: Sequence[int]) -> None:
+        for name in ROW_FIELDS:
+            arr = self.group[name]
+            for chunk in chunks:
+                key = arr.metadata.encode_chunk_key((int(chunk),) + (0,) * (arr.ndim - 1))
+                sync(self.group.store.delete(f"{arr.path}/{key}"))
 
     def finalize(self) -> None:
         """Mark the store complete once every row chunk is written."""
@@ -332,17 +386,63 @@ class FeatureStore:
         self.group.attrs.update(values)
         self.attrs.update(values)
 
-    def verify(self) -> list[int]:
-        """Decode every written row chunk; return those that are unreadable or contain NaN."""
-        bad = []
-        for chunk in np.flatnonzero(self.group["done"][...] == 1):
-            rows = self.chunk_rows(int(chunk))
-            try:
-                if any(np.isnan(self.group[name][rows]).any() for name in RAW_FIELDS):
-                    bad.append(int(chunk))
-            except Exception:
-                bad.append(int(chunk))
+    def verify(self, labels: np.ndarray | None = None,
+               indices: np.ndarray | None = None) -> list[int]:
+        """Decode every written row chunk of every row-chunked array; return the bad chunks.
+
+        Bad: unreadable, NaN in a float array (never written), or labels/indices other than the
+        dataset's (when given; a deleted shard reads as zeros). A corrupt ``done`` array is
+        rebuilt from what verifies: data that decodes completely was written by this
+        configuration, so only the bad chunks become pending. Fixed arrays: :meth:`repair_fixed`.
+        """
+        expected = {"labels": labels, "indices": indices}
+        try:
+            candidates = np.flatnonzero(self._done() == 1)
+            rebuild = False
+        except StoreError:
+            candidates, rebuild = np.arange(self.dims.row_chunk), True
+        bad = [int(c) for c in candidates if not self._chunk_ok(int(c), expected)]
+        if rebuild:
+            self.set_attrs(state="incomplete")
+            done = np.ones(self.dims.row_chunk, dtype=np.uint8)
+            done[bad] = 0
+            self.group["done"][...] = done  # one whole chunk: written without reading the old
         return bad
+
+    def _chunk_ok(self, chunk: int, expected: dict[str, np.ndarray | None]) -> bool:
+        rows = self.chunk_rows(chunk)
+        for name in ROW_FIELDS:
+            try:
+                value = self.group[name][rows]
+            except Exception:
+                return False
+            if value.dtype.kind == "f" and np.isnan(value).any():
+                return False
+            want = expected.get(name)
+            if want is not None and not np.array_equal(value, np.asarray(want)[rows]):
+                return False
+        return True
+
+    def repair_fixed(self, maps: ReadoutMaps, text: dict[str, np.ndarray]) -> list[str]:
+        """Rewrite the fixed arrays that are unreadable or differ from ``maps``/``text`` (what
+        :meth:`create` wrote, recomputed from the model); return the names rewritten."""
+        want = {**{f"maps/{k}": v for k, v in maps.as_numpy().items()},
+                **{f"text/{k}": v for k, v in text.items()}}
+        rewritten = []
+        for name in FIXED_FIELDS:
+            arr = self.group[name]
+            value = np.asarray(want[name]).astype(arr.dtype, copy=False)
+            if value.shape != arr.shape:
+                raise StoreError(f"{self.url}/{name} is {arr.shape}, the model gives "
+                                 f"{value.shape}: delete the store and extract again")
+            try:
+                ok = np.array_equal(arr[...], value, equal_nan=True)
+            except Exception:
+                ok = False
+            if not ok:
+                arr[...] = value  # one whole chunk: written without reading the old one
+                rewritten.append(name)
+        return rewritten
 
     # ---------------------------------------------------------------- reading
     def raw_array(self, name: str) -> da.Array:

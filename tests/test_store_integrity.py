@@ -1,0 +1,148 @@
+"""Feature store integrity: damage is repaired bitwise or refused in one line, never silent."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from builders import write_image_folder
+from residual_core.datasets import load_dataset
+from residual_core.errors import StoreError
+from residual_core.extract import extract
+from residual_core.models import EMBEDDED_MODEL, load_model
+from residual_core.store import SCHEMA, FeatureStore
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model(EMBEDDED_MODEL, None, device="cpu", seed=0)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("imgs"), ["ant", "bee", "cow"], 16, size=40)
+
+
+@pytest.fixture(scope="module")
+def name(folder):
+    return f"imagefolder:{folder}"
+
+
+def run(tiny, dataset, root, split="train", **kw):
+    kw = {"batch_size": 8, "rows_per_chunk": 16, "num_workers": 0, "progress": False,
+          "device": "cpu", **kw}
+    return extract(EMBEDDED_MODEL, None, dataset, split, store_root=root, loaded=tiny, **kw)
+
+
+@pytest.fixture(scope="module")
+def clean(tiny, name, tmp_path_factory):
+    """One clean extraction (train split: 3 row chunks, the last one partial)."""
+    root = tmp_path_factory.mktemp("clean")
+    result = run(tiny, name, root)
+    n = FeatureStore.open(result.url).dims.n
+    assert result.total_chunks == 3 and n % 16
+    return root, result.url
+
+
+def copy_of(clean, tmp_path) -> tuple[Path, str]:
+    root, url = clean
+    shutil.copytree(root / "features", tmp_path / "features")
+    return tmp_path, str(tmp_path / Path(url).relative_to(root))
+
+
+def assert_same_store(url, reference):
+    """Every array of the store equals the reference's (NaN-aware), and it opens as complete."""
+    got, want = FeatureStore.open(url).group, zarr.open_group(reference, mode="r")
+    for key in SCHEMA:
+        np.testing.assert_array_equal(got[key][...], want[key][...], err_msg=key)
+
+
+def chunk_files(url, array) -> list[Path]:
+    return sorted(p for p in Path(url, array, "c").rglob("*") if p.is_file())
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "flip":
+        flipped = bytearray(data)
+        flipped[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(flipped))
+    elif how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.unlink()
+
+
+def assert_one_line(exc: BaseException) -> None:
+    assert "\n" not in str(exc) and str(exc), repr(exc)
+
+
+# ------------------------------------------------------------------------ repair by verify
+def test_repaired_chunk_equals_a_clean_extraction_in_every_array(tiny, name, clean, tmp_path):
+    root, url = copy_of(clean, tmp_path)
+    damage(chunk_files(url, "heads")[1], "flip")
+    repaired = run(tiny, name, root, verify=True)
+    assert repaired.computed_chunks == 1
+    assert_same_store(url, clean[1])
+    data = load_dataset(name, "train", transform=tiny.preprocess)
+    np.testing.assert_array_equal(FeatureStore.open(url).labels, data.labels)
+    np.testing.assert_array_equal(FeatureStore.open(url).indices, data.indices)
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "delete"])
+@pytest.mark.parametrize("array", list(SCHEMA))
+def test_damage_to_any_array_is_repaired_by_verify_or_refused(tiny, name, clean, tmp_path,
+                                                              array, how):
+    root, url = copy_of(clean, tmp_path)
+    files = chunk_files(url, array)
+    assert files, array
+    damage(files[-1], how)  # row arrays: the last, partial row chunk (rewritten in place)
+    try:
+        run(tiny, name, root, verify=True)
+    except StoreError as exc:
+        assert_one_line(exc)
+        return
+    assert_same_store(url, clean[1])
+
+
+def test_labels_are_checked_against_the_dataset(tiny, name, clean, tmp_path):
+    root, url = copy_of(clean, tmp_path)
+    group = zarr.open_group(url, mode="r+")
+    labels = group["labels"][...]
+    labels[20] = (labels[20] + 1) % 3  # readable, plausible, wrong
+    group["labels"][...] = labels
+    assert run(tiny, name, root, verify=True).computed_chunks == 1
+    assert_same_store(url, clean[1])
+
+
+def test_reading_a_corrupt_fixed_array_is_a_store_error(clean, tmp_path):
+    _, url = copy_of(clean, tmp_path)
+    damage(chunk_files(url, "maps/head_maps")[0], "flip")
+    damage(chunk_files(url, "labels")[0], "flip")
+    store = FeatureStore.open(url)
+    for read in (lambda: store.maps, lambda: store.labels):
+        with pytest.raises(StoreError, match="verify") as err:
+            read()
+        assert_one_line(err.value)
+
+
+def test_corrupt_done_array_without_verify_is_a_one_line_error(tiny, name, clean, tmp_path):
+    root, url = copy_of(clean, tmp_path)
+    damage(chunk_files(url, "done")[0], "flip")
+    with pytest.raises(StoreError, match="done.*verify") as err:
+        run(tiny, name, root)
+    assert_one_line(err.value)
+    run(tiny, name, root, verify=True)
+    assert_same_store(url, clean[1])
+
+
+def test_store_without_dims_attribute_is_a_one_line_error(tiny, name, clean, tmp_path):
+    root, url = copy_of(clean, tmp_path)
+    group = zarr.open_group(url, mode="r+")
+    group.attrs.put({k: v for k, v in group.attrs.asdict().items() if k != "dims"})
+    for attempt in (lambda: FeatureStore.open(url), lambda: run(tiny, name, root, verify=True)):
+        with pytest.raises(StoreError, match="dims") as err:
+            attempt()
+        assert_one_line(err.value)
