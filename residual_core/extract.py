@@ -5,12 +5,14 @@ after its data is written, so a run killed at any point (even ``kill -9``) loses
 chunks in flight, and the same command resumes with the missing chunks only. Batches never
 cross chunk boundaries, so a resumed store is identical to an uninterrupted run's. A complete
 store is never recomputed; a store written with another configuration is an error; a lock
-refuses a second concurrent writer.
+refuses a second concurrent writer. Creating a store is atomic, and what a killed creation left
+is deleted by the next run.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,9 +30,9 @@ from .datasets import load_dataset
 from .decompose import RAW_FIELDS, ReadoutMaps, decompose, readout_maps
 from .errors import StoreError
 from .models import LoadedModel, default_device, file_sha256, load_model
-from .store import (DECOMPOSITION_VERSION, SCHEMA_VERSION, FeatureStore, StoreDims, _is_local,
-                    _local_path, config_hash, default_store_root, feature_store_path,
-                    pretrained_slug)
+from .store import (DECOMPOSITION_VERSION, FEATURE_DTYPES, SCHEMA_VERSION, FeatureStore,
+                    StoreDims, _is_local, _local_path, config_hash,
+                    default_store_root, feature_store_path, pretrained_slug)
 from .zeroshot import text_classifier
 
 
@@ -130,6 +132,8 @@ def extract(
     Returns:
         :class:`ExtractResult`; ``computed_chunks == 0`` when the store was already complete.
     """
+    _check_arguments(batch_size=batch_size, rows_per_chunk=rows_per_chunk,
+                     feature_dtype=feature_dtype)  # before anything is loaded or written
     start = time.perf_counter()
     device = device or default_device()
     if loaded is None:
@@ -152,6 +156,15 @@ def extract(
                          time.perf_counter() - start)
 
 
+def _check_arguments(*, batch_size: int, rows_per_chunk: int, feature_dtype: str) -> None:
+    for key, value in (("batch_size", batch_size), ("rows_per_chunk", rows_per_chunk)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise StoreError(f"{key} must be a positive integer, got {value!r}")
+    if feature_dtype not in FEATURE_DTYPES:
+        raise StoreError(f"feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, "
+                         f"got {feature_dtype!r}")
+
+
 def _fixed_content(loaded: LoadedModel, info) -> tuple[ReadoutMaps, dict[str, np.ndarray]]:
     """The read-out maps and the text classifier: the fixed arrays, derived from the model."""
     maps = readout_maps(loaded.model)
@@ -160,7 +173,16 @@ def _fixed_content(loaded: LoadedModel, info) -> tuple[ReadoutMaps, dict[str, np
                   "class_weights": classifier.weights.numpy()}
 
 
+def _clear_interrupted_creation(url: str) -> None:
+    """Delete what a killed creation left (the writer lock is held: none is in progress)."""
+    for sibling in FeatureStore.temporary_siblings(url):
+        shutil.rmtree(sibling, ignore_errors=True)
+    if FeatureStore.creation_interrupted(url):
+        _delete_tree(url)
+
+
 def _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dtype) -> FeatureStore:
+    _clear_interrupted_creation(url)
     exists = _local_path(url).exists() if _is_local(url) else _remote_exists(url)
     if exists:
         store = FeatureStore.open(url, require_complete=False)
@@ -267,6 +289,21 @@ class _writer_lock:
     def __exit__(self, *exc):
         if self.lock is not None:
             self.lock.release()
+
+
+def _delete_tree(url: str) -> None:
+    if _is_local(url):
+        path = _local_path(url)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        return
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def _remote_exists(url: str) -> bool:

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -157,6 +160,9 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+CREATING_SUFFIX = ".creating-"  # <name>.zarr.creating-<uuid>: a local store being created
+
+
 class _GuardedArray:
     """Array-like over a Zarr array for ``da.from_array``: read errors become StoreErrors."""
 
@@ -187,10 +193,42 @@ class FeatureStore:
     def create(cls, url: str, *, dims: StoreDims, feature_dtype: str, attrs: dict[str, Any],
                maps: ReadoutMaps, text: dict[str, np.ndarray], labels: np.ndarray,
                indices: np.ndarray) -> "FeatureStore":
-        """Create an empty (incomplete) store with its fixed content written."""
+        """Create an empty (incomplete) store with its fixed content written.
+
+        Atomic, so that a kill can never leave a half-made store that wedges every rerun: a local
+        store is built under a temporary sibling (``<name>.creating-<uuid>``, which the next
+        extraction deletes) and renamed into place once complete; an fsspec store (no atomic
+        rename) carries ``state: creating`` until its attributes are written, and a rerun
+        recreates it (:meth:`creation_interrupted`).
+        """
         if feature_dtype not in FEATURE_DTYPES:
             raise StoreError(f"feature dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
-        group = zarr.open_group(_zarr_target(url), mode="w")
+        if dims.rows_per_chunk < 1:
+            raise StoreError(f"rows_per_chunk must be positive, got {dims.rows_per_chunk}")
+        final = _local_path(url) if _is_local(url) else None
+        target = str(final.with_name(f"{final.name}{CREATING_SUFFIX}{uuid.uuid4().hex[:12]}")) \
+            if final is not None else url
+        try:
+            cls._build(target, dims=dims, feature_dtype=feature_dtype, attrs=attrs, maps=maps,
+                       text=text, labels=labels, indices=indices)
+            if final is not None:
+                try:
+                    os.rename(target, final)  # atomic; refuses a non-empty folder at ``final``
+                except OSError as exc:
+                    raise StoreError(f"cannot create {url}: {exc.strerror}; delete what is there "
+                                     "and extract again") from None
+        except BaseException:
+            if final is not None:
+                shutil.rmtree(target, ignore_errors=True)
+            raise
+        return cls(zarr.open_group(_zarr_target(url), mode="r+"), url)
+
+    @staticmethod
+    def _build(target: str, *, dims: StoreDims, feature_dtype: str, attrs: dict[str, Any],
+               maps: ReadoutMaps, text: dict[str, np.ndarray], labels: np.ndarray,
+               indices: np.ndarray) -> None:
+        """Write a whole new store at ``target``; its ``format`` attribute comes last."""
+        group = zarr.open_group(target, mode="w", attributes={"state": "creating"})
         compressor = ZstdCodec(level=3, checksum=True)  # checksums catch corrupt chunks
         for name, spec in SCHEMA.items():
             shape = dims.shape(spec)
@@ -218,7 +256,46 @@ class FeatureStore:
                             "rows_per_chunk": dims.rows_per_chunk, "dims": dims.__dict__,
                             "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION,
                             "created_at": _now()})
-        return cls(group, url)
+
+    @staticmethod
+    def temporary_siblings(url: str) -> list[Path]:
+        """Local stores that :meth:`create` left half-made when it was killed (none for URLs)."""
+        if not _is_local(url):
+            return []
+        path = _local_path(url)
+        if not path.parent.is_dir():
+            return []
+        return sorted(p for p in path.parent.iterdir()
+                      if p.name.startswith(path.name + CREATING_SUFFIX))
+
+    @staticmethod
+    def creation_interrupted(url: str) -> bool:
+        """Whether ``url`` holds what a killed creation left: safe to delete, no rows computed.
+
+        That is a store still in state ``creating``, or one without a ``format`` attribute whose
+        members are all of the layout and whose ``done`` marks no row chunk (as written before
+        creation was atomic), or an empty folder. Anything else (a foreign group, computed rows)
+        is left to :meth:`open` to refuse.
+        """
+        if _is_local(url):
+            path = _local_path(url)
+            if not path.is_dir():
+                return False
+            if not any(path.iterdir()):
+                return True
+        try:
+            group = zarr.open_group(_zarr_target(url), mode="r")
+            attrs = group.attrs.asdict()
+            if attrs.get("state") == "creating":
+                return True
+            if attrs.get("format") is not None:
+                return False
+            names = {name for name, _ in group.members(max_depth=None)}
+            if not names <= set(SCHEMA) | {"maps", "text"}:
+                return False
+            return "done" not in names or not group["done"][...].any()
+        except Exception:  # not a readable Zarr group: not ours to delete
+            return False
 
     @classmethod
     def open(cls, url: str | Path, *, require_complete: bool = True) -> "FeatureStore":
@@ -237,6 +314,9 @@ class FeatureStore:
 
     def _validate(self, require_complete: bool) -> None:
         a = self.attrs
+        if a.get("state") == "creating":
+            raise StoreError(f"{self.url} was not fully created (its creation was interrupted): "
+                             "rerun the same `residual extract` command to recreate it")
         if a.get("format") != FORMAT_NAME:
             raise StoreError(f"{self.url} is not a residual feature store (format attribute "
                              f"{a.get('format')!r}); point to a store written by `residual extract`")

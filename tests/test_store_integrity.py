@@ -1,6 +1,8 @@
-"""Feature store integrity: damage is repaired bitwise or refused in one line, never silent."""
+"""Feature store integrity: damage is repaired bitwise or refused in one line, never silent;
+an interrupted creation never wedges a store."""
 
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +11,8 @@ import zarr
 
 from builders import write_image_folder
 from residual_core.datasets import load_dataset
-from residual_core.errors import StoreError
-from residual_core.extract import extract
+from residual_core.errors import ResidualError, StoreError
+from residual_core.extract import extract, feature_store_url
 from residual_core.models import EMBEDDED_MODEL, load_model
 from residual_core.store import SCHEMA, FeatureStore
 
@@ -146,3 +148,54 @@ def test_store_without_dims_attribute_is_a_one_line_error(tiny, name, clean, tmp
         with pytest.raises(StoreError, match="dims") as err:
             attempt()
         assert_one_line(err.value)
+
+
+# ------------------------------------------------------------------------ interrupted creation
+def test_store_killed_during_creation_is_recreated(tiny, name, clean, tmp_path):
+    url = feature_store_url(EMBEDDED_MODEL, None, name, "train", tmp_path)
+    # What a kill right after the group was created leaves: a group, no attributes, some arrays.
+    wedged = zarr.open_group(url, mode="w")
+    wedged.create_array("heads", shape=(72, 4, 4, 16), dtype="f4")
+    wedged.create_array("done", shape=(5,), dtype="u1", fill_value=0)
+    leftover = Path(f"{url}.creating-{uuid.uuid4().hex[:12]}")
+    zarr.open_group(str(leftover), mode="w", attributes={"state": "creating"})
+    result = run(tiny, name, tmp_path)
+    assert result.url == url and result.computed_chunks == result.total_chunks
+    assert_same_store(url, clean[1])
+    assert not leftover.exists()
+    assert [p.name for p in Path(url).parent.iterdir() if ".creating-" in p.name] == []
+
+
+def test_a_successful_creation_leaves_no_temporary_sibling(tiny, name, tmp_path):
+    url = run(tiny, name, tmp_path, split="val").url
+    assert sorted(p.name for p in Path(url).parent.iterdir()) == ["val.zarr", "val.zarr.lock"]
+
+
+@pytest.mark.parametrize("attributes", [{"state": "creating"}, None])
+def test_fsspec_store_killed_during_creation_is_recreated(tiny, name, clean, attributes):
+    root = f"memory://wedged-{uuid.uuid4().hex[:8]}"
+    url = feature_store_url(EMBEDDED_MODEL, None, name, "train", root)
+    wedged = zarr.open_group(url, mode="w", attributes=attributes)
+    wedged.create_array("labels", shape=(72,), dtype="i8", fill_value=0)
+    result = run(tiny, name, root)
+    assert result.computed_chunks == result.total_chunks
+    assert_same_store(url, clean[1])
+
+
+def test_foreign_group_at_the_store_path_is_refused_not_deleted(tiny, name, tmp_path):
+    url = feature_store_url(EMBEDDED_MODEL, None, name, "train", tmp_path)
+    foreign = zarr.open_group(url, mode="w")
+    foreign.create_array("mine", shape=(3,), dtype="f4")
+    with pytest.raises(StoreError, match="not a residual feature store"):
+        run(tiny, name, tmp_path)
+    assert "mine" in zarr.open_group(url, mode="r")
+
+
+@pytest.mark.parametrize("bad", [{"rows_per_chunk": 0}, {"rows_per_chunk": -16},
+                                 {"batch_size": 0}, {"batch_size": -8}])
+def test_invalid_chunking_is_refused_before_anything_is_written(tiny, name, tmp_path, bad):
+    with pytest.raises(ResidualError, match=next(iter(bad))) as err:
+        run(tiny, name, tmp_path / "st", **bad)
+    assert_one_line(err.value)
+    assert not (tmp_path / "st").exists()
+    assert run(tiny, name, tmp_path / "st", split="val").computed_chunks > 0
