@@ -5,8 +5,8 @@ after its data is written, so a run killed at any point (even ``kill -9``) loses
 chunks in flight, and the same command resumes with the missing chunks only. Batches never
 cross chunk boundaries, so a resumed store is identical to an uninterrupted run's. A complete
 store is never recomputed; a store written with another configuration is an error; a lock
-refuses a second concurrent writer. Creating a store is atomic, and what a killed creation left
-is deleted by the next run.
+refuses a second concurrent writer (and :func:`remove_store` while one writes). Creating a store
+is atomic, and what a killed creation left is deleted by the next run.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from .datasets import load_dataset
 from .decompose import RAW_FIELDS, ReadoutMaps, decompose, readout_maps
 from .errors import StoreError
 from .models import LoadedModel, default_device, file_sha256, load_model
-from .store import (DECOMPOSITION_VERSION, FEATURE_DTYPES, SCHEMA_VERSION, FeatureStore,
-                    StoreDims, _is_local, _local_path, config_hash,
+from .store import (DECOMPOSITION_VERSION, FEATURE_DTYPES, FORMAT_NAME, SCHEMA_VERSION,
+                    FeatureStore, StoreDims, _is_local, _local_path, _zarr_target, config_hash,
                     default_store_root, feature_store_path, pretrained_slug)
 from .zeroshot import text_classifier
 
@@ -289,6 +289,46 @@ class _writer_lock:
     def __exit__(self, *exc):
         if self.lock is not None:
             self.lock.release()
+
+
+def remove_store(url: str) -> None:
+    """Delete the feature store at ``url`` (local path or fsspec URL), e.g. to force re-extraction.
+
+    Under the writer lock that :func:`extract` takes: deleting a store while an extraction writes
+    it would crash that run, so it is refused instead (fsspec URLs have no lock). Refuses to
+    delete anything that is not a feature store (or what a killed creation left).
+    """
+    url = str(url)
+    if _is_local(url) and not _local_path(url).parent.is_dir():
+        return  # nothing there (and no folder to create for the lock)
+    with _writer_lock(url):
+        for sibling in FeatureStore.temporary_siblings(url):
+            shutil.rmtree(sibling, ignore_errors=True)
+        if not _tree_exists(url):
+            return
+        if not (_is_feature_store(url) or FeatureStore.creation_interrupted(url)):
+            raise StoreError(f"{url} is not a residual feature store: not deleting it (remove it "
+                             "by hand if it should go)")
+        _delete_tree(url)
+
+
+def _is_feature_store(url: str) -> bool:
+    import zarr
+
+    try:
+        return zarr.open_group(_zarr_target(url), mode="r").attrs.get("format") == FORMAT_NAME
+    except Exception:
+        return False
+
+
+def _tree_exists(url: str) -> bool:
+    if _is_local(url):
+        path = _local_path(url)
+        return path.exists() or path.is_symlink()
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
 
 
 def _delete_tree(url: str) -> None:

@@ -1,7 +1,8 @@
 """Feature store integrity: damage is repaired bitwise or refused in one line, never silent;
-an interrupted creation never wedges a store."""
+an interrupted creation never wedges a store; deleting a store respects the writer lock."""
 
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import zarr
 from builders import write_image_folder
 from residual_core.datasets import load_dataset
 from residual_core.errors import ResidualError, StoreError
-from residual_core.extract import extract, feature_store_url
+from residual_core.extract import _writer_lock, extract, feature_store_url
 from residual_core.models import EMBEDDED_MODEL, load_model
 from residual_core.store import SCHEMA, FeatureStore
 
@@ -199,3 +200,55 @@ def test_invalid_chunking_is_refused_before_anything_is_written(tiny, name, tmp_
     assert_one_line(err.value)
     assert not (tmp_path / "st").exists()
     assert run(tiny, name, tmp_path / "st", split="val").computed_chunks > 0
+
+
+# ------------------------------------------------------------------------ remove_store
+def test_remove_store_refuses_while_an_extraction_holds_the_lock(tiny, name, tmp_path):
+    from residual_core.extract import remove_store
+
+    url = run(tiny, name, tmp_path, split="val").url
+    held, release = threading.Event(), threading.Event()
+
+    def writer():
+        with _writer_lock(url):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(StoreError, match="being written by another extraction") as err:
+            remove_store(url)
+        assert_one_line(err.value)
+        assert FeatureStore.open(url).complete
+    finally:
+        release.set()
+        thread.join()
+    remove_store(url)
+    assert not Path(url).exists()
+    remove_store(url)  # nothing there: nothing to do
+    assert run(tiny, name, tmp_path, split="val").computed_chunks > 0
+
+
+def test_remove_store_deletes_an_fsspec_store(tiny, name):
+    from residual_core.extract import remove_store
+
+    root = f"memory://remove-{uuid.uuid4().hex[:8]}"
+    url = run(tiny, name, root, split="val").url
+    remove_store(url)
+    with pytest.raises(StoreError):
+        FeatureStore.open(url)
+    assert run(tiny, name, root, split="val").computed_chunks > 0
+
+
+def test_remove_store_refuses_what_is_not_a_feature_store(tmp_path):
+    from residual_core.extract import remove_store
+
+    other = tmp_path / "results.zarr"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="not a residual feature store") as err:
+        remove_store(str(other))
+    assert_one_line(err.value)
+    assert (other / "notes.txt").exists()
