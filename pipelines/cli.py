@@ -11,11 +11,10 @@ import os
 import sys
 from typing import Any, Callable, Literal, Sequence, Union, get_args, get_origin
 
-from pydantic import ValidationError
-
 from pipelines.grid import NAMED_GRIDS, STAGES  # light: imports neither torch nor Prefect
 from residual_core.errors import ResidualError
 from residual_core.stages import StageParams
+from residual_core.stages.base import ParamsError
 from residual_core.stages import extract as extract_stage
 from residual_core.stages import spectral as spectral_stage
 
@@ -254,10 +253,9 @@ def _params(schema: type[StageParams], args: argparse.Namespace) -> StageParams:
              if getattr(args, name, None) is not None}
     try:
         return schema(**given)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors())
+    except ParamsError as exc:
+        problems = "; ".join(f"--{field.split('.')[0].replace('_', '-')}: {msg}"
+                             for field, msg in exc.problems)
         raise ResidualError(f"invalid option: {problems}") from None
 
 

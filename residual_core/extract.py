@@ -5,13 +5,15 @@ after its data is written, so a run killed at any point (even ``kill -9``) loses
 chunks in flight, and the same command resumes with the missing chunks only. Batches never
 cross chunk boundaries, so a resumed store is identical to an uninterrupted run's. A complete
 store is never recomputed; a store written with another configuration is an error; a lock
-refuses a second concurrent writer.
+refuses a second concurrent writer (and :func:`remove_store` while one writes). Creating a store
+is atomic, and what a killed creation left is deleted by the next run.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
@@ -25,14 +27,14 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from .datasets import load_dataset
-from .decompose import RAW_FIELDS, decompose, readout_maps
+from .decompose import RAW_FIELDS, ReadoutMaps, decompose, readout_maps
 from .errors import StoreError
 from .identity import WeightsId, config_hash, parse_dataset, parse_weights
-from .layout import Layout, is_local, local_path, remove_tree
+from .layout import Layout, is_local, local_path, remove_tree, zarr_target
 from .models import LoadedModel, default_device, load_model
 from .stages.extract import Params as ExtractParams
 from .stages.extract import Result
-from .store import DECOMPOSITION_VERSION, SCHEMA_VERSION, FeatureStore, StoreDims
+from .store import DECOMPOSITION_VERSION, FORMAT_NAME, SCHEMA_VERSION, FeatureStore, StoreDims
 from .zeroshot import text_classifier
 
 
@@ -133,7 +135,9 @@ def extract(
             (:class:`residual_core.stages.extract.Params`).
         data_root: where datasets live (default ``Layout.of().datasets``).
         store_root: local folder or fsspec URL under which stores live (default ``data/``).
-        verify: decode every already-written chunk first and recompute damaged ones.
+        verify: check every array first: recompute damaged row chunks (decoded, labels and
+            indices compared with the dataset's), rewrite damaged read-out maps and text
+            classifier (recomputed from the model), rebuild a corrupt ``done``.
         progress: show a progress bar (images/s and ETA).
         loaded: an already loaded model (skips loading; must match ``model``/``pretrained``).
 
@@ -153,7 +157,8 @@ def extract(
     with _writer_lock(url):
         store = _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dtype)
         if verify:
-            store.mark_pending(store.verify())
+            store.repair_fixed(*_fixed_content(loaded, data.info))
+            store.mark_pending(store.verify(labels=data.labels, indices=data.indices))
         pending = store.pending_chunks()
         rows = _compute(store, loaded, data, pending, params.batch_size, params.num_workers,
                         progress)
@@ -162,7 +167,24 @@ def extract(
                          rows_computed=rows, seconds=time.perf_counter() - start)
 
 
+def _fixed_content(loaded: LoadedModel, info) -> tuple[ReadoutMaps, dict[str, np.ndarray]]:
+    """The read-out maps and the text classifier: the fixed arrays, derived from the model."""
+    maps = readout_maps(loaded.model)
+    classifier = text_classifier(loaded.model, loaded.tokenizer, info.classnames, info.templates)
+    return maps, {"template_embeddings": classifier.template_embeddings.numpy(),
+                  "class_weights": classifier.weights.numpy()}
+
+
+def _clear_interrupted_creation(url: str) -> None:
+    """Delete what a killed creation left (the writer lock is held: none is in progress)."""
+    for sibling in FeatureStore.temporary_siblings(url):
+        shutil.rmtree(sibling, ignore_errors=True)
+    if FeatureStore.creation_interrupted(url):
+        remove_tree(url)
+
+
 def _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dtype) -> FeatureStore:
+    _clear_interrupted_creation(url)
     exists = local_path(url).exists() if is_local(url) else _remote_exists(url)
     if exists:
         store = FeatureStore.open(url, require_complete=False)
@@ -173,9 +195,8 @@ def _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dt
                 f"{url} was extracted with another configuration (differs in: {', '.join(diff)}). "
                 "Delete it, or choose another --store-root, to extract with the new one.")
         return store
-    maps = readout_maps(loaded.model)
     info = data.info
-    classifier = text_classifier(loaded.model, loaded.tokenizer, info.classnames, info.templates)
+    maps, text = _fixed_content(loaded, info)
     vis = loaded.model.visual
     dims = StoreDims(n=len(data), layer=maps.n_layers, head=maps.n_heads, head_dim=maps.head_dim,
                      width=maps.width, embed=maps.embed_dim, n_class=len(info.classnames),
@@ -193,9 +214,7 @@ def _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dt
         "residual_version": _version("residual"),
     }
     return FeatureStore.create(
-        url, dims=dims, feature_dtype=feature_dtype, attrs=attrs, maps=maps,
-        text={"template_embeddings": classifier.template_embeddings.numpy(),
-              "class_weights": classifier.weights.numpy()},
+        url, dims=dims, feature_dtype=feature_dtype, attrs=attrs, maps=maps, text=text,
         labels=np.asarray(data.labels, dtype=np.int64),
         indices=np.asarray(data.indices, dtype=np.int64))
 
@@ -229,6 +248,8 @@ def _compute(store: FeatureStore, loaded: LoadedModel, data, pending: np.ndarray
             rows = store.chunk_rows(chunk)
             if filled == rows.stop - rows.start:
                 block = {k: np.concatenate([b[k] for b in buffer]) for k in RAW_FIELDS}
+                block["labels"] = np.asarray(data.labels[rows], dtype=np.int64)
+                block["indices"] = np.asarray(data.indices[rows], dtype=np.int64)
                 _drain(writes, keep=1)  # at most one chunk queued behind the one being computed
                 writes.append(writer.submit(store.write_chunk, chunk, block))
                 buffer, filled = [], 0
@@ -273,10 +294,43 @@ class _writer_lock:
 
 
 def remove_store(url: str) -> None:
-    """Delete a feature store (``--force``), holding the writer lock: a running extraction of
-    it is not pulled from under it (the lock refuses instead)."""
+    """Delete the feature store at ``url`` (local path or fsspec URL), e.g. to force re-extraction.
+
+    Under the writer lock that :func:`extract` takes: deleting a store while an extraction writes
+    it would crash that run, so it is refused instead (fsspec URLs have no lock). Refuses to
+    delete anything that is not a feature store (or what a killed creation left).
+    """
+    url = str(url)
+    if is_local(url) and not local_path(url).parent.is_dir():
+        return  # nothing there (and no folder to create for the lock)
     with _writer_lock(url):
+        for sibling in FeatureStore.temporary_siblings(url):
+            shutil.rmtree(sibling, ignore_errors=True)
+        if not _tree_exists(url):
+            return
+        if not (_is_feature_store(url) or FeatureStore.creation_interrupted(url)):
+            raise StoreError(f"{url} is not a residual feature store: not deleting it (remove it "
+                             "by hand if it should go)")
         remove_tree(url)
+
+
+def _is_feature_store(url: str) -> bool:
+    import zarr
+
+    try:
+        return zarr.open_group(zarr_target(url), mode="r").attrs.get("format") == FORMAT_NAME
+    except Exception:
+        return False
+
+
+def _tree_exists(url: str) -> bool:
+    if is_local(url):
+        path = local_path(url)
+        return path.exists() or path.is_symlink()
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
 
 
 def _remote_exists(url: str) -> bool:

@@ -59,9 +59,14 @@ def zarr_target(url: str) -> str:
 
 
 def remove_tree(url: str) -> None:
-    """Delete a store (a folder, local or fsspec) if it exists."""
+    """Delete a store (a folder, local or fsspec) if it exists; a link is removed, never
+    followed."""
     if is_local(url):
-        shutil.rmtree(local_path(url), ignore_errors=True)
+        path = local_path(url)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
         return
     import fsspec
 

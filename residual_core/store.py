@@ -15,8 +15,11 @@ and rows as a lazy Dask array: the projection is applied on read, block by block
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Sequence
 
 import dask.array as da
@@ -26,7 +29,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.core.sync import sync
 
-from .decompose import RAW_FIELDS, ReadoutMaps, project_heads, project_residual
+from .decompose import ReadoutMaps, project_heads, project_residual
 from .errors import StoreError
 from .layout import is_local, local_path, zarr_target
 from .units import Unit, unit_table
@@ -70,6 +73,12 @@ SCHEMA: dict[str, ArraySpec] = {
     "text/class_weights": ArraySpec(("class", "embed"), "float32", False,
                                     doc="zero-shot classifier: averaged, renormalised"),
 }
+# Row-chunked arrays (raw fields, labels, indices: write_chunk writes them all) and the fixed ones
+# derived from the model (maps/*, text/*: recomputed and rewritten by repair_fixed).
+ROW_FIELDS = tuple(name for name, spec in SCHEMA.items() if spec.row_chunked)
+FIXED_FIELDS = tuple(name for name, spec in SCHEMA.items()
+                     if not spec.row_chunked and name != "done")
+REQUIRED_ATTRS = ("dims", "feature_dtype", "rows_per_chunk", "config_hash")
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,15 @@ class StoreDims:
         return tuple(sizes[d] for d in spec.dims)
 
 
+def _reason(exc: BaseException) -> str:
+    """``Type: first line`` of an exception from deep in the codec stack: messages stay one line."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+CREATING_SUFFIX = ".creating-"  # <name>.zarr.creating-<uuid>: a local store being created
+
+
 class _GuardedArray:
     """Array-like over a Zarr array for ``da.from_array``: read errors become StoreErrors."""
 
@@ -109,7 +127,7 @@ class _GuardedArray:
         except Exception as exc:  # a truncated/corrupt chunk fails deep in the codec stack
             raise StoreError(
                 f"{self.where} is corrupt: cannot read rows {key[0] if isinstance(key, tuple) else key}"
-                f" ({type(exc).__name__}: {exc}). Rerun the extraction with verify=True "
+                f" ({_reason(exc)}). Rerun the extraction with verify=True "
                 "(`residual extract ... --verify`) to recompute damaged chunks."
             ) from None
 
@@ -126,10 +144,42 @@ class FeatureStore:
     def create(cls, url: str, *, dims: StoreDims, feature_dtype: str, attrs: dict[str, Any],
                maps: ReadoutMaps, text: dict[str, np.ndarray], labels: np.ndarray,
                indices: np.ndarray) -> "FeatureStore":
-        """Create an empty (incomplete) store with its fixed content written."""
+        """Create an empty (incomplete) store with its fixed content written.
+
+        Atomic, so that a kill can never leave a half-made store that wedges every rerun: a local
+        store is built under a temporary sibling (``<name>.creating-<uuid>``, which the next
+        extraction deletes) and renamed into place once complete; an fsspec store (no atomic
+        rename) carries ``state: creating`` until its attributes are written, and a rerun
+        recreates it (:meth:`creation_interrupted`).
+        """
         if feature_dtype not in FEATURE_DTYPES:
             raise StoreError(f"feature dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
-        group = zarr.open_group(zarr_target(url), mode="w")
+        if dims.rows_per_chunk < 1:
+            raise StoreError(f"rows_per_chunk must be positive, got {dims.rows_per_chunk}")
+        final = local_path(url) if is_local(url) else None
+        target = str(final.with_name(f"{final.name}{CREATING_SUFFIX}{uuid.uuid4().hex[:12]}")) \
+            if final is not None else url
+        try:
+            cls._build(target, dims=dims, feature_dtype=feature_dtype, attrs=attrs, maps=maps,
+                       text=text, labels=labels, indices=indices)
+            if final is not None:
+                try:
+                    os.rename(target, final)  # atomic; refuses a non-empty folder at ``final``
+                except OSError as exc:
+                    raise StoreError(f"cannot create {url}: {exc.strerror}; delete what is there "
+                                     "and extract again") from None
+        except BaseException:
+            if final is not None:
+                shutil.rmtree(target, ignore_errors=True)
+            raise
+        return cls(zarr.open_group(zarr_target(url), mode="r+"), url)
+
+    @staticmethod
+    def _build(target: str, *, dims: StoreDims, feature_dtype: str, attrs: dict[str, Any],
+               maps: ReadoutMaps, text: dict[str, np.ndarray], labels: np.ndarray,
+               indices: np.ndarray) -> None:
+        """Write a whole new store at ``target``; its ``format`` attribute comes last."""
+        group = zarr.open_group(target, mode="w", attributes={"state": "creating"})
         compressor = ZstdCodec(level=3, checksum=True)  # checksums catch corrupt chunks
         for name, spec in SCHEMA.items():
             shape = dims.shape(spec)
@@ -157,7 +207,46 @@ class FeatureStore:
                             "rows_per_chunk": dims.rows_per_chunk, "dims": dims.__dict__,
                             "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION,
                             "created_at": _now()})
-        return cls(group, url)
+
+    @staticmethod
+    def temporary_siblings(url: str) -> list[Path]:
+        """Local stores that :meth:`create` left half-made when it was killed (none for URLs)."""
+        if not is_local(url):
+            return []
+        path = local_path(url)
+        if not path.parent.is_dir():
+            return []
+        return sorted(p for p in path.parent.iterdir()
+                      if p.name.startswith(path.name + CREATING_SUFFIX))
+
+    @staticmethod
+    def creation_interrupted(url: str) -> bool:
+        """Whether ``url`` holds what a killed creation left: safe to delete, no rows computed.
+
+        That is a store still in state ``creating``, or one without a ``format`` attribute whose
+        members are all of the layout and whose ``done`` marks no row chunk (as written before
+        creation was atomic), or an empty folder. Anything else (a foreign group, computed rows)
+        is left to :meth:`open` to refuse.
+        """
+        if is_local(url):
+            path = local_path(url)
+            if not path.is_dir():
+                return False
+            if not any(path.iterdir()):
+                return True
+        try:
+            group = zarr.open_group(zarr_target(url), mode="r")
+            attrs = group.attrs.asdict()
+            if attrs.get("state") == "creating":
+                return True
+            if attrs.get("format") is not None:
+                return False
+            names = {name for name, _ in group.members(max_depth=None)}
+            if not names <= set(SCHEMA) | {"maps", "text"}:
+                return False
+            return "done" not in names or not group["done"][...].any()
+        except Exception:  # not a readable Zarr group: not ours to delete
+            return False
 
     @classmethod
     def open(cls, url: "str | os.PathLike", *, require_complete: bool = True) -> "FeatureStore":
@@ -168,7 +257,7 @@ class FeatureStore:
         try:
             group = zarr.open_group(zarr_target(url), mode="r+")
         except Exception as exc:
-            raise StoreError(f"{url} is not a Zarr group ({type(exc).__name__}); "
+            raise StoreError(f"{url} is not a Zarr group ({_reason(exc)}); "
                              "is it a feature store?") from None
         store = cls(group, url)
         store._validate(require_complete)
@@ -176,25 +265,40 @@ class FeatureStore:
 
     def _validate(self, require_complete: bool) -> None:
         a = self.attrs
+        if a.get("state") == "creating":
+            raise StoreError(f"{self.url} was not fully created (its creation was interrupted): "
+                             "rerun the same `residual extract` command to recreate it")
         if a.get("format") != FORMAT_NAME:
             raise StoreError(f"{self.url} is not a residual feature store (format attribute "
                              f"{a.get('format')!r}); point to a store written by `residual extract`")
         if a.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(f"{self.url} has schema version {a.get('schema_version')}, this code "
                              f"reads version {SCHEMA_VERSION}: re-extract it")
-        dims = self.dims
+        for key in REQUIRED_ATTRS:
+            if key not in a:
+                raise StoreError(f"{self.url} lacks the {key!r} attribute (damaged store): "
+                                 "delete it and extract again")
+        try:
+            dims = self.dims
+        except (TypeError, ValueError):
+            raise StoreError(f"{self.url} has a malformed 'dims' attribute {a['dims']!r} (damaged "
+                             "store): delete it and extract again") from None
         for name, spec in SCHEMA.items():
-            if name not in self.group:
+            try:
+                arr = self.group[name] if name in self.group else None
+            except Exception as exc:
+                raise StoreError(f"{self.url}: the metadata of array {name!r} is unreadable "
+                                 f"({_reason(exc)}); delete the store and extract again") from None
+            if arr is None:
                 raise StoreError(f"{self.url} lacks array {name!r}: the store is incomplete or "
                                  "foreign; delete it and extract again")
-            arr = self.group[name]
             expected = dims.shape(spec)
             dtype = a["feature_dtype"] if spec.dtype == "feature" else spec.dtype
             if tuple(arr.shape) != expected or arr.dtype != np.dtype(dtype):
                 raise StoreError(f"{self.url}: array {name!r} is {arr.shape} {arr.dtype}, the "
                                  f"layout says {expected} {dtype}; delete it and extract again")
         if require_complete and not self.complete:
-            missing = int((self.group["done"][:] == 0).sum())
+            missing = int((self._done() == 0).sum())
             raise StoreError(f"{self.url} is incomplete ({missing} of {dims.row_chunk} row chunks "
                              "missing): rerun the same `residual extract` command to resume it")
 
@@ -218,59 +322,89 @@ class FeatureStore:
     @property
     def maps(self) -> ReadoutMaps:
         return ReadoutMaps.from_numpy(
-            {k.split("/", 1)[1]: self.group[k][...] for k in SCHEMA if k.startswith("maps/")})
+            {k.split("/", 1)[1]: self._read(k) for k in SCHEMA if k.startswith("maps/")})
 
     @property
     def labels(self) -> np.ndarray:
-        return self.group["labels"][...]
+        return self._read("labels")
 
     @property
     def indices(self) -> np.ndarray:
-        return self.group["indices"][...]
+        return self._read("indices")
 
     @property
     def class_weights(self) -> np.ndarray:
         """``[C, E]`` zero-shot classifier."""
-        return self.group["text/class_weights"][...]
+        return self._read("text/class_weights")
+
+    def _read(self, name: str) -> np.ndarray:
+        """A whole array; a corrupt chunk is a StoreError naming the array and the fix."""
+        try:
+            return self.group[name][...]
+        except Exception as exc:
+            raise StoreError(f"{self.url}/{name} is corrupt ({_reason(exc)}). Rerun the extraction "
+                             "with verify=True (`residual extract ... --verify`) to repair it"
+                             ) from None
+
+    def _done(self) -> np.ndarray:
+        try:
+            return self.group["done"][...]
+        except Exception as exc:
+            raise StoreError(f"{self.url}/done is corrupt ({_reason(exc)}): rerun the extraction "
+                             "with verify=True (`residual extract ... --verify`) to rebuild it"
+                             ) from None
 
     def pending_chunks(self) -> np.ndarray:
         """Indices of row chunks not yet written."""
-        return np.flatnonzero(self.group["done"][...] == 0)
+        return np.flatnonzero(self._done() == 0)
 
     def chunk_rows(self, chunk: int) -> slice:
         r = self.dims.rows_per_chunk
         return slice(chunk * r, min((chunk + 1) * r, self.dims.n))
 
     # ---------------------------------------------------------------- writing
-    def write_chunk(self, chunk: int, raw: dict[str, np.ndarray]) -> None:
-        """Write one full row chunk of the raw arrays, then mark it done (the commit point)."""
+    def write_chunk(self, chunk: int, values: dict[str, np.ndarray]) -> None:
+        """Write one full row chunk of every row-chunked array, then mark it done (commit point).
+
+        ``values`` holds :data:`ROW_FIELDS`: the raw fields and the chunk's labels and indices, so
+        that a chunk recomputed after damage is exactly what a clean extraction wrote. The chunk's
+        old shards are deleted first: Zarr reads a partial (last) shard before rewriting it, which
+        fails on a corrupt one.
+        """
         rows = self.chunk_rows(chunk)
         n = rows.stop - rows.start
-        for name in RAW_FIELDS:
-            value = raw[name]
-            if value.shape[0] != n:
-                raise StoreError(f"chunk {chunk} needs {n} rows of {name}, got {value.shape[0]}")
-            self.group[name][rows] = value
+        missing = [name for name in ROW_FIELDS if name not in values]
+        if missing:
+            raise StoreError(f"chunk {chunk}: write_chunk needs {', '.join(missing)} as well")
+        for name in ROW_FIELDS:
+            if values[name].shape[0] != n:
+                raise StoreError(f"chunk {chunk} needs {n} rows of {name}, got "
+                                 f"{values[name].shape[0]}")
+        self._delete_shards([chunk])
+        for name in ROW_FIELDS:
+            self.group[name][rows] = values[name]
         self.group["done"][chunk] = 1
 
     def mark_pending(self, chunks: Sequence[int]) -> None:
         """Mark row chunks as not written and delete their data (e.g. damaged chunks).
 
         Deleting matters: Zarr reads an existing shard before rewriting it, which fails on a
-        corrupt one.
+        corrupt one. :meth:`write_chunk` rewrites every array deleted here.
         """
         if not len(chunks):
             return
-        done = self.group["done"][...]
-        done[list(chunks)] = 0
-        self.group["done"][...] = done
         self.set_attrs(state="incomplete")
-        for name, spec in SCHEMA.items():
-            if spec.row_chunked:
-                arr = self.group[name]
-                for chunk in chunks:
-                    key = arr.metadata.encode_chunk_key((int(chunk),) + (0,) * (arr.ndim - 1))
-                    sync(self.group.store.delete(f"{arr.path}/{key}"))
+        done = self._done()
+        done[[int(c) for c in chunks]] = 0
+        self.group["done"][...] = done
+        self._delete_shards(chunks)
+
+    def _delete_shards(self, chunks: Sequence[int]) -> None:
+        for name in ROW_FIELDS:
+            arr = self.group[name]
+            for chunk in chunks:
+                key = arr.metadata.encode_chunk_key((int(chunk),) + (0,) * (arr.ndim - 1))
+                sync(self.group.store.delete(f"{arr.path}/{key}"))
 
     def finalize(self) -> None:
         """Mark the store complete once every row chunk is written."""
@@ -283,17 +417,63 @@ class FeatureStore:
         self.group.attrs.update(values)
         self.attrs.update(values)
 
-    def verify(self) -> list[int]:
-        """Decode every written row chunk; return those that are unreadable or contain NaN."""
-        bad = []
-        for chunk in np.flatnonzero(self.group["done"][...] == 1):
-            rows = self.chunk_rows(int(chunk))
-            try:
-                if any(np.isnan(self.group[name][rows]).any() for name in RAW_FIELDS):
-                    bad.append(int(chunk))
-            except Exception:
-                bad.append(int(chunk))
+    def verify(self, labels: np.ndarray | None = None,
+               indices: np.ndarray | None = None) -> list[int]:
+        """Decode every written row chunk of every row-chunked array; return the bad chunks.
+
+        Bad: unreadable, NaN in a float array (never written), or labels/indices other than the
+        dataset's (when given; a deleted shard reads as zeros). A corrupt ``done`` array is
+        rebuilt from what verifies: data that decodes completely was written by this
+        configuration, so only the bad chunks become pending. Fixed arrays: :meth:`repair_fixed`.
+        """
+        expected = {"labels": labels, "indices": indices}
+        try:
+            candidates = np.flatnonzero(self._done() == 1)
+            rebuild = False
+        except StoreError:
+            candidates, rebuild = np.arange(self.dims.row_chunk), True
+        bad = [int(c) for c in candidates if not self._chunk_ok(int(c), expected)]
+        if rebuild:
+            self.set_attrs(state="incomplete")
+            done = np.ones(self.dims.row_chunk, dtype=np.uint8)
+            done[bad] = 0
+            self.group["done"][...] = done  # one whole chunk: written without reading the old
         return bad
+
+    def _chunk_ok(self, chunk: int, expected: dict[str, np.ndarray | None]) -> bool:
+        rows = self.chunk_rows(chunk)
+        for name in ROW_FIELDS:
+            try:
+                value = self.group[name][rows]
+            except Exception:
+                return False
+            if value.dtype.kind == "f" and np.isnan(value).any():
+                return False
+            want = expected.get(name)
+            if want is not None and not np.array_equal(value, np.asarray(want)[rows]):
+                return False
+        return True
+
+    def repair_fixed(self, maps: ReadoutMaps, text: dict[str, np.ndarray]) -> list[str]:
+        """Rewrite the fixed arrays that are unreadable or differ from ``maps``/``text`` (what
+        :meth:`create` wrote, recomputed from the model); return the names rewritten."""
+        want = {**{f"maps/{k}": v for k, v in maps.as_numpy().items()},
+                **{f"text/{k}": v for k, v in text.items()}}
+        rewritten = []
+        for name in FIXED_FIELDS:
+            arr = self.group[name]
+            value = np.asarray(want[name]).astype(arr.dtype, copy=False)
+            if value.shape != arr.shape:
+                raise StoreError(f"{self.url}/{name} is {arr.shape}, the model gives "
+                                 f"{value.shape}: delete the store and extract again")
+            try:
+                ok = np.array_equal(arr[...], value, equal_nan=True)
+            except Exception:
+                ok = False
+            if not ok:
+                arr[...] = value  # one whole chunk: written without reading the old one
+                rewritten.append(name)
+        return rewritten
 
     # ---------------------------------------------------------------- reading
     def raw_array(self, name: str) -> da.Array:

@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ..errors import ResidualError
 from ..identity import config_hash
 
-__all__ = ["RUN_ONLY", "Stage", "StageInputs", "StageParams", "StageResult"]
+__all__ = ["RUN_ONLY", "ParamsError", "Stage", "StageInputs", "StageParams", "StageResult"]
 
 RUN_ONLY = {"identity": False}
 """``Field(json_schema_extra=RUN_ONLY)``: a parameter that changes how a stage runs (batch size,
@@ -27,9 +28,27 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class ParamsError(ResidualError, ValueError):
+    """Invalid stage parameters, in one line; ``problems``: ``(field, message)`` pairs."""
+
+    def __init__(self, stage: str, problems: list[tuple[str, str]]):
+        self.stage, self.problems = stage, problems
+        super().__init__(f"invalid {stage} parameters: "
+                         + "; ".join(f"{field}: {msg}" for field, msg in problems))
+
+
 class StageParams(_Frozen):
     """A stage's parameters: one schema for the core, the grid files and the CLI options (each
-    field's ``description`` is its help text)."""
+    field's ``description`` is its help text). Built directly, bad values raise
+    :class:`ParamsError` (inside a grid, the grid's validation names them)."""
+
+    def __init__(self, **data: Any):
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            problems = [(".".join(str(p) for p in e["loc"]) or "(all)",
+                         e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
+            raise ParamsError(type(self).__module__.rsplit(".", 1)[-1], problems) from None
 
     def identity(self) -> dict[str, Any]:
         """The parameters that change what the stage writes (its key covers exactly these)."""
