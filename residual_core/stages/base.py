@@ -33,8 +33,8 @@ class ParamsError(ResidualError, ValueError):
 
     def __init__(self, stage: str, problems: list[tuple[str, str]]):
         self.stage, self.problems = stage, problems
-        super().__init__(f"invalid {stage} parameters: "
-                         + "; ".join(f"{field}: {msg}" for field, msg in problems))
+        super().__init__("invalid parameters: "
+                         + "; ".join(f"{stage}.{field}: {msg}" for field, msg in problems))
 
 
 class StageParams(_Frozen):
