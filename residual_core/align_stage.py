@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -25,7 +26,7 @@ from .spectral_store import SpectralStore, run_spectral
 from .stages.align import Result
 from .stages.align import Params as AlignParams
 from .store import FeatureStore
-from .tables import write_rows
+from .tables import matching_rows, write_rows
 
 ALIGN_VERSION = 1
 AlignResult = Result
@@ -66,40 +67,103 @@ def align_key(train_url: str, val_url: str, test_url: str, basis_url: str,
         "version": ALIGN_VERSION})
 
 
+def _fit_settings(method: str, params: AlignParams) -> dict:
+    """The parameters that change one fit of ``method`` (zero-shot trains nothing)."""
+    names = {"zero-shot": (), "finetune": ("finetune_epochs", "patience")}.get(
+        method, ("epochs", "patience", "lambda_init"))
+    return {k: getattr(params, k) for k in names}
+
+
+def _uses_bases(method: str) -> bool:
+    from .residual import PRESETS
+
+    return PRESETS[method].needs_bases
+
+
+@dataclass(frozen=True)
+class AlignPlan:
+    """The identities of the fits (and the head-selection rows) an align run asks for.
+
+    ``fits``: per (method, seed), ``(key, hash)``: ``key`` names where its row is kept (the
+    task's and the bases' *locations*, the method, its settings, the seed), so that a rerun of
+    the same fit replaces its row and fits with other settings or seeds stay beside it;
+    ``hash`` is its content identity (the stores' and the bases' config hashes too), written as
+    the row's ``config_hash``: a row with the same hash is that fit's result. ``head_selection``
+    is the same pair for the head-selection rows.
+    """
+
+    fits: dict[tuple[str, int], tuple[str, str]]
+    head_selection: tuple[str, str]
+
+
+def plan_align(train_url: str, val_url: str, test_url: str, basis_url: str,
+               params: AlignParams) -> AlignPlan:
+    """The :class:`AlignPlan` of an align run (reads only the stores' attributes)."""
+    stores = [FeatureStore.open(u).attrs["config_hash"] for u in (train_url, val_url, test_url)]
+    basis = SpectralStore.open(basis_url).attrs["config_hash"]
+    task, where_bases = Layout.location(train_url), Layout.location(basis_url)
+    fits = {}
+    for method in params.methods:
+        for seed in params.seeds:
+            bases = _uses_bases(method)
+            what = {"method": method, "seed": seed, "settings": _fit_settings(method, params)}
+            fits[method, seed] = (
+                "fit-" + config_hash({**what, "task": task,
+                                      "basis": where_bases if bases else None}),
+                config_hash({**what, "stores": stores, "basis": basis if bases else None,
+                             "version": ALIGN_VERSION}))
+    hs = {"random_seeds": params.random_seeds}
+    head = ("head-selection-" + config_hash({**hs, "task": task, "basis": where_bases}),
+            config_hash({**hs, "stores": stores[1:], "basis": basis, "version": ALIGN_VERSION}))
+    return AlignPlan(fits, head)
+
+
 def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams | None = None, *,
               basis_url: str | None = None, tables_root: str | None = None,
               data_root: str | None = None, progress: bool = True) -> AlignResult:
     """Fit ``params.methods`` × ``params.seeds`` on the task and write tables and weights.
 
-    ``data_root`` is where ``finetune`` reads the task's images again (it runs the backbone;
-    default ``Layout.of().datasets``); the other methods read only the
-    stores.
+    Each fit is one row of ``evaluations`` (see :class:`AlignPlan`), written as soon as it is
+    done: a fit whose row is already there with the same content identity is reused, not run
+    again (a later grid reuses the fits of an earlier one; a killed run keeps its finished
+    fits). ``data_root`` is where ``finetune`` reads the task's images again (it runs the
+    backbone; default ``Layout.of().datasets``); the other methods read only the stores.
     """
     start = time.perf_counter()
     params = params or AlignParams()
     train = FeatureStore.open(train_url)
+    model, dataset = train.attrs["model"], train.attrs["dataset"]
     basis_url = basis_url or default_basis_url(train_url)
-    bases = load_bases(basis_url)
-    key = align_key(train_url, val_url, test_url, basis_url, params)
+    plan = plan_align(train_url, val_url, test_url, basis_url, params)
+    root = tables_root or Layout.of_store(train_url).root
+    done = {r.get("config_hash"): r for r in matching_rows(root, "evaluations", model, dataset)}
     weights = Layout.align_weights(train_url)
     group = zarr.open_group(zarr_target(weights), mode="a")
+    provenance = {"pretrained": train.attrs.get("pretrained")}
+    bases = None
     rows = []
-    for method in params.methods:
-        for seed in params.seeds:
-            result = _fit_one(method, seed, train_url, val_url, test_url, bases, params,
-                              data_root, progress)
-            rows.append(_row(result, train))
-            _save_weights(group, result)
-    provenance = {"pretrained": train.attrs.get("pretrained"), "config_hash": key}
-    root = tables_root or Layout.of_store(train_url).root
-    task_key = f"align-{train.attrs['config_hash']}"  # reruns replace this task's rows
-    write_rows(root, "evaluations", rows, key=task_key, provenance=provenance)
+    for (method, seed), (key, fit_hash) in plan.fits.items():
+        if fit_hash in done:
+            rows.append(done[fit_hash])
+            continue
+        bases = bases or load_bases(basis_url)
+        result = _fit_one(method, seed, train_url, val_url, test_url, bases, params, data_root,
+                          progress)
+        rows.append(_row(result, train))
+        _save_weights(group, result, fit_hash)
+        write_rows(root, "evaluations", rows[-1:], key=key,
+                   provenance={**provenance, "config_hash": fit_hash})
     hs_rows = []
+    hs_key, hs_hash = plan.head_selection
     if params.head_selection:
-        hs_rows = [{"model": train.attrs["model"], "dataset": train.attrs["dataset"], **r}
-                   for r in head_selection(val_url, test_url, bases=bases,
-                                           random_seeds=params.random_seeds)]
-        write_rows(root, "head_selection", hs_rows, key=task_key, provenance=provenance)
+        hs_rows = matching_rows(root, "head_selection", model, dataset, config_hash=hs_hash)
+        if not hs_rows:
+            bases = bases or load_bases(basis_url)
+            hs_rows = [{"model": model, "dataset": dataset, **r}
+                       for r in head_selection(val_url, test_url, bases=bases,
+                                               random_seeds=params.random_seeds)]
+            write_rows(root, "head_selection", hs_rows, key=hs_key,
+                       provenance={**provenance, "config_hash": hs_hash})
     return AlignResult(rows=rows, weights_url=weights, basis_url=basis_url,
                        seconds=time.perf_counter() - start, head_selection_rows=hs_rows)
 
@@ -145,8 +209,9 @@ def _row(result: FitResult, train: FeatureStore) -> dict:
     }
 
 
-def _save_weights(group: zarr.Group, result: FitResult) -> None:
-    """λ per unit (and any other trainable weights) under ``<method>/seed<k>/``."""
+def _save_weights(group: zarr.Group, result: FitResult, fit_hash: str) -> None:
+    """λ per unit (and any other trainable weights) under ``<method>/seed<k>/``: the latest
+    fit of that method and seed (its ``fit_hash`` attribute names which)."""
     base = f"{slug(result.method)}/seed{result.seed}"
     for name, value in result.state.items():
         if name.startswith("lambda/") or value.size <= 1_000_000:
@@ -154,7 +219,8 @@ def _save_weights(group: zarr.Group, result: FitResult) -> None:
             group.create_array(f"{base}/{name}", shape=arr.shape, dtype=arr.dtype,
                                overwrite=True)[...] = arr
     group.require_group(base).attrs.update({"val_acc": result.val_acc, "test_acc":
-                                            result.test_acc, "basis": result.basis_dataset})
+                                            result.test_acc, "basis": result.basis_dataset,
+                                            "fit_hash": fit_hash})
 
 
 def stored_lambdas(weights_url: str, method: str, seed: int = 0) -> dict[str, np.ndarray]:

@@ -155,6 +155,28 @@ class Layout:
         where = cls.parse_feature_store(feature_url)
         return where.layout if where else cls.of()
 
+    @classmethod
+    def location(cls, url: str) -> str:
+        """Where a store lives, independent of its content and of the root's own path:
+        ``<model>/<weights>/<dataset>/<name>`` inside a layout, else the URL. Result rows are
+        keyed by the location of what they were computed from, so a store rewritten with
+        another configuration has its rows replaced, never kept beside the new ones."""
+        where = cls.parse_feature_store(cls._feature_store_of(url))
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        if where is None:
+            return url.rstrip("/")
+        return "/".join((where.model, where.weights, where.dataset, name))
+
+    @staticmethod
+    def _feature_store_of(url: str) -> str:
+        """The feature store a spectral store or align weights belong to (itself otherwise)."""
+        url = url.rstrip("/")
+        if url.endswith(".spectral.zarr"):
+            return url[:-len(".spectral.zarr")] + ".zarr"
+        if url.endswith("/align.zarr"):
+            return url[:-len("align.zarr")] + "train.zarr"
+        return url
+
     def sibling_feature_store(self, of: FeatureStorePath, dataset: str, split: str) -> str:
         """The store of another dataset/split of the same weights as ``of``."""
         return self._join("features", of.model, of.weights, component(dataset, "dataset"),

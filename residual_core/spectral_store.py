@@ -174,8 +174,9 @@ def run_spectral(feature_url: str, params: SpectralParams | None = None, *,
                          for i, (lam, e, c) in enumerate(zip(res.eigenvalues, stats["evr"],
                                                              stats["cumulative_evr"]))]
     root = tables_root or Layout.of_store(feature_url).root
-    # Keyed by the feature store: a rerun with other parameters replaces that store's rows.
-    rows_key = f"spectral-{features.attrs['config_hash']}"
+    # Keyed by where the feature store lives: a rerun (other parameters, or the store
+    # re-extracted with another configuration) replaces that store's rows.
+    rows_key = "spectral-" + config_hash({"features": Layout.location(feature_url)})
     write_rows(root, "spectra", spectra_rows, key=rows_key, provenance=provenance)
     write_rows(root, "unit_stats", stats_rows, key=rows_key, provenance=provenance)
     return SpectralResult(url=url, feature_url=feature_url, computed=True,
@@ -235,9 +236,11 @@ def similarity(spectral_a: str, spectral_b: str, evr_threshold: float = 0.9,
              "other_split": b.attrs["split"], "evr_threshold": evr_threshold}
     rows = [{**extra, **r} for r in rows]
     key = similarity_key(a.attrs["config_hash"], b.attrs["config_hash"], evr_threshold)
+    rows_key = "similarity-" + config_hash({"a": Layout.location(spectral_a),
+                                            "b": Layout.location(spectral_b), "t": evr_threshold})
     write_rows(tables_root or Layout.of_store(a.attrs["feature_store"]).root, "basis_similarity",
-               rows, key=key, provenance={"pretrained": a.attrs.get("pretrained"),
-                                          "config_hash": key})
+               rows, key=rows_key, provenance={"pretrained": a.attrs.get("pretrained"),
+                                               "config_hash": key})
     return rows
 
 

@@ -53,9 +53,58 @@ def test_run_align_writes_tables_and_weights(task):
     assert hs.num_rows == len(result.head_selection_rows) > 0
     kept = {(r["keep"], r["n_heads"]) for r in hs.to_pylist()}  # one head vs all heads
     assert ("1", 1) in kept and ("1.0", 16) in kept
-    # A rerun replaces the task's rows instead of appending.
-    run_align(*urls, AlignParams(methods=("zero-shot",), head_selection=False), progress=False)
-    assert read_table(root / "st", "evaluations").num_rows == 1
+    # A run of a subset reuses its fits and keeps every other fit's row.
+    again = run_align(*urls, AlignParams(methods=("zero-shot",), head_selection=False),
+                      progress=False)
+    assert [(r["method"], r["seed"]) for r in again.rows] == [("zero-shot", 0)]
+    assert read_table(root / "st", "evaluations").num_rows == 6
+
+
+def test_fits_are_kept_side_by_side_and_reused(task, monkeypatch):
+    import residual_core.align_stage as align_stage
+
+    root, urls = task
+    fits = []
+    real = align_stage._fit_one
+    monkeypatch.setattr(align_stage, "_fit_one", lambda *a, **k: fits.append(a[:2]) or real(*a, **k))
+    star = dict(methods=("residual-star",), epochs=2, head_selection=False)
+    run_align(*urls, AlignParams(seeds=(0, 1, 2), **star), progress=False)
+    run_align(*urls, AlignParams(seeds=(0,), **star), progress=False)  # all reused
+    run_align(*urls, AlignParams(seeds=(0,), **{**star, "epochs": 3}), progress=False)
+    assert fits == [("residual-star", 0), ("residual-star", 1), ("residual-star", 2),
+                    ("residual-star", 0)]
+    rows = [r for r in read_table(root / "st", "evaluations").to_pylist()
+            if r["method"] == "residual-star" and '"epochs": 2' in r["preset_params"]]
+    assert sorted(r["seed"] for r in rows) == [0, 1, 2]  # seed 0 alone did not drop 1 and 2
+
+
+def test_rows_of_a_reextracted_store_are_replaced_not_doubled(tmp_path):
+    from residual_core.spectral_store import run_spectral
+
+    folder = write_image_folder(tmp_path / "imgs", ["a", "b"], 20, size=32, seed=3)
+    tiny = load_model(EMBEDDED_MODEL, None, device="cpu", seed=0)
+    root = tmp_path / "st"
+
+    def extract_all(rows_per_chunk):
+        params = ExtractParams(batch_size=16, rows_per_chunk=rows_per_chunk, num_workers=0,
+                               device="cpu")
+        return [extract(EMBEDDED_MODEL, None, f"imagefolder:{folder}", s, params,
+                        store_root=root, loaded=tiny, progress=False).url
+                for s in ("train", "val", "test")]
+
+    params = AlignParams(methods=("zero-shot", "coarse"), epochs=1, random_seeds=1)
+    counts = []
+    for rows_per_chunk in (16, 8):
+        urls = extract_all(rows_per_chunk)
+        run_spectral(urls[0], progress=False)
+        run_align(*urls, params, progress=False)
+        counts.append({t: read_table(root, t).num_rows
+                       for t in ("spectra", "unit_stats", "evaluations", "head_selection")})
+        for url in urls:  # the user re-extracts with another configuration
+            shutil.rmtree(url)
+    assert counts[0] == counts[1] and counts[0]["evaluations"] == 2
+    hashes = {r["config_hash"] for r in read_table(root, "unit_stats").to_pylist()}
+    assert len(hashes) == 1  # only the new store's rows
 
 
 def test_imagenet_bases_are_the_default_when_present(task):

@@ -146,3 +146,15 @@ def test_edited_images_make_the_store_stale(tmp_path):
         Image.fromarray(255 - np.asarray(Image.open(image))).save(image)
     with pytest.raises(StoreError, match="dataset_content"):
         extract(EMBEDDED_MODEL, None, name, "train", params, **kw)
+
+
+def test_location_names_where_a_store_lives_not_its_root_or_content(tmp_path):
+    weights = WeightsId("ViT-B-16", "openai")
+    a, b = Layout.of(tmp_path / "a"), Layout.of("memory://bucket/b")
+    train = a.feature_store(weights, "cifar10", "train")
+    assert Layout.location(train) == Layout.location(b.feature_store(weights, "cifar10", "train"))
+    assert Layout.location(train) == "ViT-B-16/openai/cifar10/train.zarr"
+    assert Layout.location(Layout.spectral_store(train)) == "ViT-B-16/openai/cifar10/train.spectral.zarr"
+    assert Layout.location(Layout.align_weights(train)) == "ViT-B-16/openai/cifar10/align.zarr"
+    assert Layout.location(a.feature_store(weights, "cifar10", "val")) != Layout.location(train)
+    assert Layout.location(str(tmp_path / "mine.zarr")) == str(tmp_path / "mine.zarr")

@@ -3,9 +3,10 @@ experiment (:func:`residual_core.align_stage.run_align`); tables ``evaluations``
 ``head_selection``, λ per unit in the task's ``align.zarr``.
 
 Its key is the align run's own config hash (:func:`~residual_core.align_stage.align_key`: the
-stores' and the bases' content, the parameters, the format version); it is current when the
-``evaluations`` rows of that key cover every requested (method, seed) and, when asked for, the
-``head_selection`` rows exist.
+stores' and the bases' content, the parameters, the format version). Rows are kept per fit
+(:class:`~residual_core.align_stage.AlignPlan`): it is current when every requested
+(method, seed) has its row with the same content identity and, when asked for, the
+``head_selection`` rows exist; fits already in the tables are reused, not run again.
 """
 
 from __future__ import annotations
@@ -86,20 +87,23 @@ def identity(inputs: Inputs, params: Params) -> dict[str, Any]:
 
 
 def is_current(inputs: Inputs, params: Params) -> bool:
+    """Every requested fit has its row (same content identity), and the head-selection rows
+    exist when asked for."""
+    from ..align_stage import plan_align
     from ..store import FeatureStore
     from ..tables import matching_rows
 
+    s = inputs.stores
     try:
-        attrs = FeatureStore.open(inputs.stores["train"]).attrs
-        key = _key(inputs, params)
+        attrs = FeatureStore.open(s["train"]).attrs
+        plan = plan_align(s["train"], s["val"], s["test"], inputs.spectral_url, params)
     except StoreError:
         return False
-    rows = {table: matching_rows(inputs.tables_root, table, attrs["model"], attrs["dataset"],
-                                 config_hash=key)
+    rows = {table: {r.get("config_hash") for r in matching_rows(
+                inputs.tables_root, table, attrs["model"], attrs["dataset"])}
             for table in ("evaluations", "head_selection")}
-    done = {(r["method"], r["seed"]) for r in rows["evaluations"]}
-    return ({(m, s) for m in params.methods for s in params.seeds} <= done
-            and (not params.head_selection or bool(rows["head_selection"])))
+    return ({h for _, h in plan.fits.values()} <= rows["evaluations"]
+            and (not params.head_selection or plan.head_selection[1] in rows["head_selection"]))
 
 
 def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
