@@ -87,10 +87,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ResidualError("--distribute runs cells on the workers of a Prefect server: set "
                             "PREFECT_API_URL and deploy prefect.yaml first (see the README)")
     from pipelines.flows import count_stage_runs, experiment_flow
+    from pipelines.server import temporary_prefect_server
 
-    report = experiment_flow(grid=grid, force=args.force, store_root=args.store_root,
-                             data_root=args.data_root, distribute=args.distribute,
-                             dask_address=args.dask_address, dask_workers=args.dask_workers)
+    with temporary_prefect_server():
+        report = experiment_flow(grid=grid, force=args.force, store_root=args.store_root,
+                                 data_root=args.data_root, distribute=args.distribute,
+                                 dask_address=args.dask_address, dask_workers=args.dask_workers)
     cells = report["cells"]
     n_runs, computed = count_stage_runs(report)
     print(f"grid {report['grid']}: {len(cells)} cells; {n_runs} stage runs here: {computed} "
@@ -208,8 +210,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
+    from pipelines.server import temporary_prefect_server
 
-    return run_demo(store_root=args.store_root, force=args.force)
+    with temporary_prefect_server():
+        return run_demo(store_root=args.store_root, force=args.force)
 
 
 def _add_params(p: argparse.ArgumentParser, schema: type[StageParams]) -> None:
@@ -278,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the main job end to end on the embedded default",
                        description="Pretrain the embedded tiny CLIP on the synthetic world, then "
                        "extract, spectral and align every world task through the Prefect flows "
-                       "(ephemeral mode, no server), print the results and write a report under "
+                       "(a temporary local Prefect server that stops with the command, unless "
+                       "PREFECT_API_URL names one), print the results and write a report under "
                        "<store-root>/reports/demo. Cached stages are not recomputed.")
     p.add_argument("--store-root", default=None, help="store root (default data)")
     p.add_argument("--force", action="append", default=[], choices=STAGES, metavar="STAGE",
@@ -334,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "extract, spectral, align (and head selection), as Prefect flows. Stages "
                        "whose inputs, parameters and code did not change are not recomputed. "
                        "Without PREFECT_API_URL the flows run against a temporary local Prefect "
-                       "server (no setup needed).")
+                       "server (no setup needed; on 127.0.0.1, it stops with this command however "
+                       "the command ends).")
     p.add_argument("--grid", default="demo",
                    help=f"{', '.join(NAMED_GRIDS)} or a grid JSON file (default demo: the "
                    "embedded world, offline)")
