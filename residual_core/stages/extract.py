@@ -21,8 +21,8 @@ Split = Literal["train", "val", "test"]
 
 
 class Params(StageParams):
-    """Extraction settings; only ``feature_dtype`` and ``rows_per_chunk`` change what a store
-    holds."""
+    """Extraction settings; only ``feature_dtype``, ``rows_per_chunk`` and ``skip_bad_images``
+    change what a store holds."""
 
     batch_size: int = Field(64, ge=1, json_schema_extra=RUN_ONLY,
                             description="images per forward pass (batches never cross row chunks)")
@@ -30,6 +30,9 @@ class Params(StageParams):
         "float32", description="storage dtype of the raw features (LN statistics stay float32)")
     rows_per_chunk: int = Field(1024, ge=1,
                                 description="rows per chunk: the unit of writing and resuming")
+    skip_bad_images: bool = Field(
+        False, description="leave out the images of an imagefolder: dataset that cannot be "
+        "decoded (listed in the store's skipped_images) instead of refusing the dataset")
     num_workers: int | None = Field(None, ge=0, json_schema_extra=RUN_ONLY,
                                     description="DataLoader worker processes "
                                     "(default min(4, CPUs - 1))")

@@ -1,0 +1,132 @@
+"""Bad user inputs give one line naming the file or option and the fix (CLI: exit status 2).
+
+Every input here is a real file written by the test: broken images, checkpoints that are not
+state dicts, a store root that is a file, a grid file of random bytes, devices this machine lacks.
+"""
+
+import argparse
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from builders import write_image_folder
+from pipelines.cli import main
+from pipelines.grid import GridError, load_grid
+from residual_core.datasets import load_dataset
+from residual_core.errors import ResidualError
+from residual_core.identity import EMBEDDED_MODEL, WeightsId
+from residual_core.models import load_model
+from residual_core.stages.extract import Params as ExtractParams
+from residual_core.store import FeatureStore
+
+FAST = ["--device", "cpu", "--num-workers", "0", "--batch-size", "8", "--rows-per-chunk", "8",
+        "--quiet"]
+
+
+def error_line(capsys, argv) -> str:
+    """Run the CLI: it must exit 2 with exactly one stderr line, which is returned."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("residual: error: "), err
+    return err[0]
+
+
+def extract_argv(dataset: str, store_root, *extra: str) -> list[str]:
+    return ["extract", "--model", EMBEDDED_MODEL, "--dataset", dataset, "--split", "train",
+            "--store-root", str(store_root), *FAST, *extra]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return write_image_folder(tmp_path / "imgs", ["ant", "bee"], per_class=10)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. broken images in an imagefolder
+
+
+def _png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _truncated_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()[:-100]  # PIL's verify() accepts it; decoding fails
+
+
+BAD_IMAGES = {
+    "text.png": b"this is not an image\n",
+    "empty.png": b"",
+    "truncated.png": _png_bytes()[:60],
+    "truncated.jpg": _truncated_jpeg(),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_IMAGES))
+def test_bad_image_is_named_when_the_split_is_loaded(folder, name):
+    (folder / "bee" / name).write_bytes(BAD_IMAGES[name])
+    with pytest.raises(ResidualError) as exc:
+        load_dataset(f"imagefolder:{folder}", "train")
+    message = str(exc.value)
+    assert len(message.splitlines()) == 1
+    assert f"bee/{name}" in message and "skip_bad_images" in message
+
+
+def test_bad_image_extract_is_one_line_naming_the_file(folder, tmp_path, capsys):
+    (folder / "ant" / "x.png").write_text("not a png")
+    line = error_line(capsys, extract_argv(f"imagefolder:{folder}", tmp_path / "stores"))
+    assert "ant/x.png" in line and "--skip-bad-images" in line
+
+
+def test_skip_bad_images_leaves_them_out_and_records_them(folder, tmp_path, capsys):
+    clean = shutil.copytree(folder, tmp_path / "clean")
+    (folder / "ant" / "x.png").write_text("not a png")
+    (folder / "bee" / "0003.png").write_bytes(b"")  # an image emptied in place
+    (clean / "bee" / "0003.png").unlink()
+    root = tmp_path / "stores"
+    assert main(extract_argv(f"imagefolder:{folder}", root, "--skip-bad-images")) == 0
+    url = capsys.readouterr().out.split(":")[0]
+    store = FeatureStore.open(url)
+    assert store.attrs["skipped_images"] == ["ant/x.png", "bee/0003.png"]
+    assert store.attrs["config"]["skip_bad_images"] is True
+    # the split is that of the folder without the bad files
+    expected = load_dataset(f"imagefolder:{clean}", "train")
+    np.testing.assert_array_equal(store.indices, expected.indices)
+    np.testing.assert_array_equal(store.labels, expected.labels)
+    # the same command again: complete, nothing computed
+    assert main(extract_argv(f"imagefolder:{folder}", root, "--skip-bad-images")) == 0
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_skip_bad_images_keeps_the_splits_of_a_good_folder(folder):
+    from residual_core.extract import store_config
+
+    name = f"imagefolder:{folder}"
+    for split in ("train", "val", "test"):
+        plain, skipping = load_dataset(name, split), load_dataset(name, split, skip_bad_images=True)
+        np.testing.assert_array_equal(plain.indices, skipping.indices)
+        np.testing.assert_array_equal(plain.labels, skipping.labels)
+        assert skipping.skipped == ()
+    # the default leaves the config of existing stores (and so their hash) as it was
+    config = store_config(WeightsId(EMBEDDED_MODEL), name, "train", plain.indices,
+                          ExtractParams())
+    assert "skip_bad_images" not in config
+
+
+def test_skip_bad_images_is_a_grid_field_and_part_of_the_stage_key():
+    from residual_core.stages.extract import Params
+
+    assert Params(skip_bad_images=True).identity()["skip_bad_images"] is True
+    grid = load_grid({"sweeps": [{"models": [{"name": EMBEDDED_MODEL}],
+                                  "datasets": ["world/color"]}],
+                      "extract": {"skip_bad_images": True}})
+    assert grid.extract.skip_bad_images is True
