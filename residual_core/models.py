@@ -15,7 +15,9 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import warnings
+import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -95,15 +97,20 @@ def load_model(
         cache_dir: where open_clip caches downloads.
 
     QuickGELU follows the pretrained tag (OpenAI weights need it; open_clip only warns).
+    Checkpoint files are read with ``torch.load(weights_only=True)`` (what open_clip does, asked
+    for explicitly here): only tensors and plain containers are unpickled, so a checkpoint cannot
+    run code; a file that is not a state dict is refused first (:func:`_check_checkpoint`).
 
     Raises:
         UnknownModelError: unknown architecture or tag.
         WeightsUnavailableError: the tag's weights are not cached and cannot be downloaded.
-        ResidualError: a checkpoint path that does not exist or does not fit the architecture.
+        ResidualError: a checkpoint path that does not exist, is not a state dict, or does not
+            fit the architecture.
     """
     _check_name(name)
     device = device or default_device()
-    kwargs: dict[str, Any] = {"precision": precision, "device": device, "cache_dir": cache_dir}
+    kwargs: dict[str, Any] = {"precision": precision, "device": device, "cache_dir": cache_dir,
+                              "weights_only": True}
     checkpoint_sha = None
     resolved: str | None = None
 
@@ -115,6 +122,7 @@ def load_model(
             kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
         elif os.path.isfile(pretrained):
             resolved = str(Path(pretrained).resolve())
+            _check_checkpoint(resolved)
             checkpoint_sha = file_sha256(resolved)
         elif looks_like_path(pretrained):
             raise ResidualError(
@@ -163,6 +171,45 @@ def load_model(
         pretrained=resolved,
         checkpoint_sha256=checkpoint_sha,
     )
+
+
+_CHECKPOINT_FIX = "pass a file saved with torch.save(model.state_dict()) or a pretrained tag"
+
+
+def _check_checkpoint(path: str) -> None:
+    """Refuse, in one line naming it, a checkpoint file that is not a state dict: open_clip would
+    fail deep inside (EOFError, AttributeError) or blame the architecture.
+
+    Read as open_clip reads it, with ``torch.load(weights_only=True)`` (no code in the file runs);
+    zip-format files are memory-mapped, so their tensors are not read twice. ``.safetensors``
+    files (no pickle) and ``.npz``/``.npy`` weights are open_clip's to check.
+    """
+    if os.path.getsize(path) == 0:
+        raise ResidualError(f"checkpoint {path} is empty (0 bytes): {_CHECKPOINT_FIX}")
+    if path.endswith((".safetensors", ".npz", ".npy")):
+        return
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True,
+                         mmap=zipfile.is_zipfile(path))
+    except Exception as exc:  # noqa: BLE001  torch raises UnpicklingError, EOFError, RuntimeError...
+        text = str(exc)
+        if "Weights only load failed" in text:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            what = f"pickles {found.group(1)}, which" if found else "holds objects that"
+            raise ResidualError(
+                f"checkpoint {path} {what} torch.load(weights_only=True) refuses (unpickling "
+                "objects can run code): save model.state_dict() and pass that file") from None
+        raise ResidualError(f"checkpoint {path} is not a torch checkpoint file "
+                            f"({type(exc).__name__}: {_first_line(text)}): {_CHECKPOINT_FIX}"
+                            ) from None
+    if isinstance(obj, torch.jit.ScriptModule):
+        return  # open_clip takes a TorchScript model's state dict
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj  # as open_clip unwraps
+    if not (isinstance(state, dict) and any(isinstance(v, torch.Tensor) for v in state.values())):
+        what = (("an empty dict" if not state else "a dict without tensors")
+                if isinstance(state, dict) else f"a {type(state).__name__}")
+        raise ResidualError(f"checkpoint {path} holds {what}, not a state dict (names -> "
+                            f"tensors): {_CHECKPOINT_FIX}")
 
 
 def _first_line(text: str, limit: int = 200) -> str:

@@ -130,3 +130,31 @@ def test_skip_bad_images_is_a_grid_field_and_part_of_the_stage_key():
                                   "datasets": ["world/color"]}],
                       "extract": {"skip_bad_images": True}})
     assert grid.extract.skip_bad_images is True
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. checkpoint files that are not state dicts
+
+
+def _write_checkpoint(path, kind: str) -> None:
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("hello, not a checkpoint\n")
+    else:
+        torch.save({"list": [1, 2, 3], "tensor": torch.zeros(3), "empty-dict": {},
+                    "dict-of-ints": {"a": 1}, "namespace": argparse.Namespace(a=1)}[kind], path)
+
+
+CHECKPOINTS = {"empty": "empty", "text": "not a torch checkpoint", "list": "not a state dict",
+               "tensor": "not a state dict", "empty-dict": "not a state dict",
+               "dict-of-ints": "not a state dict", "namespace": "weights_only=True"}
+
+
+@pytest.mark.parametrize("kind", list(CHECKPOINTS))
+def test_bad_checkpoint_is_one_line_naming_the_file(tmp_path, capsys, kind):
+    path = tmp_path / f"{kind}.pt"
+    _write_checkpoint(path, kind)
+    line = error_line(capsys, ["units", "--model", EMBEDDED_MODEL, "--pretrained", str(path)])
+    assert str(path) in line and CHECKPOINTS[kind] in line
+    assert "does not fit" not in line
