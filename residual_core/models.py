@@ -65,6 +65,36 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _devices_here() -> str:
+    """The devices of this machine, e.g. ``cpu, cuda:0, cuda:1`` (for error messages)."""
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = ["mps"] if torch.backends.mps.is_available() else []
+    return ", ".join(["cpu", *(f"cuda:{i}" for i in range(cuda)), *mps])
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    """``device``, refused in one line when torch does not know it or this machine lacks it
+    (open_clip would fail deep in torch, and the error would be blamed on a checkpoint)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ResidualError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps "
+                            f"(devices here: {_devices_here()})") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ResidualError(f"device {str(device)!r}: CUDA is not available on this machine "
+                                f"(devices here: {_devices_here()}); use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ResidualError(f"device {str(device)!r} does not exist: this machine has "
+                                f"{count} CUDA device{'s' if count > 1 else ''} (devices here: "
+                                f"{_devices_here()})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ResidualError(f"device {str(device)!r}: MPS is not available on this machine "
+                            f"(devices here: {_devices_here()}); use --device cpu")
+    return dev
+
+
 def _check_name(name: str) -> None:
     known = list_models()
     if name not in known:
@@ -91,7 +121,8 @@ def load_model(
         name: open_clip architecture name, e.g. ``ViT-B-16`` or ``residual-tiny``.
         pretrained: a pretrained tag (``laion2b_s34b_b88k``, ``openai``, ...), a checkpoint file
             saved with ``torch.save(model.state_dict())``, or ``None`` for random weights.
-        device: ``cpu``, ``cuda``, ... (default: CUDA when present).
+        device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` (default: CUDA when present); one this
+            machine lacks is an error saying which devices it has.
         precision: open_clip precision string (``fp32``, ``fp16``, ``bf16``, ...).
         seed: seeds the random initialisation (only matters when ``pretrained`` is None).
         cache_dir: where open_clip caches downloads.
@@ -108,7 +139,7 @@ def load_model(
             fit the architecture.
     """
     _check_name(name)
-    device = device or default_device()
+    device = _check_device(device or default_device())
     kwargs: dict[str, Any] = {"precision": precision, "device": device, "cache_dir": cache_dir,
                               "weights_only": True}
     checkpoint_sha = None

@@ -158,3 +158,47 @@ def test_bad_checkpoint_is_one_line_naming_the_file(tmp_path, capsys, kind):
     line = error_line(capsys, ["units", "--model", EMBEDDED_MODEL, "--pretrained", str(path)])
     assert str(path) in line and CHECKPOINTS[kind] in line
     assert "does not fit" not in line
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. devices
+
+
+def test_unknown_device_option_lists_the_valid_ones(folder, tmp_path, capsys):
+    line = error_line(capsys, extract_argv(f"imagefolder:{folder}", tmp_path, "--device", "tpu"))
+    assert "--device" in line and "'tpu'" in line and "cuda:N" in line and "mps" in line
+
+
+def test_unknown_device_in_a_grid_is_a_grid_error(tmp_path):
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({"sweeps": [{"models": [{"name": EMBEDDED_MODEL}],
+                                            "datasets": ["world/color"]}],
+                                "extract": {"device": "tpu"}}))
+    with pytest.raises(GridError, match=r"extract.*device.*'tpu'") as exc:
+        load_grid(str(path))
+    assert len(str(exc.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1", "cpu"])
+def test_valid_device_strings_are_accepted(device):
+    assert ExtractParams(device=device).device == device
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_says_which_devices_exist(tmp_path, capsys):
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(load_model(EMBEDDED_MODEL, None, device="cpu").model.state_dict(), checkpoint)
+    folder = write_image_folder(tmp_path / "imgs", ["ant", "bee"], per_class=10)
+    for device in ("cuda", "cuda:1"):
+        argv = extract_argv(f"imagefolder:{folder}", tmp_path / "stores", "--pretrained",
+                            str(checkpoint), "--device", device)
+        line = error_line(capsys, argv)
+        assert f"'{device}'" in line and "CUDA is not available" in line and "cpu" in line
+        assert "checkpoint" not in line
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_index_beyond_the_device_count():
+    n = torch.cuda.device_count()
+    with pytest.raises(ResidualError, match=f"cuda:{n}.*{n} CUDA device"):
+        load_model(EMBEDDED_MODEL, None, device=f"cuda:{n}")

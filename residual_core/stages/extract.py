@@ -8,9 +8,10 @@ and the format versions.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..errors import StoreError
 from ..identity import parse_weights
@@ -37,8 +38,17 @@ class Params(StageParams):
                                     description="DataLoader worker processes "
                                     "(default min(4, CPUs - 1))")
     device: str | None = Field(None, json_schema_extra=RUN_ONLY,
-                               description="torch device, e.g. cuda, cuda:1 or cpu "
+                               description="torch device: cpu, cuda, cuda:N or mps "
                                "(default cuda when present)")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str | None) -> str | None:
+        """A typo is refused here, in the grid or the options; whether the device exists on
+        this machine is checked where the model is loaded."""
+        if device is not None and not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
+            raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N (GPU N) or mps")
+        return device
 
 
 class Inputs(StageInputs):
