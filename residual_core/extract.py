@@ -98,10 +98,10 @@ def store_config_hash(weights: WeightsId, dataset: str, split: str, params: Extr
                       store_root: str | Path | None = None) -> str:
     """The config hash :func:`extract` gives the store of these arguments, without loading the
     model or decoding an image (the dataset's listing gives the split's sample ids)."""
+    layout = Layout.of(store_root).check_root()
     data = load_dataset(dataset, split, data_root=data_root,
                         skip_bad_images=params.skip_bad_images)
-    return config_hash(_config(weights, dataset, split, data.indices, params,
-                               Layout.of(store_root)))
+    return config_hash(_config(weights, dataset, split, data.indices, params, layout))
 
 
 @functools.lru_cache(maxsize=1)
@@ -150,11 +150,11 @@ def extract(
     """
     start = time.perf_counter()
     params = params or ExtractParams()
+    layout = Layout.of(store_root).check_root()
     if loaded is None:
         loaded = load_model(model, pretrained, device=params.device or default_device())
     data = load_dataset(dataset, split, data_root=data_root, transform=loaded.preprocess,
                         skip_bad_images=params.skip_bad_images)
-    layout = Layout.of(store_root)
     config = _config(loaded.weights, dataset, split, data.indices, params, layout)
     chash = config_hash(config)
     rows_per_chunk, feature_dtype = params.rows_per_chunk, params.feature_dtype

@@ -202,3 +202,17 @@ def test_cuda_index_beyond_the_device_count():
     n = torch.cuda.device_count()
     with pytest.raises(ResidualError, match=f"cuda:{n}.*{n} CUDA device"):
         load_model(EMBEDDED_MODEL, None, device=f"cuda:{n}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. a store root that is a file
+
+
+def test_store_root_that_is_a_file(folder, tmp_path, capsys):
+    root = tmp_path / "stores.txt"
+    root.write_text("a file, not a folder")
+    line = error_line(capsys, extract_argv(f"imagefolder:{folder}", root))
+    assert str(root) in line and "--store-root" in line
+    line = error_line(capsys, extract_argv(f"imagefolder:{folder}", root / "below"))
+    assert str(root) in line
+    assert root.read_text() == "a file, not a folder"
