@@ -216,3 +216,16 @@ def test_store_root_that_is_a_file(folder, tmp_path, capsys):
     line = error_line(capsys, extract_argv(f"imagefolder:{folder}", root / "below"))
     assert str(root) in line
     assert root.read_text() == "a file, not a folder"
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. a grid file that is not text
+
+
+def test_binary_grid_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "grid.json"
+    path.write_bytes(b"\x80" + np.random.default_rng(0).bytes(512))
+    line = error_line(capsys, ["run", "--grid", str(path)])
+    assert str(path) in line and "UTF-8" in line
+    with pytest.raises(GridError):
+        load_grid(str(path))
