@@ -42,6 +42,10 @@ RESISC45 folders are mapped to it by name). :attr:`SplitDataset.indices` are pos
 source dataset of that official part (official train for ``train``/``val``, official test for
 ``test``; the whole set where there is no official split): the stable sample ids that feature
 stores keep.
+
+Trust: CIFAR batches are Python pickles, unpickled as torchvision does (``pickle.load``), and
+unpickling can run code, so read only dataset folders you trust (downloaded through
+torchvision, which checks their md5, or from a source you trust).
 """
 
 from __future__ import annotations
@@ -306,6 +310,10 @@ class CifarSource:
     format can exercise this code path. Files, keys and pixel layout are taken from torchvision's
     class attributes; ``download=True`` still goes through torchvision, which verifies the md5 of
     what it downloads.
+
+    The batch files are unpickled with ``pickle.load``, as torchvision does: a crafted file can
+    run code when read, so point it only at CIFAR folders you trust (the md5 of files not
+    downloaded here is not checked).
     """
 
     def __init__(self, root: Path, tv_class: type[tvd.CIFAR10], train: bool) -> None:

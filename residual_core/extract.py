@@ -97,7 +97,8 @@ def store_config_hash(weights: WeightsId, dataset: str, split: str, params: Extr
                       data_root: str | Path | None = None,
                       store_root: str | Path | None = None) -> str:
     """The config hash :func:`extract` gives the store of these arguments, without loading the
-    model or decoding an image (the dataset's listing gives the split's sample ids)."""
+    model (the dataset's listing gives the split's sample ids; an ``imagefolder:`` dataset's
+    images are decoded once per process to find unreadable ones)."""
     layout = Layout.of(store_root).check_root()
     data = load_dataset(dataset, split, data_root=data_root,
                         skip_bad_images=params.skip_bad_images)

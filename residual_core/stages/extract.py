@@ -2,8 +2,8 @@
 
 Its key is the store's own config hash (:func:`residual_core.extract.store_config`), so the
 stage and the store decide "current" from one identity: the weights, the dataset (and the
-content of a dataset given as files), the split's sample ids, the storage dtype, the row chunks
-and the format versions.
+content of a dataset given as files), the split's sample ids, the storage dtype, the row chunks,
+whether unreadable images were left out, and the format versions.
 """
 
 from __future__ import annotations
