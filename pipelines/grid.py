@@ -245,7 +245,10 @@ def load_grid(grid: "Grid | str | dict") -> Grid:
             data = _named(grid)
         elif grid.endswith(".json") or os.path.isfile(grid):
             try:
-                data = json.loads(Path(grid).read_text())
+                data = json.loads(Path(grid).read_text(encoding="utf-8"))  # JSON is UTF-8
+            except UnicodeDecodeError as exc:
+                raise GridError(f"cannot read grid file {grid}: it is not UTF-8 text ({exc}); "
+                                "a grid file is JSON (Grid.model_dump_json())") from None
             except (OSError, json.JSONDecodeError) as exc:
                 raise GridError(f"cannot read grid file {grid}: {exc}") from None
         else:

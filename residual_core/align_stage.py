@@ -186,8 +186,10 @@ def _finetune(train_url, val_url, test_url, seed, params, data_root, progress) -
     loaded = load_model(attrs["model"], attrs["pretrained"], device="cpu")
     if loaded.checkpoint_sha256 != attrs.get("checkpoint_sha256"):
         raise ResidualError(f"the checkpoint {attrs['pretrained']} changed since extraction")
+    skip = bool(attrs["config"].get("skip_bad_images", False))  # the split the store holds
     data = {s: load_dataset(attrs["dataset"], FeatureStore.open(u).attrs["split"],
-                            data_root=data_root, transform=loaded.preprocess)
+                            data_root=data_root, transform=loaded.preprocess,
+                            skip_bad_images=skip)
             for s, u in (("train", train_url), ("val", val_url), ("test", test_url))}
     return finetune(loaded, data["train"], data["val"], data["test"],
                     class_weights=train.class_weights, seed=seed, epochs=params.finetune_epochs,

@@ -32,13 +32,20 @@ Splits (METHOD §4), all stratified with seed 42 and deterministic across runs a
 - imagenet: ``train`` = 80% of the official train split (the bases' fitting set), ``val`` = the
   other 20%, ``test`` = the official validation split.
 - ``imagefolder:PATH``: ``PATH/train`` + ``PATH/test`` (+ ``PATH/val`` if present, else 10% of
-  train) when ``PATH`` has ``train/`` and ``test/``, else 80/10/10 of ``PATH/<class>/*``.
+  train) when ``PATH`` has ``train/`` and ``test/``, else 80/10/10 of ``PATH/<class>/*``. Every
+  image of the folders a split is drawn from is decoded once first: a file PIL cannot decode
+  is an error naming it, or with ``skip_bad_images`` is left out before the split is drawn
+  (:attr:`SplitDataset.skipped`), so that the split never depends on when a file failed.
 
 Labels are indices into :attr:`DatasetInfo.classnames`, the prompt-file order (EuroSAT and
 RESISC45 folders are mapped to it by name). :attr:`SplitDataset.indices` are positions in the
 source dataset of that official part (official train for ``train``/``val``, official test for
 ``test``; the whole set where there is no official split): the stable sample ids that feature
 stores keep.
+
+Trust: CIFAR batches are Python pickles, unpickled as torchvision does (``pickle.load``), and
+unpickling can run code, so read only dataset folders you trust (downloaded through
+torchvision, which checks their md5, or from a source you trust).
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
@@ -153,6 +160,8 @@ class SplitDataset(Dataset):
         indices: int64 ``[n]``, each sample's position in the source (its stable id).
         labels: int64 ``[n]``, each sample's label (known without decoding any image).
         source: the underlying dataset, indexed by ``indices``.
+        skipped: the files left out as unreadable (``skip_bad_images``), relative to the
+            dataset's folder.
     """
 
     def __init__(
@@ -163,6 +172,7 @@ class SplitDataset(Dataset):
         info: DatasetInfo,
         split: str,
         transform: Callable[[Any], Any] | None = None,
+        skipped: Sequence[str] = (),
     ) -> None:
         self.source = source
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -175,6 +185,7 @@ class SplitDataset(Dataset):
         self.info = info
         self.split = split
         self.transform = transform
+        self.skipped = tuple(skipped)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -273,11 +284,16 @@ def _official_splits(opener: _Opener, val_fraction: float | None) -> Factory:
 
 
 class FileListSource:
-    """Images on disk listed as paths: ``source[i] -> (PIL image, label)``; sorted by the caller."""
+    """Images on disk listed as paths: ``source[i] -> (PIL image, label)``; sorted by the caller.
 
-    def __init__(self, paths: Sequence[str | Path], labels: np.ndarray) -> None:
+    ``skipped``: files left out of ``paths`` as unreadable (relative to the dataset's folder).
+    """
+
+    def __init__(self, paths: Sequence[str | Path], labels: np.ndarray,
+                 skipped: Sequence[str] = ()) -> None:
         self.paths = [str(p) for p in paths]
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.skipped = list(skipped)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -294,6 +310,10 @@ class CifarSource:
     format can exercise this code path. Files, keys and pixel layout are taken from torchvision's
     class attributes; ``download=True`` still goes through torchvision, which verifies the md5 of
     what it downloads.
+
+    The batch files are unpickled with ``pickle.load``, as torchvision does: a crafted file can
+    run code when read, so point it only at CIFAR folders you trust (the md5 of files not
+    downloaded here is not checked).
     """
 
     def __init__(self, root: Path, tv_class: type[tvd.CIFAR10], train: bool) -> None:
@@ -584,13 +604,61 @@ def _imagefolder_info(name: str) -> DatasetInfo:
     return DatasetInfo(name, classes, list(DEFAULT_TEMPLATES))
 
 
+def _decode_error(path: str) -> str | None:
+    """Why PIL cannot decode the image at ``path`` (``None`` if it can), memoised on the file's
+    path, size and mtime: a folder is decoded once per process, however often it is listed."""
+    st = os.stat(path)
+    return _decode_error_of(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 20)
+def _decode_error_of(path: str, size: int, mtime_ns: int) -> str | None:
+    if size == 0:
+        return "empty file"
+    try:
+        # A full decode, as extraction does: Image.verify() passes truncated JPEG/BMP/PPM files.
+        with Image.open(path) as image:
+            image.load()
+    except Exception as e:  # noqa: BLE001  PIL raises OSError, SyntaxError, ValueError, ...
+        if isinstance(e, UnidentifiedImageError):
+            return "not an image file PIL can identify"
+        text = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {text[0][:120]}" if text else type(e).__name__
+    return None
+
+
+def _drop_unreadable(
+    samples: list[tuple[str, int]], info: DatasetInfo, base: Path, skip: bool
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """``samples`` without the files PIL cannot decode, and those files relative to ``base``;
+    unless ``skip``, such a file is an error naming it.
+
+    Decodes every image (once per process, see :func:`_decode_error`): for a large folder this
+    costs about one pass of image decoding before the split is drawn.
+    """
+    bad = [(path, why) for path, _ in samples if (why := _decode_error(path)) is not None]
+    if not bad:
+        return samples, []
+    skipped = [Path(path).relative_to(base).as_posix() for path, _ in bad]
+    if not skip:
+        more = f", nor can {len(bad) - 1} more files" if len(bad) > 1 else ""
+        raise ResidualError(
+            f"dataset '{info.name}': {base / skipped[0]} cannot be read as an image "
+            f"({bad[0][1]}){more}; replace or delete {'them' if more else 'it'}, or pass "
+            "--skip-bad-images (grid: extract.skip_bad_images) to leave unreadable images out"
+        )
+    drop = {path for path, _ in bad}
+    return [s for s in samples if s[0] not in drop], skipped
+
+
 def _folder_source(
-    folder: Path, info: DatasetInfo, complete: bool
+    folder: Path, info: DatasetInfo, complete: bool, base: Path, skip_bad_images: bool = False
 ) -> tuple[FileListSource, np.ndarray]:
     """All images of ``folder/<class>/``, labelled by ``info``'s classes; unknown folders fail.
 
     ``complete``: every class must have images (the folder the classes come from); a test or val
-    folder may lack some.
+    folder may lack some. An image PIL cannot decode is an error, or left out with
+    ``skip_bad_images`` (:func:`_drop_unreadable`; its path relative to ``base`` is recorded).
     """
     extra = sorted(set(find_classes(folder)[0]) - set(info.classnames))
     if extra:
@@ -607,22 +675,25 @@ def _folder_source(
         )
     except FileNotFoundError as e:  # a class folder with no images
         raise DatasetNotFoundError(f"dataset '{info.name}': {e} (in {folder})") from e
+    samples, skipped = _drop_unreadable(samples, info, base, skip_bad_images)
     labels = np.asarray([label for _, label in samples], dtype=np.int64)
-    return FileListSource([path for path, _ in samples], labels), labels
+    return FileListSource([path for path, _ in samples], labels, skipped), labels
 
 
-def _imagefolder(name: str) -> Factory:
+def _imagefolder(name: str, skip_bad_images: bool = False) -> Factory:
     def factory(split: str, data_root: Path, download: bool):
         path = _imagefolder_path(name)
         info = _imagefolder_info(name)
+        folder = functools.partial(_folder_source, info=info, base=path,
+                                   skip_bad_images=skip_bad_images)
         if _imagefolder_class_dir(path) == path:
-            source, labels = _folder_source(path, info, complete=True)
+            source, labels = folder(path, complete=True)
             pos = split_80_10_10(labels)[split]
         elif split == "test" or (split == "val" and (path / "val").is_dir()):
-            source, labels = _folder_source(path / split, info, complete=False)
+            source, labels = folder(path / split, complete=False)
             pos = np.arange(len(labels), dtype=np.int64)
         else:
-            source, labels = _folder_source(path / "train", info, complete=True)
+            source, labels = folder(path / "train", complete=True)
             if (path / "val").is_dir():
                 pos = np.arange(len(labels), dtype=np.int64)
             else:
@@ -688,9 +759,9 @@ def list_datasets() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _entry(name: str) -> tuple[str, _Entry]:
+def _entry(name: str, skip_bad_images: bool = False) -> tuple[str, _Entry]:
     if name.startswith(IMAGEFOLDER_PREFIX):
-        return name, _Entry(_imagefolder(name), lambda: _imagefolder_info(name))
+        return name, _Entry(_imagefolder(name, skip_bad_images), lambda: _imagefolder_info(name))
     key = name.strip().lower()
     _register_world()
     if key in _REGISTRY:
@@ -717,18 +788,22 @@ def load_dataset(
     data_root: str | Path | None = None,
     transform: Callable[[Any], Any] | None = None,
     download: bool = False,
+    skip_bad_images: bool = False,
 ) -> SplitDataset:
     """One split (``"train"``, ``"val"`` or ``"test"``) of a dataset, read from ``data_root``.
 
     ``data_root`` defaults to ``Layout.of().datasets``; ``download=True`` lets torchvision fetch
     a missing dataset that it can download (nothing is downloaded otherwise).
+    ``skip_bad_images``: an ``imagefolder:`` dataset leaves out the files PIL cannot decode
+    (listed in :attr:`SplitDataset.skipped`) instead of refusing them; other datasets ignore it.
 
     Raises:
         DatasetNotFoundError: unknown name, or data not where it is expected (the message says
             what was expected, at which path, and how to get it).
-        ResidualError: unknown split, labels outside the class list, malformed data.
+        ResidualError: unknown split, labels outside the class list, malformed data, an image
+            of an ``imagefolder:`` dataset that cannot be decoded.
     """
-    key, entry = _entry(name)
+    key, entry = _entry(name, skip_bad_images)
     if split not in SPLITS:
         raise ResidualError(
             f"unknown split {split!r} for dataset '{key}': expected one of {', '.join(SPLITS)}"
@@ -737,7 +812,8 @@ def load_dataset(
     root = Path(data_root).expanduser() if data_root is not None else Layout.of().datasets
     source, labels, indices = entry.factory(split, root, download)
     validate_labels(labels, info)
-    return SplitDataset(source, labels, indices, info, split, transform)
+    return SplitDataset(source, labels, indices, info, split, transform,
+                        skipped=getattr(source, "skipped", ()))
 
 
 def _register_paper_datasets() -> None:

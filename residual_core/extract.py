@@ -12,6 +12,7 @@ is atomic, and what a killed creation left is deleted by the next run.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import time
@@ -68,10 +69,12 @@ def store_config(weights: WeightsId, dataset: str, split: str, indices: np.ndarr
     (:meth:`~residual_core.identity.DatasetRef.content_identity`), so that an edited image makes
     the store stale; registered datasets are named by their name and split indices.
     """
-    content = {} if dataset_content is None else {"dataset_content": dataset_content}
+    extra = {} if dataset_content is None else {"dataset_content": dataset_content}
+    if params.skip_bad_images:  # only when set, so that the stores made before it keep their hash
+        extra["skip_bad_images"] = True
     return {
         **weights.as_dict(),
-        **content,
+        **extra,
         "dataset": dataset,
         "split": split,
         "n_samples": int(len(indices)),
@@ -94,10 +97,12 @@ def store_config_hash(weights: WeightsId, dataset: str, split: str, params: Extr
                       data_root: str | Path | None = None,
                       store_root: str | Path | None = None) -> str:
     """The config hash :func:`extract` gives the store of these arguments, without loading the
-    model or decoding an image (the dataset's listing gives the split's sample ids)."""
-    data = load_dataset(dataset, split, data_root=data_root)
-    return config_hash(_config(weights, dataset, split, data.indices, params,
-                               Layout.of(store_root)))
+    model (the dataset's listing gives the split's sample ids; an ``imagefolder:`` dataset's
+    images are decoded once per process to find unreadable ones)."""
+    layout = Layout.of(store_root).check_root()
+    data = load_dataset(dataset, split, data_root=data_root,
+                        skip_bad_images=params.skip_bad_images)
+    return config_hash(_config(weights, dataset, split, data.indices, params, layout))
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,8 +136,8 @@ def extract(
     Args:
         model, pretrained: open_clip name and tag / checkpoint path / None (random weights).
         dataset, split: a registered dataset name (or ``imagefolder:PATH``) and ``train|val|test``.
-        params: batch size, storage dtype, rows per chunk, DataLoader workers, device
-            (:class:`residual_core.stages.extract.Params`).
+        params: batch size, storage dtype, rows per chunk, unreadable images left out or
+            refused, DataLoader workers, device (:class:`residual_core.stages.extract.Params`).
         data_root: where datasets live (default ``Layout.of().datasets``).
         store_root: local folder or fsspec URL under which stores live (default ``data/``).
         verify: check every array first: recompute damaged row chunks (decoded, labels and
@@ -146,10 +151,11 @@ def extract(
     """
     start = time.perf_counter()
     params = params or ExtractParams()
+    layout = Layout.of(store_root).check_root()
     if loaded is None:
         loaded = load_model(model, pretrained, device=params.device or default_device())
-    data = load_dataset(dataset, split, data_root=data_root, transform=loaded.preprocess)
-    layout = Layout.of(store_root)
+    data = load_dataset(dataset, split, data_root=data_root, transform=loaded.preprocess,
+                        skip_bad_images=params.skip_bad_images)
     config = _config(loaded.weights, dataset, split, data.indices, params, layout)
     chash = config_hash(config)
     rows_per_chunk, feature_dtype = params.rows_per_chunk, params.feature_dtype
@@ -196,6 +202,10 @@ def _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dt
                 "Delete it, or choose another --store-root, to extract with the new one.")
         return store
     info = data.info
+    if data.skipped:
+        logging.getLogger(__name__).warning(
+            "%s: leaving out %d unreadable images (store attribute skipped_images): %s",
+            url, len(data.skipped), ", ".join(data.skipped[:5]))
     maps, text = _fixed_content(loaded, info)
     vis = loaded.model.visual
     dims = StoreDims(n=len(data), layer=maps.n_layers, head=maps.n_heads, head_dim=maps.head_dim,
@@ -207,6 +217,7 @@ def _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dt
         "config_hash": chash,
         "decomposition_version": DECOMPOSITION_VERSION,
         "units": [u.as_dict() for u in maps.units],
+        "skipped_images": list(data.skipped),
         "classnames": list(info.classnames),
         "templates": list(info.templates),
         "image_size": list(vis.image_size),

@@ -114,6 +114,18 @@ class Layout:
             root = os.path.expanduser(root)
         return cls(root.rstrip("/") or "/")
 
+    def check_root(self) -> "Layout":
+        """This layout, refused in one line when its local root cannot be a folder (a file, or
+        a path below a file): call it before creating anything under the root."""
+        if is_local(self.root):
+            path = local_path(self.root)
+            existing = next((p for p in (path, *path.parents) if p.exists()), None)
+            if existing is not None and not existing.is_dir():
+                raise ResidualError(
+                    f"store root {self.root}: {existing} is a file, not a folder; pass a folder "
+                    "(it is created if missing) as --store-root")
+        return self
+
     def _join(self, *parts: str) -> str:
         return "/".join((self.root, *parts))
 

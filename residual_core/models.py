@@ -15,7 +15,9 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import warnings
+import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -63,6 +65,36 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _devices_here() -> str:
+    """The devices of this machine, e.g. ``cpu, cuda:0, cuda:1`` (for error messages)."""
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = ["mps"] if torch.backends.mps.is_available() else []
+    return ", ".join(["cpu", *(f"cuda:{i}" for i in range(cuda)), *mps])
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    """``device``, refused in one line when torch does not know it or this machine lacks it
+    (open_clip would fail deep in torch, and the error would be blamed on a checkpoint)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ResidualError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps "
+                            f"(devices here: {_devices_here()})") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ResidualError(f"device {str(device)!r}: CUDA is not available on this machine "
+                                f"(devices here: {_devices_here()}); use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ResidualError(f"device {str(device)!r} does not exist: this machine has "
+                                f"{count} CUDA device{'s' if count > 1 else ''} (devices here: "
+                                f"{_devices_here()})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ResidualError(f"device {str(device)!r}: MPS is not available on this machine "
+                            f"(devices here: {_devices_here()}); use --device cpu")
+    return dev
+
+
 def _check_name(name: str) -> None:
     known = list_models()
     if name not in known:
@@ -89,21 +121,27 @@ def load_model(
         name: open_clip architecture name, e.g. ``ViT-B-16`` or ``residual-tiny``.
         pretrained: a pretrained tag (``laion2b_s34b_b88k``, ``openai``, ...), a checkpoint file
             saved with ``torch.save(model.state_dict())``, or ``None`` for random weights.
-        device: ``cpu``, ``cuda``, ... (default: CUDA when present).
+        device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` (default: CUDA when present); one this
+            machine lacks is an error saying which devices it has.
         precision: open_clip precision string (``fp32``, ``fp16``, ``bf16``, ...).
         seed: seeds the random initialisation (only matters when ``pretrained`` is None).
         cache_dir: where open_clip caches downloads.
 
     QuickGELU follows the pretrained tag (OpenAI weights need it; open_clip only warns).
+    Checkpoint files are read with ``torch.load(weights_only=True)`` (what open_clip does, asked
+    for explicitly here): only tensors and plain containers are unpickled, so a checkpoint cannot
+    run code; a file that is not a state dict is refused first (:func:`_check_checkpoint`).
 
     Raises:
         UnknownModelError: unknown architecture or tag.
         WeightsUnavailableError: the tag's weights are not cached and cannot be downloaded.
-        ResidualError: a checkpoint path that does not exist or does not fit the architecture.
+        ResidualError: a checkpoint path that does not exist, is not a state dict, or does not
+            fit the architecture.
     """
     _check_name(name)
-    device = device or default_device()
-    kwargs: dict[str, Any] = {"precision": precision, "device": device, "cache_dir": cache_dir}
+    device = _check_device(device or default_device())
+    kwargs: dict[str, Any] = {"precision": precision, "device": device, "cache_dir": cache_dir,
+                              "weights_only": True}
     checkpoint_sha = None
     resolved: str | None = None
 
@@ -115,6 +153,7 @@ def load_model(
             kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
         elif os.path.isfile(pretrained):
             resolved = str(Path(pretrained).resolve())
+            _check_checkpoint(resolved)
             checkpoint_sha = file_sha256(resolved)
         elif looks_like_path(pretrained):
             raise ResidualError(
@@ -163,6 +202,45 @@ def load_model(
         pretrained=resolved,
         checkpoint_sha256=checkpoint_sha,
     )
+
+
+_CHECKPOINT_FIX = "pass a file saved with torch.save(model.state_dict()) or a pretrained tag"
+
+
+def _check_checkpoint(path: str) -> None:
+    """Refuse, in one line naming it, a checkpoint file that is not a state dict: open_clip would
+    fail deep inside (EOFError, AttributeError) or blame the architecture.
+
+    Read as open_clip reads it, with ``torch.load(weights_only=True)`` (no code in the file runs);
+    zip-format files are memory-mapped, so their tensors are not read twice. ``.safetensors``
+    files (no pickle) and ``.npz``/``.npy`` weights are open_clip's to check.
+    """
+    if os.path.getsize(path) == 0:
+        raise ResidualError(f"checkpoint {path} is empty (0 bytes): {_CHECKPOINT_FIX}")
+    if path.endswith((".safetensors", ".npz", ".npy")):
+        return
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True,
+                         mmap=zipfile.is_zipfile(path))
+    except Exception as exc:  # noqa: BLE001  torch raises UnpicklingError, EOFError, RuntimeError...
+        text = str(exc)
+        if "Weights only load failed" in text:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            what = f"pickles {found.group(1)}, which" if found else "holds objects that"
+            raise ResidualError(
+                f"checkpoint {path} {what} torch.load(weights_only=True) refuses (unpickling "
+                "objects can run code): save model.state_dict() and pass that file") from None
+        raise ResidualError(f"checkpoint {path} is not a torch checkpoint file "
+                            f"({type(exc).__name__}: {_first_line(text)}): {_CHECKPOINT_FIX}"
+                            ) from None
+    if isinstance(obj, torch.jit.ScriptModule):
+        return  # open_clip takes a TorchScript model's state dict
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj  # as open_clip unwraps
+    if not (isinstance(state, dict) and any(isinstance(v, torch.Tensor) for v in state.values())):
+        what = (("an empty dict" if not state else "a dict without tensors")
+                if isinstance(state, dict) else f"a {type(state).__name__}")
+        raise ResidualError(f"checkpoint {path} holds {what}, not a state dict (names -> "
+                            f"tensors): {_CHECKPOINT_FIX}")
 
 
 def _first_line(text: str, limit: int = 200) -> str:

@@ -2,15 +2,16 @@
 
 Its key is the store's own config hash (:func:`residual_core.extract.store_config`), so the
 stage and the store decide "current" from one identity: the weights, the dataset (and the
-content of a dataset given as files), the split's sample ids, the storage dtype, the row chunks
-and the format versions.
+content of a dataset given as files), the split's sample ids, the storage dtype, the row chunks,
+whether unreadable images were left out, and the format versions.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..errors import StoreError
 from ..identity import parse_weights
@@ -21,8 +22,8 @@ Split = Literal["train", "val", "test"]
 
 
 class Params(StageParams):
-    """Extraction settings; only ``feature_dtype`` and ``rows_per_chunk`` change what a store
-    holds."""
+    """Extraction settings; only ``feature_dtype``, ``rows_per_chunk`` and ``skip_bad_images``
+    change what a store holds."""
 
     batch_size: int = Field(64, ge=1, json_schema_extra=RUN_ONLY,
                             description="images per forward pass (batches never cross row chunks)")
@@ -30,12 +31,24 @@ class Params(StageParams):
         "float32", description="storage dtype of the raw features (LN statistics stay float32)")
     rows_per_chunk: int = Field(1024, ge=1,
                                 description="rows per chunk: the unit of writing and resuming")
+    skip_bad_images: bool = Field(
+        False, description="leave out the images of an imagefolder: dataset that cannot be "
+        "decoded (listed in the store's skipped_images) instead of refusing the dataset")
     num_workers: int | None = Field(None, ge=0, json_schema_extra=RUN_ONLY,
                                     description="DataLoader worker processes "
                                     "(default min(4, CPUs - 1))")
     device: str | None = Field(None, json_schema_extra=RUN_ONLY,
-                               description="torch device, e.g. cuda, cuda:1 or cpu "
+                               description="torch device: cpu, cuda, cuda:N or mps "
                                "(default cuda when present)")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str | None) -> str | None:
+        """A typo is refused here, in the grid or the options; whether the device exists on
+        this machine is checked where the model is loaded."""
+        if device is not None and not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
+            raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N (GPU N) or mps")
+        return device
 
 
 class Inputs(StageInputs):
