@@ -70,7 +70,9 @@ def store_config(weights: WeightsId, dataset: str, split: str, indices: np.ndarr
     the store stale; registered datasets are named by their name and split indices.
     """
     extra = {} if dataset_content is None else {"dataset_content": dataset_content}
-    if params.skip_bad_images:  # only when set, so that the stores made before it keep their hash
+    # Only where it can change what is read (a dataset given as files), and only when set, so
+    # that registered datasets in the same grid and stores made before it keep their hash.
+    if params.skip_bad_images and dataset_content is not None:
         extra["skip_bad_images"] = True
     return {
         **weights.as_dict(),
