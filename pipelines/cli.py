@@ -71,10 +71,12 @@ def _cmd_spectral(args: argparse.Namespace) -> int:
 
     url = Layout.of(args.store_root).feature_store(parse_weights(args.model, args.pretrained),
                                                    args.dataset, args.split)
-    result = run_spectral(url, _params(spectral_stage.Params, args), address=args.address, n_workers=args.workers,
-                          memory_limit=args.memory_limit, force=args.force,
+    result = run_spectral(url, _params(spectral_stage.Params, args), address=args.address,
+                          n_workers=args.workers, memory_limit=args.memory_limit, force=args.force,
                           progress=not args.quiet)
-    state = "computed" if result.computed else "up to date, nothing computed"
+    state = ("computed" if result.computed else
+             "up to date; its missing table rows rewritten from the store"
+             if result.rows_rewritten else "up to date, nothing computed")
     print(f"{result.url}: {state} in {result.seconds:.1f} s")
     return 0
 

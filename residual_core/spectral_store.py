@@ -23,10 +23,10 @@ from .spectral import PCAResult, basis_similarity_table, pca_units, sample_rows,
 from .identity import WeightsId, config_hash
 from .layout import Layout, is_local, local_path, zarr_target
 from .store import FeatureStore, _now
-from .tables import write_rows
+from .tables import has_rows, write_rows
 from .units import Unit
 
-SPECTRAL_VERSION = 1
+SPECTRAL_VERSION = 2  # 2: TwoNN is stored, so the tables can be rewritten from the store
 FORMAT_NAME = "residual-spectral-store"
 
 
@@ -123,6 +123,10 @@ class SpectralStore:
         n = int(self.attrs["n_samples"])
         return [PCAResult(mean[u], comps[u], eig[u], n) for u in range(mean.shape[0])]
 
+    def twonn(self) -> np.ndarray:
+        """TwoNN intrinsic dimension per unit, in unit order."""
+        return self.group["twonn"][...]
+
 
 def run_spectral(feature_url: str, params: SpectralParams | None = None, *,
                  address: str | None = None, n_workers: int | None = None,
@@ -144,43 +148,67 @@ def run_spectral(feature_url: str, params: SpectralParams | None = None, *,
     features = FeatureStore.open(feature_url)
     url = Layout.spectral_store(feature_url)
     key = spectral_key(features.attrs["config_hash"], params)
+    root = tables_root or Layout.of_store(feature_url).root
     if not force:
         with contextlib.suppress(StoreError):
             existing = SpectralStore.open(url)
             if existing.attrs.get("config_hash") == key:
+                # a kill between the store and its rows, or a deleted table: rewrite the rows
+                # from the store (no PCA, no TwoNN)
+                rewritten = not has_table_rows(existing, root)
+                if rewritten:
+                    _write_table_rows(existing, feature_url, root)
                 return SpectralResult(url=url, feature_url=feature_url, computed=False,
+                                      rows_rewritten=rewritten,
                                       seconds=time.perf_counter() - start)
 
     y = features.contributions()
     with dask_client(address, n_workers, memory_limit):
         results = pca_units(y)
         dims = _twonn_all(features, params, progress)
-    _write_store(url, features, results, key, params)
-    units = features.units
-    provenance = {k: features.attrs.get(k) for k in ("pretrained", "split")}
-    provenance.update(config_hash=key, feature_config_hash=features.attrs["config_hash"])
-    base = {"model": features.attrs["model"], "dataset": features.attrs["dataset"]}
+    _write_store(url, features, results, dims, key, params)
+    _write_table_rows(SpectralStore.open(url), feature_url, root)
+    return SpectralResult(url=url, feature_url=feature_url, computed=True, rows_rewritten=True,
+                          seconds=time.perf_counter() - start)
+
+
+def has_table_rows(store: "SpectralStore", root: str) -> bool:
+    """Whether every table of the spectral stage holds this spectral store's rows."""
+    from .stages.spectral import TABLES
+
+    a = store.attrs
+    return all(has_rows(root, table, a["model"], a["dataset"], config_hash=a["config_hash"])
+               for table in TABLES)
+
+
+def _write_table_rows(store: "SpectralStore", feature_url: str, root: str) -> None:
+    """Write the ``spectra`` and ``unit_stats`` rows of a complete spectral store (everything
+    they hold is in the store, so a lost table is rewritten without recomputing)."""
+    a = store.attrs
+    provenance = {"pretrained": a.get("pretrained"), "split": a.get("split"),
+                  "config_hash": a["config_hash"],
+                  "feature_config_hash": a["feature_config_hash"]}
+    base = {"model": a["model"], "dataset": a["dataset"]}
+    dims = store.twonn()
     spectra_rows, stats_rows = [], []
-    for unit, res, dim in zip(units, results, dims):
+    for unit, res, dim in zip(store.units, store.results(), dims):
         stats = unit_stats(res.eigenvalues)
         ident = {**base, "unit": unit.name, "unit_index": unit.index, "kind": unit.kind,
                  "layer": unit.layer, "head": unit.head}
         stats_rows.append({**ident, "k90": stats["k90"], "k99": stats["k99"],
                            "evr1": stats["evr1"], "participation_ratio":
                            stats["participation_ratio"], "total_variance":
-                           stats["total_variance"], "twonn": dim, "n_samples": res.n_samples})
+                           stats["total_variance"], "twonn": float(dim),
+                           "n_samples": res.n_samples})
         spectra_rows += [{**ident, "component": int(i), "eigenvalue": float(lam), "evr": float(e),
                           "cumulative_evr": float(c)}
                          for i, (lam, e, c) in enumerate(zip(res.eigenvalues, stats["evr"],
                                                              stats["cumulative_evr"]))]
-    root = tables_root or Layout.of_store(feature_url).root
     # Keyed by where the feature store lives: a rerun (other parameters, or the store
     # re-extracted with another configuration) replaces that store's rows.
     rows_key = "spectral-" + config_hash({"features": Layout.location(feature_url)})
     write_rows(root, "spectra", spectra_rows, key=rows_key, provenance=provenance)
     write_rows(root, "unit_stats", stats_rows, key=rows_key, provenance=provenance)
-    return SpectralResult(url=url, feature_url=feature_url, computed=True,
-                          seconds=time.perf_counter() - start)
 
 
 def _twonn_all(features: FeatureStore, params: SpectralParams, progress: bool) -> list[float]:
@@ -195,14 +223,15 @@ def _twonn_all(features: FeatureStore, params: SpectralParams, progress: bool) -
     return out
 
 
-def _write_store(url: str, features: FeatureStore, results: list[PCAResult], key: str,
-                 params: SpectralParams) -> None:
+def _write_store(url: str, features: FeatureStore, results: list[PCAResult],
+                 dims: list[float], key: str, params: SpectralParams) -> None:
     group = zarr.open_group(zarr_target(url), mode="w")
     n_units, dim = len(results), results[0].mean.shape[0]
     arrays = {
         "mean": np.stack([r.mean for r in results]),
         "components": np.stack([r.components for r in results]),
         "eigenvalues": np.stack([r.eigenvalues for r in results]),
+        "twonn": np.asarray(dims, dtype="float64"),
     }
     for name, value in arrays.items():
         chunks = (1,) + value.shape[1:]

@@ -24,6 +24,7 @@ from pipelines.grid import GridError, load_grid  # noqa: E402
 from residual_core import align_stage, extract as extract_engine, spectral_store  # noqa: E402
 from residual_core.identity import EMBEDDED_MODEL, WeightsId  # noqa: E402
 from residual_core.layout import Layout  # noqa: E402
+from residual_core.spectral_store import SpectralStore  # noqa: E402
 from residual_core.stages import STAGES, downstream, extract, spectral  # noqa: E402
 from residual_core.tables import read_table  # noqa: E402
 
@@ -149,12 +150,26 @@ def test_deleted_spectral_output_reruns_spectral_only(world, first_run, calls):
     assert calls == {"spectral": 1}
 
 
+@pytest.mark.parametrize("table", spectral.TABLES)
+def test_deleted_spectral_table_is_rewritten_from_the_store(world, first_run, calls, table):
+    from residual_core.tables import tables_root
+
+    rows = read_table(world["store"], table).num_rows
+    shutil.rmtree(tables_root(world["store"]) / table)
+    states = _run(world)
+    assert states == {"extract": ["Cached"] * 3, "spectral": ["Completed"], "align": ["Cached"]}
+    assert read_table(world["store"], table).num_rows == rows
+
+
 def test_force_spectral_reruns_spectral_and_align(world, first_run, calls):
+    before = SpectralStore.open(Layout.spectral_store(_train_store(world))).attrs["created_at"]
     states = _run(world, force=["spectral"])
     assert states == {"extract": ["Cached"] * 3, "spectral": ["Completed"],
                       "align": ["Completed"]}
     assert calls == {"spectral": 1, "align": 1}
-    assert calls.kwargs["spectral"]["force"] is True  # recomputed, not found up to date
+    # recomputed (the store was discarded first), not found up to date
+    assert SpectralStore.open(Layout.spectral_store(_train_store(world))).attrs[
+        "created_at"] != before
 
 
 def test_spectral_flow_runs_on_a_dask_cluster(world, first_run, calls):

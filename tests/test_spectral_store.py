@@ -134,3 +134,46 @@ def test_cli_spectral(stores, capsys):
     assert main(["spectral", *args]) == 0
     assert "up to date" in capsys.readouterr().out
     assert main(["spectral", *args[:3], "imagefolder:/nope", "--store-root", str(root)]) == 2
+
+
+_VOLATILE = {"created_at", "code_version"}
+
+
+def _rows(root, table):
+    rows = read_table(root, table, filters={"split": "train"}).to_pylist()
+    return sorted(({k: v for k, v in r.items() if k not in _VOLATILE} for r in rows),
+                  key=lambda r: (r["unit_index"], r.get("component", -1)))
+
+
+@pytest.mark.parametrize("lost", ["spectra", "unit_stats"])
+def test_lost_table_is_rewritten_from_the_store_without_recomputing(stores, monkeypatch, lost):
+    """A kill between the complete spectral store and its rows (or a deleted table) must not
+    leave a stage that says "up to date" with rows missing for good."""
+    import shutil
+
+    import residual_core.spectral_store as spectral_store
+    from residual_core.tables import tables_root
+
+    root, _, urls = stores
+    run_spectral(urls["train"], progress=False)
+    before = {t: _rows(root / "st", t) for t in ("spectra", "unit_stats")}
+    shutil.rmtree(tables_root(root / "st") / lost)
+
+    def no_pca(*a, **k):
+        raise AssertionError("the rows are in the store: nothing may be recomputed")
+
+    monkeypatch.setattr(spectral_store, "pca_units", no_pca)
+    monkeypatch.setattr(spectral_store, "twonn", no_pca)
+    result = run_spectral(urls["train"], progress=False)
+    assert not result.computed and result.rows_rewritten
+    assert {t: _rows(root / "st", t) for t in before} == before
+    again = run_spectral(urls["train"], progress=False)
+    assert not again.computed and not again.rows_rewritten
+
+
+def test_twonn_is_kept_in_the_spectral_store(stores):
+    root, _, urls = stores
+    spec = SpectralStore.open(run_spectral(urls["train"], progress=False).url)
+    stats = {r["unit"]: r["twonn"] for r in _rows(root / "st", "unit_stats")}
+    assert [stats[u.name] for u in spec.units] == spec.twonn().tolist()
+    assert np.isfinite(spec.twonn()).all() and (spec.twonn() > 0).all()

@@ -51,11 +51,13 @@ class Inputs(StageInputs):
 
 
 class Result(StageResult):
-    """The spectral store, and whether it was computed now."""
+    """The spectral store, whether it was computed now, and whether its table rows were
+    (re)written now (from the store, when only they were missing)."""
 
     url: str
     feature_url: str
     computed: bool
+    rows_rewritten: bool = False
     seconds: float
 
 
@@ -73,28 +75,23 @@ def identity(inputs: Inputs, params: Params) -> dict[str, Any]:
 
 
 def is_current(inputs: Inputs, params: Params) -> bool:
-    from ..spectral_store import SpectralStore
-    from ..tables import has_rows
+    from ..spectral_store import SpectralStore, has_table_rows
 
     try:
-        attrs = SpectralStore.open(inputs.url).attrs
+        store = SpectralStore.open(inputs.url)
         key = identity(inputs, params)["config_hash"]
     except StoreError:
         return False
-    return attrs.get("config_hash") == key and all(
-        has_rows(inputs.root, table, attrs["model"], attrs["dataset"], config_hash=key)
-        for table in TABLES)
+    return store.attrs.get("config_hash") == key and has_table_rows(store, inputs.root)
 
 
 def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
     from ..spectral_store import run_spectral
 
-    # run_spectral reuses an up-to-date store without looking at the tables: recompute when
-    # any output is missing
+    # run_spectral reuses an up-to-date store and rewrites whichever of its rows are missing
     return run_spectral(inputs.feature_url, params, address=inputs.address,
                         n_workers=inputs.n_workers, memory_limit=inputs.memory_limit,
-                        tables_root=inputs.root, force=not is_current(inputs, params),
-                        progress=progress)
+                        tables_root=inputs.root, progress=progress)
 
 
 def discard(inputs: Inputs, params: Params) -> None:
