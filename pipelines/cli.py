@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Callable, Literal, Sequence, Union, get_args, get_origin
+from typing import (Annotated, Any, Callable, Literal, Sequence, Union, get_args,
+                    get_origin)
 
 from pipelines.grid import NAMED_GRIDS, STAGES  # light: imports neither torch nor Prefect
 from residual_core.errors import ResidualError
 from residual_core.stages import StageParams
 from residual_core.stages.base import ParamsError
 from residual_core.stages import extract as extract_stage
+from residual_core.stages import align as align_stage
 from residual_core.stages import spectral as spectral_stage
 
 EXIT_USAGE = 2
@@ -78,6 +80,27 @@ def _cmd_spectral(args: argparse.Namespace) -> int:
              "up to date; its missing table rows rewritten from the store"
              if result.rows_rewritten else "up to date, nothing computed")
     print(f"{result.url}: {state} in {result.seconds:.1f} s")
+    return 0
+
+
+def _cmd_align(args: argparse.Namespace) -> int:
+    from residual_core.align_stage import default_basis_url, run_align
+    from residual_core.identity import parse_weights
+    from residual_core.layout import SPLITS, Layout
+
+    params = _params(align_stage.Params, args)  # bad options fail before any store is read
+    layout = Layout.of(args.store_root)
+    weights = parse_weights(args.model, args.pretrained)
+    stores = {split: layout.feature_store(weights, args.dataset, split) for split in SPLITS}
+    basis = (Layout.spectral_store(layout.feature_store(weights, args.basis, "train"))
+             if args.basis else default_basis_url(stores["train"]))
+    result = run_align(stores["train"], stores["val"], stores["test"], params, basis_url=basis,
+                       data_root=args.data_root, progress=not args.quiet)
+    columns = ("method", "seed", "trainable_parameters", "val_acc", "test_acc")
+    print(_render(_arrow([{k: r.get(k) for k in columns} for r in result.rows]), "table", 0),
+          end="")
+    print(f"bases: {result.basis_url}; {len(result.rows)} fits in {result.seconds:.1f} s "
+          "(fits already in the tables are reused)")
     return 0
 
 
@@ -223,7 +246,9 @@ def _add_params(p: argparse.ArgumentParser, schema: type[StageParams]) -> None:
     and description; the default (``None``) leaves the schema's default in place."""
     for name, field in schema.model_fields.items():
         kind, choices, many = _option_type(field.annotation)
-        default = "" if field.default is None else f" (default {field.default})"
+        shown = (" ".join(map(str, field.default)) if isinstance(field.default, (tuple, list))
+                 else field.default)
+        default = "" if field.default is None else f" (default {shown})"
         kwargs: dict[str, Any] = {"dest": name, "default": None,
                                   "help": f"{field.description}{default}"}
         if kind is bool:
@@ -241,6 +266,8 @@ def _option_type(annotation: Any) -> tuple[type, tuple | None, bool]:
     many = False
     if get_origin(annotation) in (tuple, list):
         annotation, many = get_args(annotation)[0], True
+    if get_origin(annotation) is Annotated:  # e.g. StrictInt
+        annotation = get_args(annotation)[0]
     if get_origin(annotation) is Union:  # X | None
         annotation = next(a for a in get_args(annotation) if a is not type(None))
     if get_origin(annotation) is Literal:
@@ -335,6 +362,25 @@ def build_parser() -> argparse.ArgumentParser:
         dask_client(args.address, args.workers, args.memory_limit)
         return _cmd_spectral(args)
     p.set_defaults(func=spectral)
+
+    p = sub.add_parser("align", help="fit ResiDual and the baselines on a task's feature stores",
+                       description="Fit the align methods (ResiDual variants and baselines) on "
+                       "the train/val/test feature stores of a model on a dataset (extract all "
+                       "three first) and write one evaluations row per fit and the fits' weights. "
+                       "A fit whose row is already in the tables with the same inputs and "
+                       "settings is reused, not run again.")
+    _add_model_arguments(p)
+    p.add_argument("--dataset", required=True, help="dataset name (as extracted)")
+    p.add_argument("--basis", default=None, metavar="DATASET",
+                   help="dataset whose train spectral store gives the principal bases (run "
+                   "`residual spectral` on it first; default: imagenet if present, else the "
+                   "task's own train split)")
+    p.add_argument("--data-root", default=None,
+                   help="dataset root, read again only by finetune (default data/datasets)")
+    p.add_argument("--store-root", default=None, help="store root folder or URL (default data)")
+    _add_params(p, align_stage.Params)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_align)
 
     p = sub.add_parser("run", help="run an experiment grid incrementally (Prefect flows)",
                        description="Run an experiment grid: every (model, dataset) cell through "

@@ -12,6 +12,7 @@ from residual_core.extract import extract
 from residual_core.stages.extract import Params as ExtractParams
 from residual_core.models import EMBEDDED_MODEL, load_model
 from residual_core.layout import Layout
+from residual_core.store import FeatureStore
 from residual_core.tables import read_table
 
 
@@ -155,3 +156,37 @@ def test_finetune_reads_the_images_from_the_given_data_root(tmp_path, monkeypatc
     result = run_align(*urls, params, data_root=str(data_root), progress=False)
     finetune = [r for r in result.rows if r["method"] == "finetune"]
     assert len(finetune) == 1 and finetune[0]["trainable_parameters"] > 100_000
+
+
+def test_align_command(task, tmp_path, capsys):
+    from pipelines.cli import main
+
+    root, urls = task
+    store_root = tmp_path / "st"
+    shutil.copytree(root / "st", store_root)  # this test's rows stay out of the shared root
+    dataset = FeatureStore.open(urls[0]).attrs["dataset"]
+    args = ["align", "--model", EMBEDDED_MODEL, "--dataset", dataset, "--store-root",
+            str(store_root), "--methods", "zero-shot", "linear", "--seeds", "3", "--epochs", "2",
+            "--no-head-selection", "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    rows = {(r["method"], r["seed"]): r for r in read_table(store_root, "evaluations").to_pylist()}
+    for method in ("zero-shot", "linear"):
+        line = next(li for li in out.splitlines() if li.startswith(method + " "))
+        assert line.split()[1] == "3"
+        assert line.split()[-1] == f"{rows[method, 3]['test_acc']:.4g}"
+    created = rows["linear", 3]["created_at"]
+    assert main(args) == 0  # a rerun reuses both fits
+    again = {(r["method"], r["seed"]): r for r in read_table(store_root, "evaluations").to_pylist()}
+    assert again["linear", 3]["created_at"] == created and len(again) == len(rows)
+    capsys.readouterr()
+
+    for bad, says in ((["--methods", "nope"], "unknown methods"),
+                      (["--basis", "cifar10"], "no spectral store"),
+                      (["--epochs", "-1"], "--epochs")):
+        assert main(args[:5] + ["--store-root", str(store_root), *bad, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+    assert main(["align", "--model", EMBEDDED_MODEL, "--dataset", "mnist", "--store-root",
+                 str(store_root), "--quiet"]) == 2
+    assert "no feature store" in capsys.readouterr().err
