@@ -14,6 +14,7 @@ from typing import (Annotated, Any, Callable, Literal, Sequence, Union, get_args
 
 from pipelines.grid import NAMED_GRIDS, STAGES  # light: imports neither torch nor Prefect
 from residual_core.errors import ResidualError
+from residual_core.identity import RANDOM_WEIGHTS
 from residual_core.stages import StageParams
 from residual_core.stages.base import ParamsError
 from residual_core.stages import extract as extract_stage
@@ -140,43 +141,65 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
     root = Layout.of(args.store_root).root
     if args.sql:
-        others = [f"--{k.replace('_', '-')}" for k in ("table", "model", "dataset", "method",
-                                                        "group_by") if getattr(args, k)]
+        others = [f"--{k.replace('_', '-')}" for k in ("table", "model", "pretrained",
+                                                        "dataset", "method", "group_by",
+                                                        "columns") if getattr(args, k)]
         if others:
             raise ResidualError(f"--sql is the whole query: it cannot be combined with "
                                 f"{', '.join(others)}")
         tbl = sql(root, args.sql)
     else:
         table = args.table or RESULT_TABLES[0]
-        tbl = read_table(root, table, model=args.model, dataset=args.dataset,
-                         filters={"method": args.method} if args.method else None)
-        if args.group_by:
-            tbl = _group_means(tbl, [c.strip() for c in args.group_by.split(",") if c.strip()],
-                               table)
+        filters: dict[str, Any] = {"method": args.method} if args.method else {}
+        if args.pretrained:  # random weights are stored as no tag
+            filters["pretrained"] = None if args.pretrained == RANDOM_WEIGHTS else args.pretrained
+        tbl = read_table(root, table, model=args.model, dataset=args.dataset, filters=filters)
+        group = _column_list(args.group_by, "--group-by")
+        if args.columns:
+            tbl = _select(tbl, group + [c for c in _column_list(args.columns, "--columns")
+                                        if c not in group], table)
+        if group:
+            tbl = _group_means(tbl, group, table)
     print(_render(tbl, args.format, args.limit), end="")
     return 0
 
 
-def _group_means(tbl, columns: list[str], table: str):
-    """One row per group: the group columns, ``count``, and ``mean_<c>`` of every numeric
-    column, sorted by the group columns."""
-    import pyarrow as pa
-
+def _column_list(text: str | None, option: str) -> list[str]:
+    if text is None:
+        return []
+    columns = [c.strip() for c in text.split(",") if c.strip()]
     if not columns:
-        raise ResidualError("--group-by needs column names, e.g. --group-by model,method")
+        raise ResidualError(f"{option} needs column names, e.g. {option} model,method")
+    return columns
+
+
+def _select(tbl, columns: list[str], table: str):
+    """The columns of ``tbl``, in this order (a one-line error naming unknown ones)."""
     missing = [c for c in columns if c not in tbl.column_names]
     if missing:
         raise ResidualError(f"table {table!r} has no column {', '.join(map(repr, missing))}; "
                             f"columns: {', '.join(tbl.column_names)}")
+    return tbl.select(columns)
+
+
+def _group_means(tbl, columns: list[str], table: str):
+    """One row per group: the group columns, ``count``, and ``mean_<c>`` and ``std_<c>``
+    (sample standard deviation, e.g. over seeds; empty for a group of one) of every numeric
+    column, sorted by the group columns."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    _select(tbl, columns, table)
     numeric = [f.name for f in tbl.schema if f.name not in columns
                and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))]
-    grouped = tbl.group_by(columns).aggregate([(c, "mean") for c in numeric] +
-                                              [([], "count_all")])
-    grouped = grouped.rename_columns([{"count_all": "count"}.get(n, n) for n in
-                                      grouped.column_names])
-    order = columns + ["count"] + [f"{c}_mean" for c in numeric]
-    grouped = grouped.select(order).sort_by([(c, "ascending") for c in columns])
-    return grouped.rename_columns(columns + ["count"] + [f"mean_{c}" for c in numeric])
+    grouped = tbl.group_by(columns).aggregate(
+        [(c, "mean") for c in numeric] + [(c, "stddev", pc.VarianceOptions(ddof=1))
+                                          for c in numeric] + [([], "count_all")])
+    stats = [name for c in numeric for name in (f"{c}_mean", f"{c}_stddev")]
+    grouped = grouped.select(columns + ["count_all"] + stats).sort_by(
+        [(c, "ascending") for c in columns])
+    return grouped.rename_columns(columns + ["count"] + [
+        f"{'mean' if n.endswith('_mean') else 'std'}_{n.rsplit('_', 1)[0]}" for n in stats])
 
 
 def _arrow(rows: list[dict]):
@@ -415,10 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", choices=RESULT_TABLES, default=None,
                    help="table to read (default evaluations)")
     p.add_argument("--model", default=None, help="only rows of this model")
+    p.add_argument("--pretrained", default=None,
+                   help=f"only rows of these weights (a tag, a checkpoint path, or "
+                   f"{RANDOM_WEIGHTS})")
     p.add_argument("--dataset", default=None, help="only rows of this dataset")
     p.add_argument("--method", default=None, help="only rows of this align method")
+    p.add_argument("--columns", default=None, metavar="COLS",
+                   help="comma-separated columns to show, in this order")
     p.add_argument("--group-by", default=None, metavar="COLS",
-                   help="comma-separated columns: one row per group with count and means")
+                   help="comma-separated columns: one row per group with its count and the "
+                   "mean and standard deviation (over seeds, say) of every numeric column")
     p.add_argument("--sql", default=None, metavar="QUERY",
                    help="a SQL query over the tables instead of the options above; it may "
                    "only read the tables (an in-memory copy of those it names): COPY, EXPORT, "
@@ -477,6 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("residual: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `residual results | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

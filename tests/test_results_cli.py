@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from builders import write_image_folder
@@ -70,6 +71,42 @@ def test_group_by_prints_counts_and_means(capsys, root):
     assert lines[0].split()[:3] == ["method", "count", "mean_seed"]
     assert [line.split()[:2] for line in lines[1:]] == [["coarse", "4"], ["linear", "1"],
                                                         ["zero-shot", "1"]]
+
+
+def test_group_by_gives_the_spread_over_seeds_and_columns_select(capsys, root):
+    code, out, _ = _results(capsys, root, "--dataset", "cifar10", "--group-by", "model,method",
+                            "--columns", "test_acc", "--format", "json")
+    assert code == 0
+    groups = {(g["model"], g["method"]): g for g in json.loads(out)}
+    coarse = groups[("ViT-B-16", "coarse")]
+    assert set(coarse) == {"model", "method", "count", "mean_test_acc", "std_test_acc"}
+    assert coarse["std_test_acc"] == pytest.approx(float(np.std([0.92, 0.94], ddof=1)))
+    assert groups[("ViT-B-16", "zero-shot")]["std_test_acc"] is None  # one seed: no spread
+    code, out, _ = _results(capsys, root, "--columns", "method,seed", "--method", "coarse",
+                            "--format", "csv")
+    assert out.splitlines()[0] == "method,seed" and len(out.splitlines()) == 5
+    code, _, err = _results(capsys, root, "--columns", "seed,nope")
+    assert code == 2 and "no column 'nope'" in err
+
+
+def test_pretrained_filter_and_random_weights(capsys, tmp_path):
+    for weights in ("openai", None):
+        write_rows(tmp_path, "evaluations", [{"model": "ViT-B-16", "dataset": "cifar10",
+                                              "method": "zero-shot", "test_acc": 0.5}],
+                   key=str(weights), provenance={"pretrained": weights})
+    for given, expected in (("openai", ["openai"]), ("random", [None])):
+        code, out, _ = _results(capsys, tmp_path, "--pretrained", given, "--format", "json")
+        assert code == 0 and [r["pretrained"] for r in json.loads(out)] == expected
+
+
+def test_a_closed_pipe_is_no_traceback(root):
+    with subprocess.Popen([str(BIN / "residual"), "results", "--store-root", str(root),
+                           "--format", "csv"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as proc:
+        proc.stdout.close()  # the reader is gone before anything is printed (`| head -0`)
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=120)
+    assert "Traceback" not in err and "Error" not in err, err
 
 
 def test_csv_and_json_parse_back_to_the_same_rows(capsys, root):
