@@ -73,7 +73,7 @@ def _cmd_spectral(args: argparse.Namespace) -> int:
     from residual_core.spectral_store import run_spectral
 
     url = Layout.of(args.store_root).feature_store(parse_weights(args.model, args.pretrained),
-                                                   args.dataset, args.split)
+                                                   args.dataset, args.split, args.feature_dtype)
     result = run_spectral(url, _params(spectral_stage.Params, args), address=args.address,
                           n_workers=args.workers, memory_limit=args.memory_limit, force=args.force,
                           progress=not args.quiet)
@@ -92,8 +92,10 @@ def _cmd_align(args: argparse.Namespace) -> int:
     params = _params(align_stage.Params, args)  # bad options fail before any store is read
     layout = Layout.of(args.store_root)
     weights = parse_weights(args.model, args.pretrained)
-    stores = {split: layout.feature_store(weights, args.dataset, split) for split in SPLITS}
-    basis = (Layout.spectral_store(layout.feature_store(weights, args.basis, "train"))
+    stores = {split: layout.feature_store(weights, args.dataset, split, args.feature_dtype)
+              for split in SPLITS}
+    basis = (Layout.spectral_store(layout.feature_store(weights, args.basis, "train",
+                                                        args.feature_dtype))
              if args.basis else default_basis_url(stores["train"]))
     result = run_align(stores["train"], stores["val"], stores["test"], params, basis_url=basis,
                        data_root=args.data_root, progress=not args.quiet)
@@ -250,7 +252,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from residual_core.layout import Layout
 
     report = model_report(Layout.of(args.store_root).root, args.model, args.pretrained,
-                          datasets=args.dataset or None, out_dir=args.out)
+                          datasets=args.dataset or None, out_dir=args.out,
+                          feature_dtype=args.feature_dtype)
     print(report.results_table)
     print(f"report: {report.path}")
     return 0
@@ -322,6 +325,13 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="pretrained tag or checkpoint path (default: random weights)")
 
 
+def _add_store_dtype(p: argparse.ArgumentParser) -> None:
+    """``--feature-dtype`` of a command that reads feature stores: it names which ones."""
+    field = extract_stage.Params.model_fields["feature_dtype"]
+    p.add_argument("--feature-dtype", default=field.default, choices=get_args(field.annotation),
+                   help=f"dtype the stores were extracted in (default {field.default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``residual`` command (exposed for docs and tests)."""
     parser = argparse.ArgumentParser(
@@ -365,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(p)
     p.add_argument("--dataset", required=True, help="dataset name (as extracted)")
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    _add_store_dtype(p)
     p.add_argument("--store-root", default=None, help="store root folder or URL (default data)")
     p.add_argument("--address", default=None,
                    help="dask.distributed scheduler address (must answer within 5 s)")
@@ -394,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "settings is reused, not run again.")
     _add_model_arguments(p)
     p.add_argument("--dataset", required=True, help="dataset name (as extracted)")
+    _add_store_dtype(p)
     p.add_argument("--basis", default=None, metavar="DATASET",
                    help="dataset whose train spectral store gives the principal bases (run "
                    "`residual spectral` on it first; default: imagenet if present, else the "
@@ -469,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "evaluated)")
     p.add_argument("--dataset", action="append", default=[], metavar="DATASET",
                    help="a task to report (repeatable; default: every evaluated task)")
+    _add_store_dtype(p)
     p.add_argument("--store-root", default=None,
                    help="root of the stores and tables (default data)")
     p.add_argument("--out", default=None,

@@ -152,19 +152,21 @@ def spectral_flow(model: ModelSpec, dataset: str, split: Split = "train",
 @flow(name="align")
 def align_flow(model: ModelSpec, dataset: str, settings: AlignParams = AlignParams(),
                basis: str | None = None, pretrain: PretrainParams = PretrainParams(),
-               store_root: str | None = None,
+               extract: ExtractParams = ExtractParams(), store_root: str | None = None,
                data_root: str | None = None, force: list[Stage] | None = None
                ) -> list[dict[str, Any]]:
     """Align every method × seed on the extracted train/val/test stores of ``dataset`` with the
     spectral bases of ``basis``'s train split (default: ``dataset``'s); both must have been
     computed (:func:`extract_flow`, :func:`spectral_flow`). ``data_root``: where ``finetune``
-    reads the images. Returns the evaluations."""
+    reads the images; ``extract``: the stores' settings (their dtype names them). Returns the
+    evaluations."""
     runner = Runner(_options(store_root, data_root, force))
     model = _weights(runner, model, pretrain)
 
     layout, weights = Layout.of(runner.store_root), parse_weights(model.name, model.pretrained)
-    stores = {split: layout.feature_store(weights, dataset, split) for split in SPLITS}
-    bases = Layout.spectral_store(layout.feature_store(weights, basis or dataset, "train"))
+    dtype = extract.feature_dtype
+    stores = {split: layout.feature_store(weights, dataset, split, dtype) for split in SPLITS}
+    bases = Layout.spectral_store(layout.feature_store(weights, basis or dataset, "train", dtype))
     return _align(runner, stores, bases, settings,
                         f"{model.label} {dataset}")
 

@@ -161,7 +161,7 @@ def extract(
     config = _config(loaded.weights, dataset, split, data.indices, params, layout)
     chash = config_hash(config)
     rows_per_chunk, feature_dtype = params.rows_per_chunk, params.feature_dtype
-    url = layout.feature_store(loaded.weights, dataset, split)
+    url = layout.feature_store(loaded.weights, dataset, split, feature_dtype)
     with _writer_lock(url):
         store = _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dtype)
         if verify:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["EMBEDDED_MODEL", "IMAGEFOLDER_PREFIX", "RANDOM_WEIGHTS", "WORLD_WEIGHTS", "DatasetRef", "WeightsId",
+__all__ = ["EMBEDDED_MODEL", "FEATURE_DTYPES", "IMAGEFOLDER_PREFIX", "RANDOM_WEIGHTS", "WORLD_WEIGHTS", "DatasetRef", "WeightsId",
            "config_hash", "file_sha256", "looks_like_path", "parse_dataset", "parse_weights",
            "slug"]
 
@@ -39,6 +39,10 @@ current directory, not to the data root) holds one folder of images per class, o
 WORLD_WEIGHTS = "world"
 """``pretrained`` value of the embedded model meaning "pretrained on the synthetic world" (the
 checkpoint the pretrain stage makes)."""
+
+FEATURE_DTYPES = ("float32", "float16")
+"""Storage dtypes of a feature store's raw features; the first is the default (its stores keep
+the plain path ``<split>.zarr``, the others are ``<split>.<dtype>.zarr`` beside it)."""
 
 RANDOM_WEIGHTS = "random"
 """How random (seeded) weights are named in paths and reports (``pretrained=None``)."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ResidualError
-from .identity import DatasetRef, WeightsId, slug
+from .identity import FEATURE_DTYPES, DatasetRef, WeightsId, slug
 
 __all__ = ["DATA_ROOT_ENV", "SPLITS", "FeatureStorePath", "Layout", "component", "data_root",
            "is_local", "local_path", "remove_tree", "zarr_target"]
@@ -89,6 +89,14 @@ def _split(split: str) -> str:
     return split
 
 
+def _store_name(split: str, dtype: str, check: bool = True) -> str:
+    if dtype not in FEATURE_DTYPES:
+        raise ResidualError(f"unknown feature dtype {dtype!r}: use one of "
+                            f"{', '.join(FEATURE_DTYPES)}")
+    base = _split(split) if check else split
+    return f"{base}.zarr" if dtype == FEATURE_DTYPES[0] else f"{base}.{dtype}.zarr"
+
+
 @dataclass(frozen=True)
 class FeatureStorePath:
     """A feature store's place in the layout, parsed back from its URL."""
@@ -98,6 +106,7 @@ class FeatureStorePath:
     weights: str
     dataset: str
     split: str
+    dtype: str = FEATURE_DTYPES[0]
 
 
 @dataclass(frozen=True)
@@ -130,10 +139,13 @@ class Layout:
         return "/".join((self.root, *parts))
 
     # ---------------------------------------------------------------- stores
-    def feature_store(self, weights: WeightsId, dataset: str, split: str) -> str:
-        """The feature store of (weights, dataset, split)."""
+    def feature_store(self, weights: WeightsId, dataset: str, split: str,
+                      dtype: str = FEATURE_DTYPES[0]) -> str:
+        """The feature store of (weights, dataset, split) in this storage dtype:
+        ``<split>.zarr`` for the default dtype, ``<split>.<dtype>.zarr`` beside it for another
+        (so the stores of each dtype coexist)."""
         return self._join("features", component(weights.model, "model"), weights.slug,
-                          component(dataset, "dataset"), f"{_split(split)}.zarr")
+                          component(dataset, "dataset"), _store_name(split, dtype))
 
     def task_folder(self, weights: WeightsId, dataset: str) -> str:
         """The folder of a task's stores (``.../<model>/<weights>/<dataset>``)."""
@@ -145,26 +157,34 @@ class Layout:
         base = feature_url[:-len(".zarr")] if feature_url.endswith(".zarr") else feature_url
         return f"{base}.spectral.zarr"
 
-    @staticmethod
-    def align_weights(train_url: str) -> str:
-        """A task's align weights (λ per unit): ``align.zarr`` next to its train store."""
-        return f"{train_url.rstrip('/').rsplit('/', 1)[0]}/align.zarr"
+    @classmethod
+    def align_weights(cls, train_url: str) -> str:
+        """A task's align weights (λ per unit): ``align.zarr`` next to its train store
+        (``align.<dtype>.zarr`` for a train store of a non-default dtype)."""
+        folder, name = train_url.rstrip("/").rsplit("/", 1)
+        where = cls.parse_feature_store(train_url)
+        dtype = where.dtype if where else FEATURE_DTYPES[0]
+        return f"{folder}/{_store_name('align', dtype, check=False)}"
 
     @classmethod
     def parse_feature_store(cls, url: str) -> FeatureStorePath | None:
         """The layout and names a feature store URL was made from, or ``None`` for a store that
         does not live in a layout (a path the user chose)."""
-        head, sep, rest = str(url).rpartition("/features/")
+        head, sep, rest = str(url).rstrip("/").rpartition("/features/")
         parts = rest.split("/")
         if not sep or len(parts) != 4 or not parts[3].endswith(".zarr"):
             return None
-        return FeatureStorePath(cls(head or "/"), parts[0], parts[1], parts[2],
-                                parts[3][:-len(".zarr")])
+        split, _, dtype = parts[3][:-len(".zarr")].partition(".")
+        if split not in SPLITS or (dtype and dtype not in FEATURE_DTYPES[1:]):
+            return None  # a spectral store, align weights, or a name the layout never makes
+        return FeatureStorePath(cls(head or "/"), parts[0], parts[1], parts[2], split,
+                                dtype or FEATURE_DTYPES[0])
 
     @classmethod
     def of_store(cls, feature_url: str) -> "Layout":
-        """The layout a feature store lives in (the default one for a store outside any)."""
-        where = cls.parse_feature_store(feature_url)
+        """The layout a feature store (or its spectral store or align weights) lives in (the
+        default one for a store outside any)."""
+        where = cls.parse_feature_store(cls._feature_store_of(feature_url))
         return where.layout if where else cls.of()
 
     @classmethod
@@ -185,14 +205,15 @@ class Layout:
         url = url.rstrip("/")
         if url.endswith(".spectral.zarr"):
             return url[:-len(".spectral.zarr")] + ".zarr"
-        if url.endswith("/align.zarr"):
-            return url[:-len("align.zarr")] + "train.zarr"
+        folder, _, name = url.rpartition("/")
+        if name.startswith("align.") and name.endswith(".zarr"):
+            return f"{folder}/train{name[len('align'):]}"
         return url
 
     def sibling_feature_store(self, of: FeatureStorePath, dataset: str, split: str) -> str:
         """The store of another dataset/split of the same weights as ``of``."""
         return self._join("features", of.model, of.weights, component(dataset, "dataset"),
-                          f"{_split(split)}.zarr")
+                          _store_name(split, of.dtype))
 
     # ---------------------------------------------------------------- tables and files
     @property

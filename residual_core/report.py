@@ -11,7 +11,7 @@ import numpy as np
 from .align import rank_heads
 from .align_stage import stored_lambdas
 from .errors import ResidualError
-from .identity import RANDOM_WEIGHTS, parse_weights, slug
+from .identity import FEATURE_DTYPES, RANDOM_WEIGHTS, parse_weights, slug
 from .layout import SPLITS, Layout
 from .plots import (plot_accuracy_vs_parameters, plot_head_zero_shot, plot_lambda_heatmap,
                     plot_spectra)
@@ -133,7 +133,7 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
 
 def model_report(store_root: str | Path, model: str, pretrained: str | None = None,
                  datasets: Sequence[str] | None = None, out_dir: str | Path | None = None,
-                 title: str | None = None) -> Report:
+                 title: str | None = None, feature_dtype: str = FEATURE_DTYPES[0]) -> Report:
     """:func:`write_report` for every task on which ``model`` was evaluated under ``store_root``.
 
     Args:
@@ -142,6 +142,7 @@ def model_report(store_root: str | Path, model: str, pretrained: str | None = No
             :data:`RANDOM_WEIGHTS`, and may be omitted when one set of weights was evaluated.
         datasets: the tasks to report (default: every evaluated task of those weights).
         out_dir: default ``<store_root>/reports/<model>-<weights>``.
+        feature_dtype: the dtype of the feature stores the plots read (their path).
 
     Raises:
         ResidualError: no evaluations, several weights and no ``pretrained``, unknown weights or
@@ -171,7 +172,7 @@ def model_report(store_root: str | Path, model: str, pretrained: str | None = No
         raise ResidualError(f"{model} ({key}) was not evaluated on {', '.join(unknown)}; "
                             f"evaluated: {', '.join(evaluated)}")
     layout, weights_id = Layout.of(store_root), parse_weights(model, weights)
-    stores = {t: tuple(layout.feature_store(weights_id, t, s) for s in SPLITS)
+    stores = {t: tuple(layout.feature_store(weights_id, t, s, feature_dtype) for s in SPLITS)
               for t in (datasets or evaluated)}
     out = out_dir or layout.reports(f"{model}-{Path(key).name}")
     return write_report(store_root, model, stores, out,

@@ -31,13 +31,13 @@ from zarr.core.sync import sync
 
 from .decompose import ReadoutMaps, project_heads, project_residual
 from .errors import StoreError
+from .identity import FEATURE_DTYPES
 from .layout import is_local, local_path, zarr_target
 from .units import Unit, unit_table
 
 SCHEMA_VERSION = 1
 DECOMPOSITION_VERSION = 1  # bump when decompose() changes what it computes
 FORMAT_NAME = "residual-feature-store"
-FEATURE_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)

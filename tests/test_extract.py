@@ -95,10 +95,15 @@ def test_cifar10_layout_through_the_cache(tiny, tmp_path):
 
 
 def test_float16_storage_is_smaller_and_close(tiny, folder, tmp_path):
+    """Both dtypes' stores of one split live side by side under one root."""
     name = f"imagefolder:{folder}"
-    s32 = FeatureStore.open(run(tiny, name, "train", tmp_path / "a").url)
-    s16 = FeatureStore.open(run(tiny, name, "train", tmp_path / "b", feature_dtype="float16").url)
-    assert s16.group["heads"].dtype == np.float16
+    s32 = FeatureStore.open(run(tiny, name, "train", tmp_path).url)
+    s16 = FeatureStore.open(run(tiny, name, "train", tmp_path, feature_dtype="float16").url)
+    assert s16.url != s32.url and s16.url.endswith("train.float16.zarr")
+    assert s16.group["heads"].dtype == np.float16 and s32.group["heads"].dtype == np.float32
+    for dtype, store in (("float32", s32), ("float16", s16)):  # neither replaced the other
+        assert run(tiny, name, "train", tmp_path, feature_dtype=dtype).was_cached
+        assert FeatureStore.open(store.url).attrs["config_hash"] == store.attrs["config_hash"]
     y32, y16 = s32.contributions().compute(), s16.contributions().compute()
     rel = np.linalg.norm(y16 - y32, axis=-1) / np.linalg.norm(y32, axis=-1)
     assert rel.max() < 5e-3

@@ -104,6 +104,30 @@ def test_layout_parses_back_what_it_made(tmp_path):
     assert remote == "memory://bucket/x/features/m/random/d/test.zarr"
 
 
+def test_stores_of_another_dtype_live_beside_the_default_ones(tmp_path):
+    layout = Layout.of(tmp_path)
+    weights = WeightsId("ViT-B-16", "openai")
+    plain = layout.feature_store(weights, "cifar10", "train")
+    half = layout.feature_store(weights, "cifar10", "train", "float16")
+    assert plain.endswith("/train.zarr") and half.endswith("/train.float16.zarr")
+    where = Layout.parse_feature_store(half)
+    assert (where.split, where.dtype) == ("train", "float16")
+    assert Layout.parse_feature_store(plain).dtype == "float32"
+    assert where.layout.sibling_feature_store(where, "imagenet", "train") == \
+        layout.feature_store(weights, "imagenet", "train", "float16")
+    assert Layout.spectral_store(half).endswith("/train.float16.spectral.zarr")
+    assert Layout.align_weights(half).endswith("/align.float16.zarr")
+    assert Layout.align_weights(plain).endswith("/align.zarr")
+    locations = {Layout.location(u) for u in (plain, half, Layout.spectral_store(half),
+                                              Layout.align_weights(half),
+                                              Layout.align_weights(plain))}
+    assert len(locations) == 5  # rows of one dtype's stores never replace the other's
+    assert Layout.of_store(Layout.align_weights(half)) == layout
+    assert Layout.parse_feature_store(Layout.spectral_store(half)) is None
+    with pytest.raises(ResidualError, match="unknown feature dtype 'float8'"):
+        layout.feature_store(weights, "cifar10", "train", "float8")
+
+
 def test_data_root_is_read_once_with_home_expanded(monkeypatch):
     monkeypatch.setenv("RESIDUAL_DATA_ROOT", "~/somewhere")
     assert data_root() == os.path.expanduser("~/somewhere")

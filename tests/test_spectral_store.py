@@ -177,3 +177,19 @@ def test_twonn_is_kept_in_the_spectral_store(stores):
     stats = {r["unit"]: r["twonn"] for r in _rows(root / "st", "unit_stats")}
     assert [stats[u.name] for u in spec.units] == spec.twonn().tolist()
     assert np.isfinite(spec.twonn()).all() and (spec.twonn() > 0).all()
+
+
+def test_cli_spectral_finds_the_store_of_its_dtype(stores, tmp_path, capsys):
+    root, folder, urls = stores
+    tiny = load_model(EMBEDDED_MODEL, None, device="cpu", seed=0)
+    half = extract(EMBEDDED_MODEL, None, f"imagefolder:{folder}", "train",
+                   ExtractParams(batch_size=16, rows_per_chunk=32, num_workers=0, device="cpu",
+                                 feature_dtype="float16"),
+                   store_root=tmp_path, loaded=tiny, progress=False).url
+    args = ["spectral", "--model", EMBEDDED_MODEL, "--dataset", f"imagefolder:{folder}",
+            "--store-root", str(tmp_path), "--quiet"]
+    assert main(args) == 2  # no float32 store there
+    assert "no feature store" in capsys.readouterr().err
+    assert main([*args, "--feature-dtype", "float16"]) == 0
+    spec = SpectralStore.open(Layout.spectral_store(half))
+    assert spec.attrs["feature_config_hash"] == FeatureStore.open(half).attrs["config_hash"]

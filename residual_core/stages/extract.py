@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from ..errors import StoreError
-from ..identity import parse_weights
+from ..identity import FEATURE_DTYPES, parse_weights
 from ..layout import Layout
 from .base import RUN_ONLY, Stage, StageInputs, StageParams, StageResult
 
@@ -27,8 +27,9 @@ class Params(StageParams):
 
     batch_size: int = Field(64, ge=1, json_schema_extra=RUN_ONLY,
                             description="images per forward pass (batches never cross row chunks)")
-    feature_dtype: Literal["float32", "float16"] = Field(
-        "float32", description="storage dtype of the raw features (LN statistics stay float32)")
+    feature_dtype: Literal[FEATURE_DTYPES] = Field(
+        FEATURE_DTYPES[0], description="storage dtype of the raw features (LN statistics stay "
+        "float32); stores of each dtype live side by side")
     rows_per_chunk: int = Field(1024, ge=1,
                                 description="rows per chunk: the unit of writing and resuming")
     skip_bad_images: bool = Field(
@@ -61,11 +62,11 @@ class Inputs(StageInputs):
     store_root: str
     data_root: str | None = None
 
-    @property
-    def url(self) -> str:
-        """Where the store of these inputs lives."""
-        return Layout.of(self.store_root).feature_store(parse_weights(self.model, self.pretrained),
-                                                        self.dataset, self.split)
+    def store_url(self, params: "Params") -> str:
+        """Where the store of these inputs with these parameters (its dtype) lives."""
+        return Layout.of(self.store_root).feature_store(
+            parse_weights(self.model, self.pretrained), self.dataset, self.split,
+            params.feature_dtype)
 
 
 class Result(StageResult):
@@ -85,7 +86,7 @@ class Result(StageResult):
 def identity(inputs: Inputs, params: Params) -> dict[str, Any]:
     from ..extract import store_config_hash
 
-    return {"store": inputs.url,
+    return {"store": inputs.store_url(params),
             "config_hash": store_config_hash(
                 parse_weights(inputs.model, inputs.pretrained), inputs.dataset, inputs.split,
                 params, data_root=inputs.data_root, store_root=inputs.store_root)}
@@ -95,7 +96,7 @@ def is_current(inputs: Inputs, params: Params) -> bool:
     from ..store import FeatureStore
 
     try:
-        store = FeatureStore.open(inputs.url)
+        store = FeatureStore.open(inputs.store_url(params))
     except StoreError:
         return False
     return store.attrs.get("config_hash") == identity(inputs, params)["config_hash"]
@@ -113,7 +114,7 @@ def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
 def discard(inputs: Inputs, params: Params) -> None:
     from ..extract import remove_store
 
-    remove_store(inputs.url)
+    remove_store(inputs.store_url(params))
 
 
 STAGE = Stage("extract", 1, ("pretrain",), Params, Inputs, Result, identity, is_current, run,
