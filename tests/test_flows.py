@@ -282,7 +282,7 @@ def test_extract_key_is_the_store_config_hash_and_ignores_run_only_settings(worl
     inputs = extract.Inputs(model=EMBEDDED_MODEL, dataset=world["grid"]["sweeps"][0]["datasets"][0],
                             split="train", store_root=str(world["store"]))
     params = extract.Params(**world["grid"]["extract"])
-    store = extract_engine.FeatureStore.open(inputs.url)
+    store = extract_engine.FeatureStore.open(inputs.store_url(params))
     assert stage.identity(inputs, params)["config_hash"] == store.attrs["config_hash"]
     assert stage.is_current(inputs, params)
     slower = params.model_copy(update={"batch_size": 3, "device": "cpu"})
