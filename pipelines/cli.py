@@ -14,6 +14,7 @@ from typing import (Annotated, Any, Callable, Literal, Sequence, Union, get_args
 
 from pipelines.grid import NAMED_GRIDS, STAGES  # light: imports neither torch nor Prefect
 from residual_core.errors import ResidualError
+from residual_core.formats.tables import TABLES
 from residual_core.identity import RANDOM_WEIGHTS
 from residual_core.stages import StageParams
 from residual_core.stages.base import ParamsError
@@ -134,7 +135,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-RESULT_TABLES = ("evaluations", "unit_stats", "spectra", "head_selection", "basis_similarity")
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
@@ -142,6 +142,13 @@ def _cmd_results(args: argparse.Namespace) -> int:
     from residual_core.tables import read_table, sql
 
     root = Layout.of(args.store_root).root
+    if args.describe:
+        spec = TABLES[args.describe]
+        print(f"{spec.name}: {spec.description} (written by the {spec.stage} stage)")
+        print(_render(_arrow([{"column": c.name, "type": str(c.type),
+                               "description": c.description} for c in spec.columns]),
+                      args.format, 0), end="")
+        return 0
     if args.sql:
         others = [f"--{k.replace('_', '-')}" for k in ("table", "model", "pretrained",
                                                         "dataset", "method", "group_by",
@@ -151,7 +158,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
                                 f"{', '.join(others)}")
         tbl = sql(root, args.sql)
     else:
-        table = args.table or RESULT_TABLES[0]
+        table = args.table or next(iter(TABLES))
         filters: dict[str, Any] = {"method": args.method} if args.method else {}
         if args.pretrained:  # random weights are stored as no tag
             filters["pretrained"] = None if args.pretrained == RANDOM_WEIGHTS else args.pretrained
@@ -447,8 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "mean of every numeric column per group), or the answer of a SQL query "
                        "over the tables (DuckDB; each table is a table of its name, read into "
                        "memory; the query cannot touch any file).")
-    p.add_argument("--table", choices=RESULT_TABLES, default=None,
+    p.add_argument("--table", choices=list(TABLES), default=None,
                    help="table to read (default evaluations)")
+    p.add_argument("--describe", choices=list(TABLES), default=None, metavar="TABLE",
+                   help=f"print the columns of TABLE, their types and meaning (one of "
+                   f"{', '.join(TABLES)})")
     p.add_argument("--model", default=None, help="only rows of this model")
     p.add_argument("--pretrained", default=None,
                    help=f"only rows of these weights (a tag, a checkpoint path, or "

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .errors import ResidualError
+from .formats.tables import TABLES
 from .identity import slug
 from .layout import Layout
 
@@ -50,7 +51,10 @@ def write_rows(root: str | Path, table: str, rows: Sequence[dict[str, Any]] | pa
     """Write ``rows`` to ``table``, one file per (model, dataset) partition, replacing ``key``'s rows.
 
     Every row must have ``model`` and ``dataset``; ``provenance`` columns (e.g. pretrained,
-    config_hash) are added to every row, as are ``code_version`` and ``created_at``.
+    config_hash) are added to every row, as are ``code_version`` and ``created_at``. The rows of
+    a result table are conformed to its :class:`~residual_core.formats.tables.TableSpec`
+    (undeclared columns refused, absent ones null); a table without a spec (the storage layer's
+    own tests) is written as given.
     """
     tbl = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
     if tbl.num_rows == 0:
@@ -64,6 +68,8 @@ def write_rows(root: str | Path, table: str, rows: Sequence[dict[str, Any]] | pa
     for name, value in extra.items():
         if name not in tbl.column_names:
             tbl = tbl.append_column(name, pa.array([value] * tbl.num_rows))
+    if table in TABLES:  # a result table: its declared columns, in order, typed, described
+        tbl = TABLES[table].conform(tbl)
     written = []
     models, datasets = tbl.column("model").to_pylist(), tbl.column("dataset").to_pylist()
     for model, dataset in sorted(set(zip(models, datasets))):
@@ -118,10 +124,12 @@ def read_table(root: str | Path, table: str, *, model: str | None = None,
     return tbl
 
 
-# The stage whose rerun rewrites a table's files (the `--force` names of `residual run`).
-_WRITING_STAGE = {"evaluations": "align", "head_selection": "align", "spectra": "spectral",
-                  "unit_stats": "spectral", "basis_similarity": "similarity"}
 _LIST_ATTEMPTS = 5
+
+
+def _writing_stage(table: str) -> str | None:
+    """The stage whose rerun rewrites a table's files (a `--force` name of `residual run`)."""
+    return TABLES[table].stage if table in TABLES else None
 
 
 def _load(root: str | Path, table: str, model: str | None = None,
@@ -135,7 +143,7 @@ def _load(root: str | Path, table: str, model: str | None = None,
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise ResidualError(f"the files of table {table!r} under {tables_root(root)} have "
                             f"incompatible columns ({str(exc).splitlines()[0]}): rerun the "
-                            f"{_WRITING_STAGE.get(table, 'writing')} stage with --force") from None
+                            f"{_writing_stage(table) or 'writing'} stage with --force") from None
 
 
 def _read_files(root: str | Path, table: str, model: str | None,
@@ -166,7 +174,7 @@ def _read_file(path: Path, table: str) -> pa.Table:
         return pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as exc:  # truncated, garbage, empty
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        stage = _WRITING_STAGE.get(table)
+        stage = _writing_stage(table)
         fix = (f"rerun the {stage} stage with --force (`residual run --force {stage}`)" if stage
                else f"rerun the stage that writes the {table!r} table")
         raise ResidualError(f"{path} is not a readable Parquet file ({reason}): {fix}, or "

@@ -61,6 +61,22 @@ def test_run_align_writes_tables_and_weights(task):
     assert read_table(root / "st", "evaluations").num_rows == 6
 
 
+def test_every_file_the_stages_write_has_its_tables_declared_schema(task):
+    import pyarrow.parquet as pq
+
+    from residual_core.formats.tables import TABLES
+    from residual_core.tables import list_tables, table_files
+
+    root, urls = task
+    run_align(*urls, PARAMS, progress=False)
+    written = list_tables(root / "st")
+    assert {"evaluations", "head_selection", "spectra", "unit_stats"} <= set(written)
+    for table in written:
+        for path in table_files(root / "st", table):
+            assert pq.read_schema(path).remove_metadata() == \
+                TABLES[table].schema.remove_metadata(), path
+
+
 def test_fits_are_kept_side_by_side_and_reused(task, monkeypatch):
     import residual_core.align_stage as align_stage
 

@@ -68,7 +68,7 @@ def test_group_by_prints_counts_and_means(capsys, root):
     assert "mean_dataset" not in coarse  # only numeric columns are averaged
     code, out, _ = _results(capsys, root, "--group-by", "method")
     lines = out.splitlines()
-    assert lines[0].split()[:3] == ["method", "count", "mean_seed"]
+    assert lines[0].split()[:3] == ["method", "count", "mean_trainable_parameters"]  # spec order
     assert [line.split()[:2] for line in lines[1:]] == [["coarse", "4"], ["linear", "1"],
                                                         ["zero-shot", "1"]]
 

@@ -1,5 +1,8 @@
 """Parquet result tables: partitioning, atomic replacement by key, filters and SQL."""
 
+import json
+
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -57,3 +60,39 @@ def test_errors(tmp_path):
 def test_files_are_complete_parquet(tmp_path):
     (path,) = write_rows(tmp_path, "evals", rows("m", "d", 7), key="k")
     assert pq.read_metadata(path).num_rows == 7
+
+
+def test_result_tables_are_conformed_to_their_spec(tmp_path):
+    import pyarrow.parquet as pq
+
+    from residual_core.formats.tables import TABLES
+
+    spec = TABLES["evaluations"]
+    (path,) = write_rows(tmp_path, "evaluations", [{"model": "m", "dataset": "d",
+                                                    "method": "linear", "seed": 1,
+                                                    "test_acc": 1}], key="k")
+    schema = pq.read_schema(path)
+    assert schema.names == [c.name for c in spec.columns]  # declared order, absent ones null
+    assert schema.field("test_acc").type == pa.float64()  # the int 1 cast to the declared type
+    assert schema.field("test_acc").metadata[b"description"].decode() == next(
+        c.description for c in spec.columns if c.name == "test_acc")
+    row = read_table(tmp_path, "evaluations").to_pylist()[0]
+    assert row["test_acc"] == 1.0 and row["val_acc"] is None and row["method"] == "linear"
+    with pytest.raises(ResidualError, match=r"undeclared columns \['tset_acc'\]"):
+        write_rows(tmp_path, "evaluations", [{"model": "m", "dataset": "d", "tset_acc": 1.0}],
+                   key="k")
+    with pytest.raises(ResidualError, match="column 'seed' of type string is not int64"):
+        write_rows(tmp_path, "evaluations", [{"model": "m", "dataset": "d", "seed": "one"}],
+                   key="k")
+
+
+def test_describe_prints_every_column_of_a_table(capsys):
+    from pipelines.cli import main
+    from residual_core.formats.tables import TABLES
+
+    for name, spec in TABLES.items():
+        assert main(["results", "--describe", name, "--format", "json"]) == 0
+        out = capsys.readouterr().out
+        rows = json.loads(out[out.index("\n") + 1:])
+        assert [r["column"] for r in rows] == [c.name for c in spec.columns]
+        assert all(r["description"] for r in rows)

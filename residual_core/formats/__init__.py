@@ -1,0 +1,1 @@
+"""On-disk contracts, each declared once: today the result tables (:mod:`.tables`)."""

@@ -1,0 +1,161 @@
+"""The result tables' contracts: each Parquet table's columns, declared once, with their types and
+what they mean.
+
+Every writer goes through :meth:`TableSpec.conform` (:func:`residual_core.tables.write_rows`
+does), so a row with an undeclared column is refused at the source instead of appearing in one
+partition and not another; the descriptions are written into each file's Parquet schema (field
+metadata ``description``) and printed by ``residual results --describe TABLE``. Imports only
+pyarrow: the CLI reads this without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from ..errors import ResidualError
+
+__all__ = ["Column", "TABLES", "TableSpec", "table_spec"]
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: its name, Arrow type and meaning."""
+
+    name: str
+    type: pa.DataType
+    description: str
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A table's columns (in order) and the stage whose rerun rewrites it."""
+
+    name: str
+    description: str
+    stage: str
+    columns: tuple[Column, ...]
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The Arrow schema, each field's description in its metadata."""
+        return pa.schema([pa.field(c.name, c.type, metadata={"description": c.description})
+                          for c in self.columns],
+                         metadata={"residual.table": self.name,
+                                   "description": self.description})
+
+    def conform(self, tbl: pa.Table) -> pa.Table:
+        """``tbl`` with the declared columns, in order and cast to their types (an absent one
+        is all null); an undeclared column is a :class:`ResidualError` naming it."""
+        declared = {c.name for c in self.columns}
+        unknown = [n for n in tbl.column_names if n not in declared]
+        if unknown:
+            raise ResidualError(
+                f"rows for table {self.name!r} have undeclared columns {unknown}: declare them "
+                "in residual_core/formats/tables.py")
+        arrays = []
+        for c in self.columns:
+            if c.name not in tbl.column_names:
+                arrays.append(pa.nulls(tbl.num_rows, c.type))
+                continue
+            column = tbl.column(c.name)
+            try:
+                arrays.append(column.cast(c.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise ResidualError(f"table {self.name!r}: column {c.name!r} of type "
+                                    f"{column.type} is not {c.type} ({exc})") from None
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
+
+def _columns(*spec: tuple[str, pa.DataType, str]) -> tuple[Column, ...]:
+    return tuple(Column(*c) for c in spec)
+
+
+_STR, _INT, _FLOAT = pa.string(), pa.int64(), pa.float64()
+
+_WHO = _columns(
+    ("model", _STR, "architecture name (open_clip), a partition key"),
+    ("dataset", _STR, "task: a registered dataset name or imagefolder:PATH, a partition key"),
+    ("pretrained", _STR, "the weights: pretrained tag or checkpoint path (null: random weights)"),
+)
+_PROVENANCE = _columns(
+    ("config_hash", _STR, "content identity of what produced the row (inputs' config hashes "
+     "and the parameters): a row with the same hash is the same result"),
+    ("code_version", _STR, "package version and git commit that wrote the row"),
+    ("created_at", _STR, "when the row was written (UTC, ISO 8601)"),
+)
+_UNIT = _columns(
+    ("split", _STR, "the split whose feature store the statistics come from"),
+    ("feature_config_hash", _STR, "config hash of that feature store"),
+    ("unit", _STR, "residual unit: emb, L{l}.mlp or L{l}H{h}"),
+    ("unit_index", _INT, "position of the unit in the store's unit table"),
+    ("kind", _STR, "emb, mlp or head"),
+    ("layer", _INT, "layer of the unit (null for emb)"),
+    ("head", _INT, "head index within its layer (null unless a head)"),
+)
+
+TABLES: dict[str, TableSpec] = {t.name: t for t in (
+    TableSpec("evaluations", "one row per fit: a method on a task with one seed", "align",
+              _WHO + _columns(
+                  ("method", _STR, "align method (preset): zero-shot, residual-star, linear, ..."),
+                  ("preset_params", _STR, "the fit's training settings, as JSON"),
+                  ("trainable_parameters", _INT, "parameters the method trains"),
+                  ("val_acc", _FLOAT, "accuracy on the validation split (model selection)"),
+                  ("test_acc", _FLOAT, "accuracy on the test split"),
+                  ("epochs", _INT, "epochs run (early stopping may end before the maximum)"),
+                  ("best_epoch", _INT, "epoch of the best validation accuracy (kept weights)"),
+                  ("fit_seconds", _FLOAT, "wall time of the fit"),
+                  ("seed", _INT, "seed of the fit"),
+                  ("basis_dataset", _STR, "dataset whose principal bases the method used "
+                   "(null: none)"),
+              ) + _PROVENANCE),
+    TableSpec("head_selection", "test accuracy with only some heads kept (the others ablated)",
+              "align", _WHO + _columns(
+                  ("ranking", _STR, "how heads were ranked before keeping the top ones"),
+                  ("seed", _INT, "seed of a random ranking (0 otherwise)"),
+                  ("keep", _STR, "the keep setting as given: a count or a fraction"),
+                  ("n_heads", _INT, "heads kept"),
+                  ("fraction", _FLOAT, "heads kept / all heads"),
+                  ("ablation", _STR, "how the other heads were removed: zero or mean"),
+                  ("test_acc", _FLOAT, "zero-shot test accuracy with those heads"),
+              ) + _PROVENANCE),
+    TableSpec("spectra", "one row per unit and principal component of a feature store",
+              "spectral", _WHO + _UNIT + _columns(
+                  ("component", _INT, "principal component index (by decreasing eigenvalue)"),
+                  ("eigenvalue", _FLOAT, "variance along the component"),
+                  ("evr", _FLOAT, "explained variance ratio of the component"),
+                  ("cumulative_evr", _FLOAT, "explained variance ratio of components 0..this"),
+              ) + _PROVENANCE),
+    TableSpec("unit_stats", "one row per unit of a feature store: spectral statistics",
+              "spectral", _WHO + _UNIT + _columns(
+                  ("k90", _INT, "components explaining 90% of the unit's variance"),
+                  ("k99", _INT, "components explaining 99% of the unit's variance"),
+                  ("evr1", _FLOAT, "explained variance ratio of the first component"),
+                  ("participation_ratio", _FLOAT, "(Σλ)² / Σλ²"),
+                  ("total_variance", _FLOAT, "Σλ, the unit's total variance"),
+                  ("twonn", _FLOAT, "TwoNN intrinsic dimension (seeded subsample)"),
+                  ("n_samples", _INT, "rows the PCA used"),
+              ) + _PROVENANCE),
+    TableSpec("basis_similarity", "one row per unit: similarity of its principal bases on two "
+              "datasets (or splits)", "similarity", _WHO + _columns(
+                  ("other_dataset", _STR, "the dataset compared with"),
+                  ("split", _STR, "split of the first spectral store"),
+                  ("other_split", _STR, "split of the other"),
+                  ("evr_threshold", _FLOAT, "bases truncated at this explained variance ratio"),
+                  ("unit", _STR, "residual unit"),
+                  ("similarity", _FLOAT, "subspace score (eigenvalue-weighted)"),
+                  ("similarity_greedy", _FLOAT, "METHOD's greedy one-to-one score"),
+                  ("k_a", _INT, "components kept of the first basis"),
+                  ("k_b", _INT, "components kept of the other"),
+              ) + _PROVENANCE),
+)}
+"""Every result table, by name."""
+
+
+def table_spec(name: str) -> TableSpec:
+    """The spec of table ``name`` (a one-line error listing the tables otherwise)."""
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise ResidualError(f"unknown table {name!r}; tables: {', '.join(TABLES)}") from None
