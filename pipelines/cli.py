@@ -108,6 +108,20 @@ def _cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_grid(args: argparse.Namespace) -> int:
+    from pipelines.grid import load_grid
+
+    grid = load_grid(args.grid)  # a bad grid is a one-line GridError (exit 2)
+    if args.action == "show":
+        print(grid.model_dump_json(indent=2))
+        return 0
+    cells = grid.cells()
+    print(f"{args.grid}: a valid grid {grid.name!r}: {len(cells)} cells "
+          f"({len(grid.models())} models), methods {', '.join(grid.align.methods)}, "
+          f"seeds {', '.join(map(str, grid.align.seeds))}")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipelines.grid import load_grid
 
@@ -448,6 +462,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dask-workers", type=int, default=None,
                    help="or a local dask cluster of this many processes")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("grid", help="print a grid with every setting, or check a grid file",
+                       description="show: print a grid (a named one or a file) as JSON with "
+                       "every setting spelled out, a template to copy and edit (the fields are "
+                       "the stages' parameters; see the README's grid section). validate: check "
+                       "a grid file and say what it would run, without running anything.")
+    p.add_argument("action", choices=["show", "validate"])
+    p.add_argument("grid", metavar="GRID", help=f"{', '.join(NAMED_GRIDS)} or a grid JSON file")
+    p.set_defaults(func=_cmd_grid)
 
     p = sub.add_parser("results", help="query the result tables (Parquet)",
                        description="Print rows of a result table, filtered, or grouped (count and "

@@ -6,7 +6,8 @@ optional basis dataset) plus grid-wide stage settings (:class:`Settings`: align 
 and training, extraction, spectral, pretraining, basis similarity). Everything is a pydantic model:
 names (models, pretrained tags, datasets, methods) and types are checked when a grid is built,
 so a wrong grid is refused before any stage runs. Grids are JSON files
-(``Grid.model_dump_json()``) or one of the named grids of :data:`NAMED_GRIDS`:
+(``Grid.model_dump_json()``) or one of the named grids of :data:`NAMED_GRIDS` (JSON files too,
+in ``pipelines/grids/``; ``residual grid show NAME`` prints one with every setting):
 
 - ``paper``: the open_clip models and the ten datasets of METHOD §4 with ImageNet train as the
   basis dataset, plus the embedded world (``residual-tiny`` pretrained on the synthetic world,
@@ -32,7 +33,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from residual_core.errors import ResidualError
 from residual_core.identity import EMBEDDED_MODEL, WORLD_WEIGHTS, WeightsId
 from residual_core.stages import STAGES
-from residual_core.stages.align import DEFAULT_METHODS
 from residual_core.stages.align import Params as AlignParams
 from residual_core.stages.extract import Params as ExtractParams
 from residual_core.stages.extract import Split
@@ -191,35 +191,18 @@ class Grid(Settings):
 
 # ------------------------------------------------------------------------------ named grids
 
-PAPER_MODELS = (("ViT-B-16", "laion2b_s34b_b88k"), ("ViT-L-14", "laion2b_s32b_b82k"),
-                ("ViT-B-16", "openai"), ("ViT-L-14", "openai"))
-"""The open_clip models of METHOD §4 (BLIP and the vision-only ViTs are not open_clip models)."""
-
-
-def _world_sweep() -> dict:
-    return {"models": [{"name": EMBEDDED_MODEL, "pretrained": WORLD_WEIGHTS}],
-            "datasets": list(_world_tasks())}
-
-
-def _named(name: str) -> dict:
-    from residual_core.datasets import PAPER_DATASETS
-
-    align = {"methods": list(DEFAULT_METHODS)}
-    if name == "paper":
-        paper = {"models": [{"name": n, "pretrained": t} for n, t in PAPER_MODELS],
-                 "datasets": list(PAPER_DATASETS), "basis": "imagenet"}
-        return {"name": name, "sweeps": [paper, _world_sweep()], "align": align,
-                "similarity_evr": 0.9}
-    if name == "demo":
-        return {"name": name, "sweeps": [_world_sweep()], "align": align}
-    assert name == "smoke"
-    return {"name": name,
-            "sweeps": [{"models": [{"name": EMBEDDED_MODEL}], "datasets": [_world_tasks()[0]]}],
-            "align": {"methods": ["zero-shot", "coarse"], "epochs": 3,
-                      "head_selection": False}}
-
+GRIDS_DIR = Path(__file__).parent / "grids"
+"""The named grids, as data: ``<name>.json`` files in the same format as a user's grid file."""
 
 NAMED_GRIDS = ("paper", "demo", "smoke")
+"""The named grids (each is ``GRIDS_DIR/<name>.json``)."""
+
+
+def named_grid_file(name: str) -> Path:
+    """The JSON file of a named grid (a one-line error for an unknown name)."""
+    if name not in NAMED_GRIDS:
+        raise GridError(f"unknown grid {name!r}: use {', '.join(NAMED_GRIDS)} or a JSON file")
+    return GRIDS_DIR / f"{name}.json"
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -241,11 +224,10 @@ def load_grid(grid: "Grid | str | dict") -> Grid:
     if isinstance(grid, Grid):
         return grid
     if isinstance(grid, str):
-        if grid in NAMED_GRIDS:
-            data = _named(grid)
-        elif grid.endswith(".json") or os.path.isfile(grid):
+        path = named_grid_file(grid) if grid in NAMED_GRIDS else Path(grid)
+        if grid in NAMED_GRIDS or grid.endswith(".json") or os.path.isfile(grid):
             try:
-                data = json.loads(Path(grid).read_text(encoding="utf-8"))  # JSON is UTF-8
+                data = json.loads(path.read_text(encoding="utf-8"))  # JSON is UTF-8
             except UnicodeDecodeError as exc:
                 raise GridError(f"cannot read grid file {grid}: it is not UTF-8 text ({exc}); "
                                 "a grid file is JSON (Grid.model_dump_json())") from None

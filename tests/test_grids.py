@@ -1,0 +1,50 @@
+"""Grids as data: the named grids are JSON files that say what the registries say; `residual grid
+show` prints a template that loads back to the same grid; `residual grid validate` checks one."""
+
+import json
+
+import pytest
+
+from pipelines.cli import main
+from pipelines.grid import NAMED_GRIDS, load_grid, named_grid_file
+from residual_core.datasets import PAPER_DATASETS
+from residual_core.identity import EMBEDDED_MODEL, WORLD_WEIGHTS
+from residual_core.stages.align import DEFAULT_METHODS
+from residual_core.world import TASKS
+
+
+def test_named_grids_are_json_files_that_follow_the_registries():
+    paper = json.loads(named_grid_file("paper").read_text())
+    (open_clip, world) = paper["sweeps"]
+    assert open_clip["datasets"] == list(PAPER_DATASETS) and open_clip["basis"] == "imagenet"
+    assert world == {"models": [{"name": EMBEDDED_MODEL, "pretrained": WORLD_WEIGHTS}],
+                     "datasets": list(TASKS)}
+    demo = json.loads(named_grid_file("demo").read_text())
+    assert demo["sweeps"] == [world] and demo["align"]["methods"] == list(DEFAULT_METHODS)
+    assert paper["align"]["methods"] == list(DEFAULT_METHODS)
+    for name in NAMED_GRIDS:
+        assert load_grid(name).name == name
+
+
+@pytest.mark.parametrize("name", NAMED_GRIDS)
+def test_grid_show_is_a_template_that_loads_back(name, capsys, tmp_path):
+    assert main(["grid", "show", name]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert load_grid(shown) == load_grid(name)
+    assert set(shown["align"]) == set(type(load_grid(name).align).model_fields)  # all of them
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(shown))
+    assert main(["grid", "validate", str(path)]) == 0
+    assert f"{len(load_grid(name).cells())} cells" in capsys.readouterr().out
+
+
+def test_grid_validate_names_the_bad_field_in_one_line(capsys, tmp_path):
+    grid = json.loads(named_grid_file("smoke").read_text())
+    grid["align"]["epochs"] = -1
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(grid))
+    assert main(["grid", "validate", str(path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("residual: error: invalid grid") and "align.epochs" in line
+    assert main(["grid", "show", "nope"]) == 2
+    assert "unknown grid 'nope'" in capsys.readouterr().err
