@@ -12,12 +12,14 @@ backbone's outputs.
 Reproducibility: everything random is drawn from generators seeded by ``seed`` (the ``randn``
 λ init, the shuffling), so on the CPU the same seed gives the same weights and accuracies.
 
-Memory (:class:`StoreFeatures`): a store's selected units are cached in RAM when
-``N · U_in · E · 4`` bytes fit in ``cache_bytes`` (default 1 GiB, per store); otherwise they are
-streamed: each epoch visits the store's row chunks in a shuffled order, ``buffer_chunks`` chunks
-at a time (read in parallel, the next buffer prefetched while the current one trains), and
-shuffles rows within each buffer. Both modes draw the same random numbers and visit the rows in
-the same order, so they train identically.
+Shuffling and memory (:class:`StoreFeatures`): every epoch visits the training rows in one
+global seeded permutation (as the authors' ``DataLoader(shuffle=True)``), so a minibatch is a
+uniform random subset of the split even when the store is sorted by class. A store's selected
+units are cached in RAM when ``N · U_in · E · 4`` bytes fit in ``cache_bytes`` (default 1 GiB,
+per store); otherwise they are streamed in windows of the permutation, each gathered from the
+row chunks that hold its rows (the next window prefetched while the current one trains). Both
+modes draw the same random numbers and visit the rows in the same order, so they train
+identically.
 """
 
 from __future__ import annotations
@@ -81,11 +83,32 @@ unablated model, a zero-shot reference)."""
 class StoreFeatures:
     """Minibatches ``(y [B, U_in, E] float32, labels [B] int64)`` of some units of a store.
 
+    Shuffling (``batches`` with a generator) draws one global permutation of all rows per epoch,
+    ``torch.randperm(N, generator=generator)``, and visits the rows in that order, as the authors'
+    ``DataLoader(shuffle=True)`` does: every minibatch is a uniform random subset of the split,
+    whatever order the store's rows are in (stores keep the source order, and several sources
+    are sorted by class).
+
+    Memory: the selected units are held in RAM when ``N · U_in · E · 4`` bytes fit in
+    ``cache_bytes``, and a batch is a gather of the cached rows. Otherwise they are streamed in
+    *windows*: consecutive slices of the epoch's permutation, as many whole chunks of rows as
+    two of them fit in ``cache_bytes`` (at least ``buffer_chunks`` chunks). A window is
+    gathered by reading every row chunk that holds one of its rows (``buffer_chunks`` chunks at
+    a time, in parallel), keeping those rows and dropping the rest; the next window is read
+    while the current one trains (so about ``cache_bytes`` plus ``buffer_chunks`` chunks are
+    held). Why windows as large as memory allows rather than chunk-sized gathers: the rows of a
+    window of a uniform permutation are spread over nearly every chunk, and a chunk is read
+    whole (it is one compressed shard), so each window costs about one pass over the store; the
+    fewest passes per epoch (``⌈N / window⌉``) come from the largest windows that fit. Both
+    modes visit the rows in the same order, so they train identically.
+
     Args:
         store: an open feature store.
         units: unit indices, in the column order wanted (a module's ``input_units``).
-        cache_bytes: hold the data in RAM when ``N · U_in · E · 4`` bytes fit in it.
-        buffer_chunks: streaming mode: row chunks per shuffle buffer (memory: this many chunks).
+        cache_bytes: hold the data in RAM when ``N · U_in · E · 4`` bytes fit in it; when
+            streaming, the memory for the two windows.
+        buffer_chunks: streaming mode: row chunks read at a time, and the least window size in
+            chunks.
     """
 
     def __init__(self, store: FeatureStore, units: Sequence[int], *,
@@ -97,56 +120,61 @@ class StoreFeatures:
         self.rows_per_chunk = store.dims.rows_per_chunk
         self.buffer_chunks = max(1, int(buffer_chunks))
         self._y = store.contributions(self.units)  # lazy, blocks = row chunks
-        nbytes = self.n * len(self.units) * store.dims.embed * 4
-        self._cache = torch.from_numpy(self._y.compute()) if nbytes <= cache_bytes else None
+        row_bytes = len(self.units) * store.dims.embed * 4
+        self._cache = (torch.from_numpy(self._y.compute()) if self.n * row_bytes <= cache_bytes
+                       else None)
+        # streaming: whole chunks of rows per window (two windows in cache_bytes)
+        budget_chunks = int(cache_bytes) // (2 * row_bytes * self.rows_per_chunk)
+        self.window = max(self.buffer_chunks, budget_chunks) * self.rows_per_chunk
 
     @property
     def in_memory(self) -> bool:
         return self._cache is not None
 
-    def _plan(self, generator: torch.Generator | None):
-        """Buffers of an epoch: ``(chunks, rows, perm)``; rows ``rows[perm]`` in visiting order.
+    def order(self, generator: torch.Generator | None) -> torch.Tensor:
+        """The rows of an epoch in visiting order: a global permutation drawn from
+        ``generator``, the store order without one."""
+        if generator is None:
+            return torch.arange(self.n)
+        return torch.randperm(self.n, generator=generator)
 
-        All random numbers are drawn here, before any data is read, so the cached and the
-        streamed mode see the same order.
-        """
-        n_chunks = -(-self.n // self.rows_per_chunk)
-        order = (torch.randperm(n_chunks, generator=generator).tolist() if generator is not None
-                 else list(range(n_chunks)))
-        plan = []
-        for i in range(0, n_chunks, self.buffer_chunks):
-            group = order[i:i + self.buffer_chunks]
-            rows = np.concatenate([np.arange(*self.store.chunk_rows(c).indices(self.n))
-                                   for c in group])
-            perm = (torch.randperm(len(rows), generator=generator).numpy()
-                    if generator is not None else None)
-            plan.append((group, rows, perm))
-        return plan
-
-    def _read(self, chunks: Sequence[int]) -> torch.Tensor:
-        """``[rows, U_in, E]`` of whole row chunks, read in parallel (dask, one task a chunk)."""
-        parts = dask.compute(*[self._y[self.store.chunk_rows(c)] for c in chunks])
-        return torch.from_numpy(np.concatenate(parts))
+    def _gather(self, rows: np.ndarray) -> torch.Tensor:
+        """``[len(rows), U_in, E]`` of the given rows in the given order, reading each row chunk
+        that holds one of them once (``buffer_chunks`` chunks in parallel, dask)."""
+        out = np.empty((len(rows), len(self.units), self.store.dims.embed), dtype=np.float32)
+        chunk_of = rows // self.rows_per_chunk
+        by_chunk = np.argsort(chunk_of, kind="stable")
+        chunks, starts = np.unique(chunk_of[by_chunk], return_index=True)
+        ends = np.append(starts[1:], len(rows))
+        for i in range(0, len(chunks), self.buffer_chunks):
+            group = range(i, min(i + self.buffer_chunks, len(chunks)))
+            parts = dask.compute(*[self._y[self.store.chunk_rows(int(chunks[j]))]
+                                   for j in group])
+            for j, part in zip(group, parts):
+                where = by_chunk[starts[j]:ends[j]]  # positions in the window
+                out[where] = part[rows[where] - int(chunks[j]) * self.rows_per_chunk]
+        return torch.from_numpy(out)
 
     def _buffers(self, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, ...]]:
-        plan = self._plan(generator)
-        if self._cache is not None:
-            for _, rows, perm in plan:
-                if perm is None:  # store order: consecutive chunks, a view without a copy
-                    part = slice(rows[0], rows[-1] + 1)
+        order = self.order(generator)
+        if self._cache is not None:  # gathers of a few chunks' worth of rows at a time
+            step = self.buffer_chunks * self.rows_per_chunk
+            for s in range(0, self.n, step):
+                if generator is None:  # store order: a view without a copy
+                    part = slice(s, min(s + step, self.n))
                     yield self._cache[part], self.labels[part]
                 else:
-                    yield self._cache[rows[perm]], self.labels[rows[perm]]
+                    rows = order[s:s + step]
+                    yield self._cache[rows], self.labels[rows]
             return
-        with ThreadPoolExecutor(max_workers=1) as reader:  # read the next buffer while training
-            pending = reader.submit(self._read, plan[0][0]) if plan else None
-            for i, (_, rows, perm) in enumerate(plan):
+        windows = [order[s:s + self.window].numpy() for s in range(0, self.n, self.window)]
+        with ThreadPoolExecutor(max_workers=1) as reader:  # read the next window while training
+            pending = reader.submit(self._gather, windows[0]) if windows else None
+            for i, rows in enumerate(windows):
                 y = pending.result()
-                if i + 1 < len(plan):
-                    pending = reader.submit(self._read, plan[i + 1][0])
-                if perm is not None:
-                    y, rows = y[perm], rows[perm]
-                yield y, self.labels[rows]
+                if i + 1 < len(windows):
+                    pending = reader.submit(self._gather, windows[i + 1])
+                yield y, self.labels[torch.from_numpy(rows)]
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -328,8 +356,8 @@ def fit(method: str | Preset, train_store: FeatureStore | str | Path,
         lr, batch_size: default to the preset's (0.8 / 64 for ResiDual variants, 1e-3 / 128 and
             gradient clipping 1.0 for the linear adapter).
         lambda_init, ablation, adapt, add_mean: see :func:`residual.build_adapter`.
-        cache_bytes, buffer_chunks: see :class:`StoreFeatures` (the visiting order depends on
-            ``seed``, ``batch_size`` and ``buffer_chunks``, not on whether data is cached).
+        cache_bytes, buffer_chunks: see :class:`StoreFeatures` (memory only: the visiting
+            order, one global permutation per epoch, depends on ``seed`` alone).
         device: where the module runs (features are read on the CPU and moved per batch);
             results are bit-reproducible on the CPU.
         progress: show a progress bar over epochs.

@@ -28,7 +28,7 @@ from .stages.align import Params as AlignParams
 from .store import FeatureStore
 from .tables import matching_rows, write_rows
 
-ALIGN_VERSION = 1
+ALIGN_VERSION = 2  # 2: one global shuffle per epoch (training batches changed)
 AlignResult = Result
 """What :func:`run_align` returns (the align stage's result)."""
 

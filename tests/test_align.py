@@ -3,6 +3,7 @@ parameter counts), training improves on zero-shot, runs are reproducible, stream
 in-memory training, bad inputs are refused, and the head-selection experiment runs."""
 
 import dataclasses
+import math
 import shutil
 
 import numpy as np
@@ -188,6 +189,42 @@ def test_streaming_trains_like_in_memory(stores, bases):
         orders.append((torch.cat([b[1] for b in batches]), torch.cat([b[0] for b in batches])))
     assert torch.equal(orders[0][0], orders[1][0]) and torch.equal(orders[0][1], orders[1][1])
     assert sorted(orders[0][0].tolist()) == sorted(store.labels.tolist())
+
+
+@pytest.fixture(scope="module")
+def sorted_store(tiny, tmp_path_factory):
+    """A store of 10 classes whose rows are sorted by class (as several sources are)."""
+    folder = write_image_folder(tmp_path_factory.mktemp("ten"), [f"c{k}" for k in range(10)], 40,
+                                size=32, seed=1)
+    res = extract(EMBEDDED_MODEL, None, f"imagefolder:{folder}", "train",
+                  ExtractParams(batch_size=64, rows_per_chunk=32, num_workers=0, device="cpu"),
+                  store_root=tmp_path_factory.mktemp("ten_store"), loaded=tiny, progress=False)
+    return FeatureStore.open(res.url)
+
+
+def _expected_distinct(counts, batch):
+    """E[distinct classes] in a uniform random ``batch``-subset of rows with these class
+    counts: Σ_c P(class c is drawn) = Σ_c 1 − C(N − n_c, B) / C(N, B)."""
+    n = sum(counts)
+    return sum(1 - math.comb(n - c, batch) / math.comb(n, batch) for c in counts)
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 30])  # streamed, cached
+def test_batches_are_a_global_shuffle(sorted_store, budget):
+    labels = sorted_store.labels
+    assert np.all(np.diff(labels) >= 0) and len(set(labels.tolist())) == 10  # class-sorted
+    counts = np.bincount(labels).tolist()
+    batch = 16
+    feats = align.StoreFeatures(sorted_store, [0], cache_bytes=budget)
+    assert feats.in_memory == (budget > 0)
+    generator = torch.Generator().manual_seed(0)
+    distinct = []
+    for _ in range(20):  # epochs
+        epoch = [b[1] for b in feats.batches(batch, generator)]
+        assert sorted(torch.cat(epoch).tolist()) == sorted(labels.tolist())  # each row once
+        distinct += [len(set(b.tolist())) for b in epoch if len(b) == batch]
+    expected = _expected_distinct(counts, batch)
+    assert abs(np.mean(distinct) - expected) <= 0.05 * expected, (np.mean(distinct), expected)
 
 
 def test_zero_shot_preset_trains_nothing(stores):
