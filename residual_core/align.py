@@ -12,12 +12,14 @@ backbone's outputs.
 Reproducibility: everything random is drawn from generators seeded by ``seed`` (the ``randn``
 λ init, the shuffling), so on the CPU the same seed gives the same weights and accuracies.
 
-Memory (:class:`StoreFeatures`): a store's selected units are cached in RAM when
-``N · U_in · E · 4`` bytes fit in ``cache_bytes`` (default 1 GiB, per store); otherwise they are
-streamed: each epoch visits the store's row chunks in a shuffled order, ``buffer_chunks`` chunks
-at a time (read in parallel, the next buffer prefetched while the current one trains), and
-shuffles rows within each buffer. Both modes draw the same random numbers and visit the rows in
-the same order, so they train identically.
+Shuffling and memory (:class:`StoreFeatures`): every epoch visits the training rows in one
+global seeded permutation (as the authors' ``DataLoader(shuffle=True)``), so a minibatch is a
+uniform random subset of the split even when the store is sorted by class. A store's selected
+units are cached in RAM when ``N · U_in · E · 4`` bytes fit in ``cache_bytes`` (default 1 GiB,
+per store); otherwise they are streamed in windows of the permutation, each gathered from the
+row chunks that hold its rows (the next window prefetched while the current one trains). Both
+modes draw the same random numbers and visit the rows in the same order, so they train
+identically.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from fractions import Fraction
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,15 +51,18 @@ from .store import FeatureStore
 from .zeroshot import accuracy, text_classifier
 
 __all__ = [
+    "CORRELATION_STATISTICS",
     "DEFAULT_CACHE_BYTES",
     "HEAD_KEEP",
     "HEAD_RANKINGS",
+    "HEAD_SCORES",
     "FitResult",
     "StoreFeatures",
     "evaluate",
     "finetune",
     "fit",
     "head_selection",
+    "n_kept",
     "rank_heads",
     "zero_shot",
 ]
@@ -66,14 +72,6 @@ DEFAULT_CACHE_BYTES = 1 << 30
 
 EVAL_BATCH = 1024  # rows per forward pass when only evaluating
 
-HEAD_RANKINGS = ("S", "U|T", "U", "R")
-"""Head rankings of METHOD §2: own zero-shot accuracy, correlation with the output in the text
-span, correlation with the output, random."""
-
-HEAD_KEEP: tuple[int | float, ...] = (1, 0.01, 0.05, 0.10, 0.25, 0.50, 0.75, 1.0)
-"""How many heads are kept: an int is a count, a float a fraction of all heads (1.0 is the
-unablated model, a zero-shot reference)."""
-
 
 # ------------------------------------------------------------------------------ features
 
@@ -81,11 +79,32 @@ unablated model, a zero-shot reference)."""
 class StoreFeatures:
     """Minibatches ``(y [B, U_in, E] float32, labels [B] int64)`` of some units of a store.
 
+    Shuffling (``batches`` with a generator) draws one global permutation of all rows per epoch,
+    ``torch.randperm(N, generator=generator)``, and visits the rows in that order, as the authors'
+    ``DataLoader(shuffle=True)`` does: every minibatch is a uniform random subset of the split,
+    whatever order the store's rows are in (stores keep the source order, and several sources
+    are sorted by class).
+
+    Memory: the selected units are held in RAM when ``N · U_in · E · 4`` bytes fit in
+    ``cache_bytes``, and a batch is a gather of the cached rows. Otherwise they are streamed in
+    *windows*: consecutive slices of the epoch's permutation, as many whole chunks of rows as
+    two of them fit in ``cache_bytes`` (at least ``buffer_chunks`` chunks). A window is
+    gathered by reading every row chunk that holds one of its rows (``buffer_chunks`` chunks at
+    a time, in parallel), keeping those rows and dropping the rest; the next window is read
+    while the current one trains (so about ``cache_bytes`` plus ``buffer_chunks`` chunks are
+    held). Why windows as large as memory allows rather than chunk-sized gathers: the rows of a
+    window of a uniform permutation are spread over nearly every chunk, and a chunk is read
+    whole (it is one compressed shard), so each window costs about one pass over the store; the
+    fewest passes per epoch (``⌈N / window⌉``) come from the largest windows that fit. Both
+    modes visit the rows in the same order, so they train identically.
+
     Args:
         store: an open feature store.
         units: unit indices, in the column order wanted (a module's ``input_units``).
-        cache_bytes: hold the data in RAM when ``N · U_in · E · 4`` bytes fit in it.
-        buffer_chunks: streaming mode: row chunks per shuffle buffer (memory: this many chunks).
+        cache_bytes: hold the data in RAM when ``N · U_in · E · 4`` bytes fit in it; when
+            streaming, the memory for the two windows.
+        buffer_chunks: streaming mode: row chunks read at a time, and the least window size in
+            chunks.
     """
 
     def __init__(self, store: FeatureStore, units: Sequence[int], *,
@@ -97,56 +116,61 @@ class StoreFeatures:
         self.rows_per_chunk = store.dims.rows_per_chunk
         self.buffer_chunks = max(1, int(buffer_chunks))
         self._y = store.contributions(self.units)  # lazy, blocks = row chunks
-        nbytes = self.n * len(self.units) * store.dims.embed * 4
-        self._cache = torch.from_numpy(self._y.compute()) if nbytes <= cache_bytes else None
+        row_bytes = len(self.units) * store.dims.embed * 4
+        self._cache = (torch.from_numpy(self._y.compute()) if self.n * row_bytes <= cache_bytes
+                       else None)
+        # streaming: whole chunks of rows per window (two windows in cache_bytes)
+        budget_chunks = int(cache_bytes) // (2 * row_bytes * self.rows_per_chunk)
+        self.window = max(self.buffer_chunks, budget_chunks) * self.rows_per_chunk
 
     @property
     def in_memory(self) -> bool:
         return self._cache is not None
 
-    def _plan(self, generator: torch.Generator | None):
-        """Buffers of an epoch: ``(chunks, rows, perm)``; rows ``rows[perm]`` in visiting order.
+    def order(self, generator: torch.Generator | None) -> torch.Tensor:
+        """The rows of an epoch in visiting order: a global permutation drawn from
+        ``generator``, the store order without one."""
+        if generator is None:
+            return torch.arange(self.n)
+        return torch.randperm(self.n, generator=generator)
 
-        All random numbers are drawn here, before any data is read, so the cached and the
-        streamed mode see the same order.
-        """
-        n_chunks = -(-self.n // self.rows_per_chunk)
-        order = (torch.randperm(n_chunks, generator=generator).tolist() if generator is not None
-                 else list(range(n_chunks)))
-        plan = []
-        for i in range(0, n_chunks, self.buffer_chunks):
-            group = order[i:i + self.buffer_chunks]
-            rows = np.concatenate([np.arange(*self.store.chunk_rows(c).indices(self.n))
-                                   for c in group])
-            perm = (torch.randperm(len(rows), generator=generator).numpy()
-                    if generator is not None else None)
-            plan.append((group, rows, perm))
-        return plan
-
-    def _read(self, chunks: Sequence[int]) -> torch.Tensor:
-        """``[rows, U_in, E]`` of whole row chunks, read in parallel (dask, one task a chunk)."""
-        parts = dask.compute(*[self._y[self.store.chunk_rows(c)] for c in chunks])
-        return torch.from_numpy(np.concatenate(parts))
+    def _gather(self, rows: np.ndarray) -> torch.Tensor:
+        """``[len(rows), U_in, E]`` of the given rows in the given order, reading each row chunk
+        that holds one of them once (``buffer_chunks`` chunks in parallel, dask)."""
+        out = np.empty((len(rows), len(self.units), self.store.dims.embed), dtype=np.float32)
+        chunk_of = rows // self.rows_per_chunk
+        by_chunk = np.argsort(chunk_of, kind="stable")
+        chunks, starts = np.unique(chunk_of[by_chunk], return_index=True)
+        ends = np.append(starts[1:], len(rows))
+        for i in range(0, len(chunks), self.buffer_chunks):
+            group = range(i, min(i + self.buffer_chunks, len(chunks)))
+            parts = dask.compute(*[self._y[self.store.chunk_rows(int(chunks[j]))]
+                                   for j in group])
+            for j, part in zip(group, parts):
+                where = by_chunk[starts[j]:ends[j]]  # positions in the window
+                out[where] = part[rows[where] - int(chunks[j]) * self.rows_per_chunk]
+        return torch.from_numpy(out)
 
     def _buffers(self, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, ...]]:
-        plan = self._plan(generator)
-        if self._cache is not None:
-            for _, rows, perm in plan:
-                if perm is None:  # store order: consecutive chunks, a view without a copy
-                    part = slice(rows[0], rows[-1] + 1)
+        order = self.order(generator)
+        if self._cache is not None:  # gathers of a few chunks' worth of rows at a time
+            step = self.buffer_chunks * self.rows_per_chunk
+            for s in range(0, self.n, step):
+                if generator is None:  # store order: a view without a copy
+                    part = slice(s, min(s + step, self.n))
                     yield self._cache[part], self.labels[part]
                 else:
-                    yield self._cache[rows[perm]], self.labels[rows[perm]]
+                    rows = order[s:s + step]
+                    yield self._cache[rows], self.labels[rows]
             return
-        with ThreadPoolExecutor(max_workers=1) as reader:  # read the next buffer while training
-            pending = reader.submit(self._read, plan[0][0]) if plan else None
-            for i, (_, rows, perm) in enumerate(plan):
+        windows = [order[s:s + self.window].numpy() for s in range(0, self.n, self.window)]
+        with ThreadPoolExecutor(max_workers=1) as reader:  # read the next window while training
+            pending = reader.submit(self._gather, windows[0]) if windows else None
+            for i, rows in enumerate(windows):
                 y = pending.result()
-                if i + 1 < len(plan):
-                    pending = reader.submit(self._read, plan[i + 1][0])
-                if perm is not None:
-                    y, rows = y[perm], rows[perm]
-                yield y, self.labels[rows]
+                if i + 1 < len(windows):
+                    pending = reader.submit(self._gather, windows[i + 1])
+                yield y, self.labels[torch.from_numpy(rows)]
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -328,8 +352,8 @@ def fit(method: str | Preset, train_store: FeatureStore | str | Path,
         lr, batch_size: default to the preset's (0.8 / 64 for ResiDual variants, 1e-3 / 128 and
             gradient clipping 1.0 for the linear adapter).
         lambda_init, ablation, adapt, add_mean: see :func:`residual.build_adapter`.
-        cache_bytes, buffer_chunks: see :class:`StoreFeatures` (the visiting order depends on
-            ``seed``, ``batch_size`` and ``buffer_chunks``, not on whether data is cached).
+        cache_bytes, buffer_chunks: see :class:`StoreFeatures` (memory only: the visiting
+            order, one global permutation per epoch, depends on ``seed`` alone).
         device: where the module runs (features are read on the CPU and moved per batch);
             results are bit-reproducible on the CPU.
         progress: show a progress bar over epochs.
@@ -474,106 +498,190 @@ def finetune(loaded: LoadedModel, train_dataset: Dataset, val_dataset: Dataset,
 # ------------------------------------------------------------------------------ head selection
 
 
-class _CorrStats:
-    """Streaming sums for the centred correlation of each head with the output (float64)."""
+CORRELATION_STATISTICS = ("pearson", "pooled")
+"""How :func:`rank_heads` turns the projected head and target values into one score:
+``pearson`` (the authors'), ``pooled`` (one correlation over all directions, an option)."""
 
-    def __init__(self, n_heads: int, dim: int):
+
+class _ProjectedCorr:
+    """Streaming float64 sums for the correlation of each head with a target, both projected on
+    an orthonormal basis ``[K, E]`` (rows): per head and direction, and pooled."""
+
+    def __init__(self, n_heads: int, basis: torch.Tensor):
+        self.basis = basis
+        k = len(basis)
         self.n = 0
-        self.sy = np.zeros((n_heads, dim))
-        self.sz = np.zeros(dim)
-        self.syz = np.zeros(n_heads)
-        self.syy = np.zeros(n_heads)
-        self.szz = 0.0
+        self.su, self.suu, self.suo = (np.zeros((n_heads, k)) for _ in range(3))
+        self.so, self.soo = np.zeros(k), np.zeros(k)
 
-    def add(self, yh: torch.Tensor, z: torch.Tensor) -> None:
-        """``yh [b, H, d]``, ``z [b, d]``."""
-        self.n += len(z)
-        self.sy += yh.sum(0).double().numpy()
-        self.sz += z.sum(0).double().numpy()
-        self.syz += torch.einsum("bhd,bd->h", yh, z).double().numpy()
-        self.syy += yh.square().sum((0, 2)).double().numpy()
-        self.szz += float(z.double().square().sum())
+    def add(self, yh: torch.Tensor, target: torch.Tensor) -> None:
+        """``yh [b, H, E]``, ``target [b, E]``."""
+        u = (yh @ self.basis.T).double()  # [b, H, K]
+        o = (target @ self.basis.T).double()  # [b, K]
+        self.n += len(o)
+        self.su += u.sum(0).numpy()
+        self.suu += u.square().sum(0).numpy()
+        self.suo += torch.einsum("bhk,bk->hk", u, o).numpy()
+        self.so += o.sum(0).numpy()
+        self.soo += o.square().sum(0).numpy()
 
-    def correlation(self) -> np.ndarray:
-        my, mz = self.sy / self.n, self.sz / self.n
-        cov = self.syz - self.n * my @ mz
-        var_y = self.syy - self.n * (my * my).sum(1)
-        var_z = self.szz - self.n * float(mz @ mz)
+    def correlation(self, statistic: str) -> np.ndarray:
+        mu, mo = self.su / self.n, self.so / self.n
+        cov = self.suo - self.n * mu * mo  # [H, K], sums of centred products
+        var_u = np.clip(self.suu - self.n * mu * mu, 0, None)
+        var_o = np.clip(self.soo - self.n * mo * mo, 0, None)
         with np.errstate(invalid="ignore", divide="ignore"):
-            corr = cov / np.sqrt(np.clip(var_y, 0, None) * max(var_z, 0.0))
-        return np.nan_to_num(corr, nan=0.0)  # a constant head or output correlates with nothing
+            if statistic == "pooled":
+                corr = cov.sum(1) / np.sqrt(var_u.sum(1) * var_o.sum())
+            else:  # per direction, then the mean over the K directions
+                corr = (np.nan_to_num(cov / np.sqrt(var_u * var_o), nan=0.0, posinf=0.0,
+                                      neginf=0.0)).mean(1)
+        return np.nan_to_num(corr, nan=0.0)  # a constant head or target correlates with nothing
 
 
-def _text_span(class_weights: np.ndarray) -> torch.Tensor:
-    """``[r, E]`` orthonormal basis of the span of the class text embeddings (rows of W)."""
-    _, s, vt = np.linalg.svd(np.asarray(class_weights, dtype=np.float64), full_matrices=False)
-    rank = int((s > s.max() * max(class_weights.shape) * np.finfo(np.float32).eps).sum())
-    return torch.as_tensor(vt[:rank], dtype=torch.float32)
+def _qr_basis(vectors: np.ndarray) -> torch.Tensor:
+    """``[min(E, M), E]``: ``torch.linalg.qr(vectors.T).Q.T`` for ``vectors [M, E]`` (the
+    authors' property basis: Gram-Schmidt of the vectors in their order)."""
+    q = np.linalg.qr(np.asarray(vectors, dtype=np.float64).T, mode="reduced")[0]
+    return torch.as_tensor(q.T, dtype=torch.float32)
 
 
-def rank_heads(val_store: FeatureStore | str | Path, *,
-               cache_bytes: int = DEFAULT_CACHE_BYTES) -> dict[str, np.ndarray]:
-    """Per-head scores on a (validation) store, in head order (layer-major), one pass over it.
+HEAD_SCORES = ("S", "U|T", "U", "U-out")
+"""The scores :func:`rank_heads` computes (``R`` is random and needs none)."""
 
-    Returns ``{"S", "U|T", "U"}`` -> ``[L·H]`` float64 scores (higher ranks first) and ``"mean"``
-    -> ``[L·H, E]`` each head's mean contribution on the store:
+
+def rank_heads(val_store: FeatureStore | str | Path, *, scores: Sequence[str] = HEAD_SCORES,
+               statistic: str = "pearson", cache_bytes: int = DEFAULT_CACHE_BYTES
+               ) -> dict[str, np.ndarray]:
+    """Per-head scores on a (validation) store, as the authors' experiment 3 scores them.
+
+    Returns ``{score: [L·H] float64}`` in head order (layer-major), higher ranks first:
 
     - ``S``: the head's own zero-shot accuracy, ``argmax(y_h @ W.T)`` against the labels.
-    - ``U``: the correlation of the head's contribution with the output ``z = Σ_u y_u``, defined
-      as the cosine similarity of the centred ``[N, E]`` matrices, i.e. Pearson's correlation
-      of the flattened centred values::
+    - ``U``, ``U|T``, ``U-out``: the authors' ``score_unit_correlation`` of the heads
+      ``y_h [N, H, E]``: the target is the *sum of the heads* ``s = Σ_h y_h``; both are
+      projected on an orthonormal property basis ``B = qr(P.T).Q.T`` and, per head,
+      Pearson's correlation over the samples of ``y_h·b_k`` with ``s·b_k`` is averaged over the
+      basis directions ``k``. The property ``P`` is: none for ``U`` (``B`` = the identity), the
+      class text embeddings (the rows of ``W``) for ``U|T``, and the full outputs
+      ``z_n = Σ_u y_un`` of the store for ``U-out``. As the authors compute it, the full
+      output enters ``U-out`` only through its basis (Gram-Schmidt of the first outputs in
+      store order, all ``E`` directions when ``N ≥ E``); the target is still ``s``.
 
-          corr(h) = Σ_n ⟨y_hn − ȳ_h, z_n − z̄⟩ / sqrt(Σ_n ‖y_hn − ȳ_h‖² · Σ_n ‖z_n − z̄‖²)
-
-      (means over the store's samples; one pass with float64 sums; 0 for a constant head).
-    - ``U|T``: the same after projecting ``y_h`` and ``z`` onto the span of the class text
-      embeddings (an orthonormal basis of the rows of ``W``): only the variation the classifier
-      can see counts.
+    Where we deliberately differ: their correlation divides a ``1/N`` covariance by
+    ``1/(N−1)`` standard deviations, i.e. it is ``(N−1)/N`` times Pearson's; we return
+    Pearson's (a constant factor: every ranking is the same). A direction along which a head
+    or the target is constant contributes 0 (theirs would be NaN). ``statistic="pooled"`` is
+    an option, not the authors': one correlation of the centred projected values over all
+    directions together, ``Σ_k cov_k / sqrt(Σ_k var(y_h·b_k) · Σ_k var(s·b_k))`` (the
+    statistic this project used before; rotation-invariant, so ``U`` and ``U-out`` agree).
+    Float64 sums, one pass over the store (two with ``U-out``: its basis needs the outputs).
     """
+    unknown = [s for s in scores if s not in HEAD_SCORES]
+    if unknown:
+        raise AlignInputError(f"unknown head scores {unknown}; use {HEAD_SCORES}")
+    if statistic not in CORRELATION_STATISTICS:
+        raise AlignInputError(f"unknown correlation statistic {statistic!r}; use "
+                              f"{CORRELATION_STATISTICS}")
     (store,) = _stores(val=val_store).values()
     heads = [u.index for u in store.units if u.kind == "head"]
     weights = torch.as_tensor(store.class_weights, dtype=torch.float32)
-    span = _text_span(store.class_weights)
     feats = StoreFeatures(store, range(len(store.units)), cache_bytes=cache_bytes)
+    batch = 256  # rows per step: [b, H, E] projections stay small
+    bases = {"U": torch.eye(store.dims.embed), "U|T": _qr_basis(store.class_weights)}
+    if "U-out" in scores:
+        with torch.no_grad():
+            outputs = torch.cat([y.sum(1) for y, _ in feats.batches(EVAL_BATCH)])
+        bases["U-out"] = _qr_basis(outputs.numpy())
+    stats = {s: _ProjectedCorr(len(heads), bases[s]) for s in scores if s != "S"}
     correct = np.zeros(len(heads))
-    full, text = _CorrStats(len(heads), store.dims.embed), _CorrStats(len(heads), len(span))
     with torch.no_grad():
-        for y, labels in feats.batches(EVAL_BATCH):
-            yh, z = y[:, heads], y.sum(1)
-            correct += ((yh @ weights.T).argmax(-1) == labels[:, None]).sum(0).numpy()
-            full.add(yh, z)
-            text.add(yh @ span.T, z @ span.T)
-    return {"S": correct / feats.n, "U|T": text.correlation(), "U": full.correlation(),
-            "mean": full.sy / full.n}
+        for y, labels in feats.batches(batch):
+            yh = y[:, heads]
+            if "S" in scores:
+                correct += ((yh @ weights.T).argmax(-1) == labels[:, None]).sum(0).numpy()
+            target = yh.sum(1)
+            for acc in stats.values():
+                acc.add(yh, target)
+    out = {s: acc.correlation(statistic) for s, acc in stats.items()}
+    if "S" in scores:
+        out["S"] = correct / feats.n
+    return {s: out[s] for s in scores}
 
 
-def _n_kept(keep: int | float, n_heads: int) -> int:
-    if isinstance(keep, (int, np.integer)):
-        return min(int(keep), n_heads)
-    return max(1, min(n_heads, int(math.floor(keep * n_heads + 0.5))))
+HEAD_RANKINGS = ("S", "U|T", "U", "U-out", "R")
+"""Head rankings (METHOD §2, the authors' experiment 3): own zero-shot accuracy, correlation in
+the class-text basis, correlation, correlation in the full-output basis, random."""
+
+HEAD_KEEP: tuple[int | str, ...] = ("1", "1%", "5%", "10%", "25%", "50%", "75%")
+"""How many heads a ranking keeps (the authors' ``greedy_topks``); see :func:`n_kept`."""
+
+
+def n_kept(keep: int | str, n_heads: int) -> int:
+    """Heads kept by a keep rule, as the authors count them (``H`` = all heads):
+    an int or a digit string is that count (at most ``H``); ``"p%"`` is ``max(1, ⌊p·H/100⌋)``,
+    except ``"1%"``, which is ``max(2, ⌊H/100⌋)`` (the authors' rule: 1% of 144 heads is 2)."""
+    text = str(keep).strip()
+    if isinstance(keep, (int, np.integer)) and not isinstance(keep, bool) or text.isdigit():
+        count = int(text)
+        if count < 1:
+            raise AlignInputError(f"keep {keep!r}: keep at least one head")
+        return min(count, n_heads)
+    if text.endswith("%"):
+        try:
+            p = Fraction(text[:-1])
+        except (ValueError, ZeroDivisionError):
+            p = None
+        if p is not None and 0 < p <= 100:
+            return min(n_heads, max(2 if p == 1 else 1, math.floor(p * n_heads / 100)))
+    raise AlignInputError(f"keep {keep!r}: use a head count (e.g. 1) or a percentage of all "
+                          "heads (e.g. '5%')")
+
+
+def _reference_masks(units) -> list[tuple[str, np.ndarray, tuple[str, ...]]]:
+    """The authors' reference ablations: ``(name, kept-unit mask, ablations)``."""
+    kind = np.array([u.kind for u in units])
+    layer = np.array([u.layer if u.layer is not None else -1 for u in units])
+    is_head = kind == "head"
+    refs = [("heads", is_head, ("zero", "mean")), ("layers", ~is_head, ("zero", "mean")),
+            ("all", np.ones(len(units), dtype=bool), ("none",))]
+    for l in range(int(layer[is_head].max()) + 1 if is_head.any() else 0):
+        refs.append((f"layer{l}", is_head & (layer == l), ("zero", "mean")))
+        refs.append((f"upto_layer{l}", is_head & (layer <= l), ("zero", "mean")))
+    return refs
 
 
 def head_selection(val_store: FeatureStore | str | Path, test_store: FeatureStore | str | Path,
                    *, bases: SpectralBases | None = None,
                    rankings: Sequence[str] = HEAD_RANKINGS,
-                   keep: Sequence[int | float] = HEAD_KEEP,
-                   ablations: Sequence[str] = ("zero", "mean"), random_seeds: int = 10,
-                   seed: int = 0, cache_bytes: int = DEFAULT_CACHE_BYTES) -> list[dict[str, Any]]:
-    """The specialisation-performance experiment (METHOD §2): keep the top heads of a ranking,
-    remove the rest, measure test accuracy.
+                   keep: Sequence[int | str] = HEAD_KEEP,
+                   ablations: Sequence[str] = ("zero", "mean"), references: bool = True,
+                   statistic: str = "pearson", random_seeds: int = 10, seed: int = 0,
+                   cache_bytes: int = DEFAULT_CACHE_BYTES) -> list[dict[str, Any]]:
+    """The specialisation-performance experiment (METHOD §2) as the authors run it
+    (``experiments/experiment3.py``): keep the top heads of a ranking, ablate every other unit,
+    measure test accuracy.
 
-    Heads are ranked on ``val_store`` by :func:`rank_heads` (ties by head order) or at random
-    (``R``: ``random_seeds`` permutations, ``default_rng([seed, r])``). For each ranking and
-    ``keep`` (an int: that many heads; a float: that fraction of all heads, rounded, at least 1)
-    the other heads are removed by ``zero`` ablation (dropped) or ``mean`` ablation (replaced
-    by their mean: the basis mean when ``bases`` are given, else their mean on ``val_store``);
-    ``emb`` and MLPs are kept (``sum``). The test store is read once: logits are linear in the
-    units, so every setting is scored from per-unit logits.
+    Heads are scored on ``val_store`` by :func:`rank_heads` (``S``, ``U|T``, ``U``, ``U-out``)
+    or at random (``R``: ``random_seeds`` draws, scores ``torch.randn(H)`` from a generator
+    seeded ``seed + r``, so ``seed=0`` gives the authors' seeds 0..9), and the top
+    :func:`n_kept` heads kept (ties by head order). A kept set holds heads only: ``emb`` and
+    every MLP are ablated too, as the authors' ``Residual.ablate(keep_units=topk_units)`` does.
+    ``zero`` ablation drops the other units; ``mean`` ablation replaces each by its mean over
+    the ablated (test) split, as the authors (``bases`` given: the bases' means instead, a
+    deliberate option). With ``references`` also the authors' reference rows: ``heads`` (all
+    heads), ``layers`` (``emb`` + MLPs), ``all`` (every unit, nothing ablated: ablation
+    ``none``, the zero-shot model), and per layer ``l`` ``layer{l}`` (its heads) and
+    ``upto_layer{l}`` (the heads of layers ``0..l``). Logits are linear in the units, so every
+    setting is scored from per-unit logits of one read of the test store (two with ``mean``:
+    the means first).
 
     Returns:
-        One row per (ranking, random seed, keep, ablation): ``ranking``, ``seed`` (``R`` only,
-        else None), ``keep`` (as given), ``n_heads``, ``fraction`` (kept / all heads),
-        ``ablation``, ``test_acc``.
+        One row per setting and ablation: ``ranking`` (a ranking or a reference name),
+        ``seed`` (``R`` only, else None), ``keep`` (the rule as text, e.g. ``"1%"``; None for
+        references), ``n_heads`` (heads kept), ``fraction`` (kept / all heads), ``ablation``,
+        ``mean_source`` (mean ablation: where the means come from, e.g. ``test`` or
+        ``bases:imagenet:train``; else None), ``statistic``, ``test_acc``.
     """
     unknown = [r for r in rankings if r not in HEAD_RANKINGS]
     if unknown:
@@ -581,52 +689,67 @@ def head_selection(val_store: FeatureStore | str | Path, test_store: FeatureStor
     bad = [a for a in ablations if a not in ("zero", "mean")]
     if bad:
         raise AlignInputError(f"head selection ablations are 'zero' and 'mean', got {bad}")
+    if random_seeds < 1 and "R" in rankings:
+        raise AlignInputError(f"random_seeds must be at least 1, got {random_seeds}")
     stores = _stores(val=val_store, test=test_store)
     test = stores["test"]
-    heads = [u.index for u in test.units if u.kind == "head"]
+    units = test.units
+    heads = np.array([u.index for u in units if u.kind == "head"])
     n_heads = len(heads)
-    scores = rank_heads(stores["val"], cache_bytes=cache_bytes)
-    if bases is not None:
-        bases.check_compatible(test)
-        means = np.stack([bases.mean[bases.position(h)] for h in heads])
-    else:
-        means = scores["mean"]
+    counts = [(str(k), n_kept(k, n_heads)) for k in keep]  # refuse a bad rule before any work
+    scores = rank_heads(stores["val"], scores=[r for r in rankings if r != "R"],
+                        statistic=statistic, cache_bytes=cache_bytes)
 
-    settings: list[tuple[str, int | None, int | float]] = []  # (ranking, seed, keep)
-    masks = []
+    # settings: (ranking, seed, keep, kept-unit mask over all units, ablations)
+    settings: list[tuple[str, int | None, str | None, np.ndarray, tuple[str, ...]]] = []
     for ranking in rankings:
         orders = ([(None, np.argsort(-scores[ranking], kind="stable"))] if ranking != "R" else
-                  [(r, np.random.default_rng([seed, r]).permutation(n_heads))
+                  [(r, np.argsort(-torch.randn(n_heads, generator=torch.Generator()
+                                               .manual_seed(seed + r)).numpy(), kind="stable"))
                    for r in range(random_seeds)])
         for r_seed, order in orders:
-            for k in keep:
-                mask = np.zeros(n_heads, dtype=np.float32)
-                mask[order[:_n_kept(k, n_heads)]] = 1
-                settings.append((ranking, r_seed, k))
-                masks.append(mask)
-    mask_t = torch.as_tensor(np.stack(masks))  # [S, H]
+            for label, count in counts:
+                mask = np.zeros(len(units), dtype=bool)
+                mask[heads[order[:count]]] = True
+                settings.append((ranking, r_seed, label, mask, tuple(ablations)))
+    if references:
+        settings += [(name, None, None, mask, tuple(a for a in abl if a in ablations or
+                                                    a == "none"))
+                     for name, mask, abl in _reference_masks(units)]
+
     weights = torch.as_tensor(test.class_weights, dtype=torch.float32)
-    mean_logits = torch.as_tensor(means, dtype=torch.float32) @ weights.T  # [H, C]
-    removed_mean = (1 - mask_t) @ mean_logits  # [S, C], added by the mean ablation
-    others = [u.index for u in test.units if u.kind != "head"]
-    feats = StoreFeatures(test, others + heads, cache_bytes=cache_bytes)
-    correct = {a: torch.zeros(len(settings), dtype=torch.long) for a in ablations}
+    feats = StoreFeatures(test, range(len(units)), cache_bytes=cache_bytes)
+    mean_source = None
+    if "mean" in ablations:
+        if bases is not None:
+            bases.check_compatible(test)
+            means = torch.as_tensor(np.stack([bases.mean[bases.position(u.index)]
+                                              for u in units]), dtype=torch.float32)
+            mean_source = f"bases:{bases.basis_dataset}"
+        else:  # the authors: the means of the split being ablated
+            with torch.no_grad():
+                means = sum(y.double().sum(0) for y, _ in feats.batches(EVAL_BATCH))
+            means = (means / feats.n).float()
+            mean_source = str(test.attrs.get("split", "test"))
+        mean_logits = means @ weights.T  # [U, C]
+    mask_t = torch.as_tensor(np.stack([s[3] for s in settings]), dtype=torch.float32)  # [S, U]
+    removed_mean = (1 - mask_t) @ mean_logits if "mean" in ablations else None  # [S, C]
+    correct = {a: torch.zeros(len(settings), dtype=torch.long) for a in ("zero", "mean")}
     # rows per step so that the [b, S, C] logits stay near 64 MB
     step = max(1, (16 << 20) // (len(settings) * weights.shape[0]))
     with torch.no_grad():
         for y, labels in feats.batches(step):
-            unit_logits = y @ weights.T  # [b, U, C]
-            base = unit_logits[:, :len(others)].sum(1)  # [b, C]
-            kept = torch.einsum("bhc,sh->bsc", unit_logits[:, len(others):], mask_t)
-            for a in ablations:
-                logits = base[:, None] + kept + (removed_mean if a == "mean" else 0)
+            kept = torch.einsum("buc,su->bsc", y @ weights.T, mask_t)  # [b, S, C]
+            for a in {"zero", *ablations}:  # zero scores the "all" reference (none) too
+                logits = kept + removed_mean if a == "mean" else kept
                 correct[a] += (logits.argmax(-1) == labels[:, None]).sum(0)
     rows = []
-    for i, (ranking, r_seed, k) in enumerate(settings):
-        n_kept = _n_kept(k, n_heads)
-        for a in ablations:
-            # keep as text: 1 (one head) and 1.0 (all heads) would both become 1.0 in Parquet
-            rows.append({"ranking": ranking, "seed": r_seed, "keep": str(k), "n_heads": n_kept,
-                         "fraction": n_kept / n_heads, "ablation": a,
-                         "test_acc": float(correct[a][i]) / feats.n})
+    for i, (ranking, r_seed, label, mask, abl) in enumerate(settings):
+        kept_heads = int(mask[heads].sum())
+        for a in abl:
+            hits = correct["zero" if a == "none" else a][i]  # none: nothing to ablate
+            rows.append({"ranking": ranking, "seed": r_seed, "keep": label,
+                         "n_heads": kept_heads, "fraction": kept_heads / n_heads,
+                         "ablation": a, "mean_source": mean_source if a == "mean" else None,
+                         "statistic": statistic, "test_acc": float(hits) / feats.n})
     return rows

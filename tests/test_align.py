@@ -3,6 +3,7 @@ parameter counts), training improves on zero-shot, runs are reproducible, stream
 in-memory training, bad inputs are refused, and the head-selection experiment runs."""
 
 import dataclasses
+import math
 import shutil
 
 import numpy as np
@@ -190,6 +191,42 @@ def test_streaming_trains_like_in_memory(stores, bases):
     assert sorted(orders[0][0].tolist()) == sorted(store.labels.tolist())
 
 
+@pytest.fixture(scope="module")
+def sorted_store(tiny, tmp_path_factory):
+    """A store of 10 classes whose rows are sorted by class (as several sources are)."""
+    folder = write_image_folder(tmp_path_factory.mktemp("ten"), [f"c{k}" for k in range(10)], 40,
+                                size=32, seed=1)
+    res = extract(EMBEDDED_MODEL, None, f"imagefolder:{folder}", "train",
+                  ExtractParams(batch_size=64, rows_per_chunk=32, num_workers=0, device="cpu"),
+                  store_root=tmp_path_factory.mktemp("ten_store"), loaded=tiny, progress=False)
+    return FeatureStore.open(res.url)
+
+
+def _expected_distinct(counts, batch):
+    """E[distinct classes] in a uniform random ``batch``-subset of rows with these class
+    counts: Σ_c P(class c is drawn) = Σ_c 1 − C(N − n_c, B) / C(N, B)."""
+    n = sum(counts)
+    return sum(1 - math.comb(n - c, batch) / math.comb(n, batch) for c in counts)
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 30])  # streamed, cached
+def test_batches_are_a_global_shuffle(sorted_store, budget):
+    labels = sorted_store.labels
+    assert np.all(np.diff(labels) >= 0) and len(set(labels.tolist())) == 10  # class-sorted
+    counts = np.bincount(labels).tolist()
+    batch = 16
+    feats = align.StoreFeatures(sorted_store, [0], cache_bytes=budget)
+    assert feats.in_memory == (budget > 0)
+    generator = torch.Generator().manual_seed(0)
+    distinct = []
+    for _ in range(20):  # epochs
+        epoch = [b[1] for b in feats.batches(batch, generator)]
+        assert sorted(torch.cat(epoch).tolist()) == sorted(labels.tolist())  # each row once
+        distinct += [len(set(b.tolist())) for b in epoch if len(b) == batch]
+    expected = _expected_distinct(counts, batch)
+    assert abs(np.mean(distinct) - expected) <= 0.05 * expected, (np.mean(distinct), expected)
+
+
 def test_zero_shot_preset_trains_nothing(stores):
     result = _fit("zero-shot", stores, None)
     assert result.trainable_parameters == 0 and result.epochs_run == 0
@@ -259,34 +296,108 @@ def test_bad_labels_and_mixed_stores_are_refused(stores, bases, tmp_path):
 # ------------------------------------------------------------------------------ head selection
 
 
-def test_head_selection_rows_and_references(stores, bases):
-    rows = align.head_selection(stores["val"], stores["test"], random_seeds=3)
-    keep = align.HEAD_KEEP
-    assert len(rows) == (3 + 3) * len(keep) * 2
-    assert {(r["ranking"], r["ablation"]) for r in rows} == {
-        (k, a) for k in align.HEAD_RANKINGS for a in ("zero", "mean")}
-    assert all(0 <= r["test_acc"] <= 1 for r in rows)
-    n_heads = stores["test"].dims.layer * stores["test"].dims.head
-    zs = align.zero_shot(stores["test"])
-    for r in rows:
-        assert 1 <= r["n_heads"] <= n_heads
-        if r["n_heads"] == n_heads:  # all heads kept: the zero-shot model whatever the ablation
-            assert r["test_acc"] == pytest.approx(zs)
-    # one setting recomputed directly: top-1 head by S, the rest zero-ablated, emb + MLPs kept
-    scores = align.rank_heads(stores["val"])
-    heads = [u.index for u in stores["test"].units if u.kind == "head"]
+def test_keep_counts_follow_the_authors():
+    # the authors' greedy_topks on ViT-B (144 heads) and on the tiny tower (16)
+    assert [align.n_kept(k, 144) for k in align.HEAD_KEEP] == [1, 2, 7, 14, 36, 72, 108]
+    assert [align.n_kept(k, 16) for k in align.HEAD_KEEP] == [1, 2, 1, 1, 4, 8, 12]
+    assert align.n_kept("1%", 300) == 3 and align.n_kept(3, 2) == 2 and align.n_kept("2", 16) == 2
+    for bad in ("0", 0, "x%", "150%", "half"):
+        with pytest.raises(AlignInputError, match="^keep .*") as info:
+            align.n_kept(bad, 16)
+        assert "\n" not in str(info.value)
+
+
+def _pearson_per_direction(y, target, basis):
+    """Reference: per head, the mean over basis directions of np.corrcoef of the projections."""
+    u, o = y @ basis.T, target @ basis.T  # [N, H, K], [N, K]
+    return np.array([np.mean([np.corrcoef(u[:, h, k], o[:, k])[0, 1]
+                              for k in range(basis.shape[0])]) for h in range(y.shape[1])])
+
+
+def test_head_correlations_are_the_authors_statistic(stores):
+    store = stores["val"]
+    heads = [u.index for u in store.units if u.kind == "head"]
+    y_all = store.contributions().compute().astype(np.float64)
+    y = y_all[:, heads]
+    s = y.sum(1)  # the target: the sum of the heads
+    text = np.linalg.qr(store.class_weights.astype(np.float64).T)[0].T
+    out = np.linalg.qr(y_all.sum(1).T)[0].T  # the full outputs' basis
+    scores = align.rank_heads(store)
+    assert list(scores) == list(align.HEAD_SCORES)
+    np.testing.assert_allclose(scores["U"], _pearson_per_direction(y, s, np.eye(y.shape[2])),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(scores["U|T"], _pearson_per_direction(y, s, text),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(scores["U-out"], _pearson_per_direction(y, s, out),
+                               rtol=1e-4, atol=1e-5)
+    own = ((y @ store.class_weights.T).argmax(-1) == store.labels[:, None]).mean(0)
+    np.testing.assert_allclose(scores["S"], own)
+    # the pooled option: one correlation of the centred values over all directions
+    pooled = align.rank_heads(store, scores=("U",), statistic="pooled")["U"]
+    yc, sc = y - y.mean(0), s - s.mean(0)
+    ref = np.einsum("nhe,ne->h", yc, sc) / np.sqrt((yc ** 2).sum((0, 2)) * (sc ** 2).sum())
+    np.testing.assert_allclose(pooled, ref, rtol=1e-4, atol=1e-6)
+    with pytest.raises(AlignInputError, match="unknown correlation statistic 'spearman'"):
+        align.rank_heads(store, statistic="spearman")
+
+
+def _direct_accuracy(y, weights, labels, keep, ablation):
+    """Reference: the kept units summed, each other unit zeroed or replaced by its mean."""
+    z = y[:, keep].sum(1)
+    if ablation == "mean":
+        z = z + y[:, ~keep].mean(0).sum(0)
+    return float(((z @ weights.T).argmax(1) == labels).mean())
+
+
+def test_head_selection_as_the_authors(stores, bases):
+    test, val = stores["test"], stores["val"]
+    units = test.units
+    d = test.dims
+    n_heads = d.layer * d.head
+    rows = align.head_selection(val, test, random_seeds=3)
+    n_refs = 2 * 2 + 1 + d.layer * 2 * 2  # heads, layers (zero, mean), all; per layer two sets
+    assert len(rows) == (4 + 3) * len(align.HEAD_KEEP) * 2 + n_refs
+    y = test.contributions().compute().astype(np.float64)
+    weights, labels = test.class_weights.astype(np.float64), test.labels
+    kind = np.array([u.kind for u in units])
+    layer = np.array([u.layer for u in units])
+    heads = np.flatnonzero(kind == "head")
+    scores = align.rank_heads(val)
+    for r in range(3):
+        scores[f"R{r}"] = torch.randn(n_heads, generator=torch.Generator().manual_seed(r)).numpy()
+    refs = {"heads": kind == "head", "layers": kind != "head", "all": np.ones(len(units), bool),
+            **{f"layer{l}": (kind == "head") & (layer == l) for l in range(d.layer)},
+            **{f"upto_layer{l}": (kind == "head") & (layer <= l) for l in range(d.layer)}}
+    seen = set()
+    for row in rows:
+        if row["keep"] is None:  # a reference row
+            keep = refs[row["ranking"]]
+            assert row["ablation"] in (("none",) if row["ranking"] == "all" else ("zero", "mean"))
+        else:
+            name = row["ranking"] + (str(row["seed"]) if row["ranking"] == "R" else "")
+            top = np.argsort(-scores[name], kind="stable")[:align.n_kept(row["keep"], n_heads)]
+            keep = np.zeros(len(units), bool)
+            keep[heads[top]] = True
+        assert row["n_heads"] == keep[heads].sum()
+        assert row["mean_source"] == ("test" if row["ablation"] == "mean" else None)
+        assert row["test_acc"] == pytest.approx(
+            _direct_accuracy(y, weights, labels, keep, row["ablation"])), row
+        seen.add((row["ranking"], row["ablation"]))
+    assert {r for r, _ in seen} >= set(align.HEAD_RANKINGS) | set(refs)
+    # one head, zero-ablated: exactly that head's own accuracy (no emb, no MLP)
     best = heads[int(np.argmax(scores["S"]))]
-    keep_units = [u.index for u in stores["test"].units if u.kind != "head"] + [best]
-    y = stores["test"].contributions(keep_units).compute().sum(1)
-    acc = float(((y @ stores["test"].class_weights.T).argmax(1) == stores["test"].labels).mean())
-    row = next(r for r in rows if (r["ranking"], r["keep"], r["ablation"]) == ("S", "1", "zero"))
-    assert row["test_acc"] == pytest.approx(acc)
-    # S is each head's own zero-shot accuracy
-    yh = stores["val"].contributions([heads[0]]).compute()[:, 0]
-    own = ((yh @ stores["val"].class_weights.T).argmax(1) == stores["val"].labels).mean()
-    assert scores["S"][0] == pytest.approx(own)
-    assert np.all(np.abs(scores["U"]) <= 1 + 1e-9) and np.all(np.abs(scores["U|T"]) <= 1 + 1e-9)
-    # mean ablation with the basis means runs too
-    with_bases = align.head_selection(stores["val"], stores["test"], bases=bases,
-                                      rankings=("S",), keep=(0.5,), ablations=("mean",))
-    assert len(with_bases) == 1 and 0 <= with_bases[0]["test_acc"] <= 1
+    own = float(((y[:, best] @ weights.T).argmax(1) == labels).mean())
+    one = next(r for r in rows if (r["ranking"], r["keep"], r["ablation"]) == ("S", "1", "zero"))
+    assert one["n_heads"] == 1 and one["test_acc"] == pytest.approx(own)
+    full = next(r for r in rows if r["ranking"] == "all")
+    assert full["test_acc"] == pytest.approx(align.zero_shot(test))
+    # streaming the stores scores the same
+    streamed = align.head_selection(val, test, random_seeds=3, cache_bytes=0)
+    assert [r["test_acc"] for r in streamed] == [r["test_acc"] for r in rows]
+    # the bases' means instead of the test split's, an option recorded in the row
+    with_bases = align.head_selection(val, test, bases=bases, rankings=("S",), keep=("50%",),
+                                      ablations=("mean",), references=False)
+    assert len(with_bases) == 1 and with_bases[0]["n_heads"] == n_heads // 2
+    assert with_bases[0]["mean_source"] == f"bases:{bases.basis_dataset}"
+    with pytest.raises(AlignInputError, match="unknown rankings"):
+        align.head_selection(val, test, rankings=("S", "best"))

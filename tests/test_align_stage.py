@@ -52,8 +52,9 @@ def test_run_align_writes_tables_and_weights(task):
     assert sum(v.size for v in lambdas.values()) == star["trainable_parameters"]
     hs = read_table(root / "st", "head_selection")
     assert hs.num_rows == len(result.head_selection_rows) > 0
-    kept = {(r["keep"], r["n_heads"]) for r in hs.to_pylist()}  # one head vs all heads
-    assert ("1", 1) in kept and ("1.0", 16) in kept
+    kept = {(r["ranking"], r["keep"], r["n_heads"]) for r in hs.to_pylist()}
+    assert {("S", "1", 1), ("S", "1%", 2), ("R", "75%", 12), ("heads", None, 16),
+            ("layers", None, 0), ("all", None, 16)} <= kept
     # A run of a subset reuses its fits and keeps every other fit's row.
     again = run_align(*urls, AlignParams(methods=("zero-shot",), head_selection=False),
                       progress=False)

@@ -119,5 +119,5 @@ def discard(inputs: Inputs, params: Params) -> None:
     """Nothing to delete: a rerun replaces the task's rows and weights."""
 
 
-STAGE = Stage("align", 1, ("extract", "spectral"), Params, Inputs, Result, identity, is_current,
+STAGE = Stage("align", 2, ("extract", "spectral"), Params, Inputs, Result, identity, is_current,
               run, discard)
