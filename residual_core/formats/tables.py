@@ -112,13 +112,19 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
               ) + _PROVENANCE),
     TableSpec("head_selection", "test accuracy with only some heads kept (the others ablated)",
               "align", _WHO + _columns(
-                  ("ranking", _STR, "how heads were ranked before keeping the top ones"),
-                  ("seed", _INT, "seed of a random ranking (0 otherwise)"),
-                  ("keep", _STR, "the keep setting as given: a count or a fraction"),
-                  ("n_heads", _INT, "heads kept"),
+                  ("ranking", _STR, "how heads were ranked on val before keeping the top "
+                   "ones (S, U|T, U, U-out, R), or a reference set (heads, layers, all, "
+                   "layer{l}, upto_layer{l})"),
+                  ("seed", _INT, "seed of a random ranking R (null otherwise)"),
+                  ("keep", _STR, "the keep rule as given, e.g. 1 or 1% (null for references)"),
+                  ("n_heads", _INT, "heads kept (emb and MLPs are ablated too, as the authors)"),
                   ("fraction", _FLOAT, "heads kept / all heads"),
-                  ("ablation", _STR, "how the other heads were removed: zero or mean"),
-                  ("test_acc", _FLOAT, "zero-shot test accuracy with those heads"),
+                  ("ablation", _STR, "how the other units were removed: zero, mean, or none"),
+                  ("mean_source", _STR, "mean ablation: the split whose means replace the "
+                   "units (null otherwise)"),
+                  ("statistic", _STR, "correlation statistic of the U rankings (pearson: the "
+                   "authors'; pooled)"),
+                  ("test_acc", _FLOAT, "zero-shot test accuracy with those units"),
               ) + _PROVENANCE),
     TableSpec("spectra", "one row per unit and principal component of a feature store",
               "spectral", _WHO + _UNIT + _columns(
