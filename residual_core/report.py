@@ -78,7 +78,7 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
     plot_accuracy_vs_parameters(evals, out / "accuracy_vs_parameters.png")
     lines += ["![accuracy vs parameters](accuracy_vs_parameters.png)", ""]
 
-    scores = {t: rank_heads(urls[1])["S"] for t, urls in task_stores.items()}
+    scores = {t: rank_heads(urls[1], scores=("S",))["S"] for t, urls in task_stores.items()}
     plot_head_zero_shot(scores, n_layers, n_heads, out / "head_zero_shot.png")
     lines += ["## Head specialisation", "",
               "Per-head zero-shot accuracy (S) on each task's validation split; the top head:", ""]
