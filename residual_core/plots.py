@@ -16,7 +16,7 @@ def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # legends placed outside are kept
     plt.close(fig)
     return path
 
@@ -124,4 +124,44 @@ def plot_accuracy_vs_parameters(eval_rows: Sequence[dict], path: str | Path) -> 
     handles += [plt.Line2D([], [], marker="o", ls="", color=colors[t], label=t) for t in tasks]
     ax.legend(handles=handles, fontsize=7, loc="lower right", ncol=2)
     ax.set_title("accuracy against trainable parameters")
+    return _save(fig, path)
+
+
+def plot_head_selection(rows: Sequence[dict], path: str | Path, ablation: str = "zero") -> Path:
+    """Head selection (the authors' experiment 3), one panel per task: test accuracy against the
+    number of kept heads, one line per ranking (``R``: mean over its seeds, the band its range),
+    the reference sets (``heads``, ``layers``, ``all``) as horizontal lines."""
+    tasks = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(0.8 + 3.4 * len(tasks), 3.4),
+                             squeeze=False, sharey=True)
+    for ax, task in zip(axes[0], tasks):
+        mine = [r for r in rows if r["dataset"] == task]
+        ranked = [r for r in mine if r.get("keep") is not None and r["ablation"] == ablation]
+        for ranking in sorted({r["ranking"] for r in ranked}):
+            by_n: dict[int, list[float]] = {}
+            for r in ranked:
+                if r["ranking"] == ranking:
+                    by_n.setdefault(int(r["n_heads"]), []).append(float(r["test_acc"]))
+            n = sorted(by_n)
+            mean = [np.mean(by_n[k]) for k in n]
+            (line,) = ax.plot(n, mean, marker="o", ms=3, label=ranking)
+            if any(len(v) > 1 for v in by_n.values()):
+                ax.fill_between(n, [min(by_n[k]) for k in n], [max(by_n[k]) for k in n],
+                                color=line.get_color(), alpha=0.15, lw=0)
+        for ref, style in (("heads", ":"), ("layers", "-."), ("all", "--")):
+            acc = [r["test_acc"] for r in mine if r["ranking"] == ref
+                   and r["ablation"] in (ablation, "none")]
+            if acc:
+                ax.axhline(acc[0], color="gray", ls=style, lw=1, label=f"{ref} (reference)")
+        ax.set_xscale("log")
+        counts = sorted({int(r["n_heads"]) for r in ranked})
+        ax.set_xticks(counts, [str(c) for c in counts])
+        ax.minorticks_off()
+        ax.set_xlabel("heads kept")
+        ax.set_title(task, fontsize=9)
+    axes[0][0].set_ylabel(f"test accuracy ({ablation} ablation)")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
+               frameon=False)  # outside the data
+    fig.suptitle("head selection: heads ranked on val, the rest (and emb, MLPs) ablated")
     return _save(fig, path)

@@ -13,8 +13,8 @@ from .align_stage import stored_lambdas
 from .errors import ResidualError
 from .identity import FEATURE_DTYPES, RANDOM_WEIGHTS, parse_weights, slug
 from .layout import SPLITS, Layout
-from .plots import (plot_accuracy_vs_parameters, plot_head_zero_shot, plot_lambda_heatmap,
-                    plot_spectra)
+from .plots import (plot_accuracy_vs_parameters, plot_head_selection, plot_head_zero_shot,
+                    plot_lambda_heatmap, plot_spectra)
 from .store import FeatureStore
 from .tables import read_table
 
@@ -86,6 +86,18 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
         top = int(np.argmax(s))
         lines.append(f"- `{t}`: L{top // n_heads}H{top % n_heads} ({s[top]:.3f})")
     lines += ["", "![per-head zero-shot accuracy](head_zero_shot.png)", ""]
+
+    try:
+        selection = [r for r in read_table(store_root, "head_selection", model=model).to_pylist()
+                     if r["dataset"] in task_stores and r.get("pretrained") == weights]
+    except ResidualError:  # head selection not run
+        selection = []
+    if selection:
+        plot_head_selection(selection, out / "head_selection.png")
+        lines += ["## Head selection", "",
+                  "Test accuracy with only the top-ranked heads kept (rankings on val: S own "
+                  "accuracy, U|T / U / U-out correlations, R random), everything else ablated:",
+                  "", "![head selection](head_selection.png)", ""]
 
     lines += ["## Spectra", ""]
     by_spectrum: dict[tuple, list[str]] = {}  # tasks whose train splits are the same images

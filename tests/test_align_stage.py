@@ -143,13 +143,14 @@ def test_report_from_tables(task, tmp_path):
     from residual_core.report import write_report
 
     root, urls = task
+    run_align(*urls, PARAMS, progress=False)  # head-selection rows (fits reused when present)
     run_align(*urls, AlignParams(methods=("zero-shot", "residual-star"), epochs=2,
                                  head_selection=False), progress=False)
     dataset = read_table(root / "st", "evaluations").column("dataset")[0].as_py()
     report = write_report(root / "st", EMBEDDED_MODEL, {dataset: tuple(urls)}, tmp_path / "rep")
     text = report.path.read_text()
     assert "residual-star" in report.results_table and "zero-shot" in report.results_table
-    for png in ("accuracy_vs_parameters.png", "head_zero_shot.png"):
+    for png in ("accuracy_vs_parameters.png", "head_zero_shot.png", "head_selection.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000 and png in text
     assert list((tmp_path / "rep").glob("lambda_*.png")) and "K_90 median" in text
 

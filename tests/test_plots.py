@@ -3,8 +3,8 @@
 import numpy as np
 from PIL import Image
 
-from residual_core.plots import (plot_accuracy_vs_parameters, plot_head_zero_shot,
-                                 plot_lambda_heatmap, plot_spectra)
+from residual_core.plots import (plot_accuracy_vs_parameters, plot_head_selection,
+                                 plot_head_zero_shot, plot_lambda_heatmap, plot_spectra)
 
 
 def _png_ok(path):
@@ -33,3 +33,11 @@ def test_all_plots(tmp_path):
     rows = [{"dataset": d, "method": m, "trainable_parameters": p, "test_acc": a}
             for d in ("x", "y") for m, p, a in (("zero-shot", 0, .3), ("coarse", 6, .6))]
     _png_ok(plot_accuracy_vs_parameters(rows, tmp_path / "a.png"))
+    selection = [{"dataset": d, "ranking": rk, "keep": str(n), "n_heads": n, "ablation": a,
+                  "test_acc": min(1.0, 0.2 + 0.1 * n + 0.01 * s)}
+                 for d in ("x", "y") for rk, s in (("S", 0), ("R", 0), ("R", 1))
+                 for n in (1, 2, 4) for a in ("zero", "mean")]
+    selection += [{"dataset": d, "ranking": rk, "keep": None, "n_heads": 6, "ablation": a,
+                   "test_acc": acc} for d in ("x", "y")
+                  for rk, a, acc in (("heads", "zero", .7), ("layers", "zero", .1), ("all", "none", .9))]
+    _png_ok(plot_head_selection(selection, tmp_path / "h.png"))
