@@ -592,7 +592,14 @@ def _open_dtd(root: Path, part: str, download: bool):
 
 def _open_sun397(root: Path, part: str, download: bool):
     with _missing_data("sun397", root):
-        ds = tvd.SUN397(str(root), download=download)
+        try:
+            ds = tvd.SUN397(str(root), download=download)
+        except KeyError as e:  # an image folder that ClassName.txt does not list
+            raise ResidualError(
+                f"dataset 'sun397': {root / 'SUN397'} has sun_*.jpg images in a folder "
+                f"'{e.args[0]}' that ClassName.txt does not list; remove it or use the "
+                "archive's ClassName.txt"
+            ) from e
     ds, labels = _torchvision_source("sun397", ds)
     # torchvision numbers the classes in ClassName.txt order ("apartment_building/outdoor"),
     # which need not be the prompt file's: map by name ("apartment building outdoor")
@@ -618,9 +625,38 @@ def _build_cars(root: Path, part: str, download: bool) -> Any:
     return tvd.StanfordCars(str(root), split=part)
 
 
+def _build_gtsrb(root: Path, part: str, download: bool) -> Any:
+    try:
+        return tvd.GTSRB(str(root), split=part, download=download)
+    except KeyError as e:  # csv.DictReader row without the column torchvision reads
+        csv_file = root / "gtsrb" / "GT-final_test.csv"
+        raise ResidualError(
+            f"dataset 'gtsrb': {csv_file} has no {e.args[0]} column (the unlabelled "
+            "GT-final_test.test.csv of the test images archive?); put there the file of "
+            "GTSRB_Final_Test_GT.zip, ';'-separated with columns Filename and ClassId"
+        ) from e
+
+
 def _build_imagenet(root: Path, part: str, download: bool) -> Any:
     _refuse_download("imagenet", root, download)
-    return tvd.ImageNet(str(root / "imagenet"), split={"train": "train", "test": "val"}[part])
+    base = root / "imagenet"
+    folder = base / {"train": "train", "test": "val"}[part]
+    if folder.is_dir() and not any(entry.is_dir() for entry in os.scandir(folder)):
+        # e.g. ILSVRC2012_img_val.tar extracted by hand: torchvision sorts val/ into wnid
+        # folders only when it extracts the archive itself
+        raise DatasetNotFoundError(
+            f"dataset 'imagenet': {folder} has no <wnid> class folders; remove it and put "
+            f"ILSVRC2012_img_{folder.name}.tar (and ILSVRC2012_devkit_t12.tar.gz) in {base} for "
+            "torchvision to extract and sort on first use"
+        )
+    try:
+        return tvd.ImageNet(str(base), split=folder.name)
+    except KeyError as e:  # a class folder that meta.bin does not name
+        raise ResidualError(
+            f"dataset 'imagenet': {folder / str(e.args[0])} is not a class of {base / 'meta.bin'}; "
+            "remove that folder, or delete meta.bin for torchvision to rebuild it from "
+            "ILSVRC2012_devkit_t12.tar.gz"
+        ) from e
 
 
 def _resisc45(split: str, data_root: Path, download: bool):
@@ -901,7 +937,7 @@ def load_dataset(
 
 def _register_paper_datasets() -> None:
     mnist = _open_simple("mnist", lambda r, p, d: tvd.MNIST(str(r), train=p == "train", download=d))
-    gtsrb = _open_simple("gtsrb", lambda r, p, d: tvd.GTSRB(str(r), split=p, download=d))
+    gtsrb = _open_simple("gtsrb", _build_gtsrb)
     openers: dict[str, tuple[_Opener, float | None]] = {  # name: (opener, val fraction of train)
         "cifar10": (_open_cifar(tvd.CIFAR10, "cifar10"), 0.1),
         "cifar100": (_open_cifar(tvd.CIFAR100, "cifar100"), 0.1),

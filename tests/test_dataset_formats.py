@@ -430,3 +430,41 @@ def test_missing_root_errors_are_one_line_without_unknown_options(tmp_path, name
     with pytest.raises(DatasetNotFoundError) as e:
         load_dataset(name, "test", data_root=tmp_path / "nothing-here")
     _assert_names_the_fix(e, tmp_path / "nothing-here")
+
+
+def test_gtsrb_csv_without_class_ids(world, tmp_path):
+    """The test images archive's own GT-final_test.test.csv has no ClassId: say which file."""
+    root, _ = world
+    shutil.copytree(root / "gtsrb", tmp_path / "gtsrb")
+    csv = tmp_path / "gtsrb" / "GT-final_test.csv"
+    rows = [";".join(r.split(";")[:-1]) for r in csv.read_text().splitlines()]
+    csv.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ResidualError) as e:
+        load_dataset("gtsrb", "test", data_root=tmp_path)
+    _assert_names_the_fix(e, csv, "ClassId", "GTSRB_Final_Test_GT.zip")
+
+
+def test_sun397_folder_not_in_classname_txt(world, tmp_path):
+    root, _ = world
+    shutil.copytree(root / "SUN397", tmp_path / "SUN397")
+    write_image(tmp_path / "SUN397" / "z" / "zzz_not_a_class" / "sun_q.jpg", "JPEG", 0, 0)
+    with pytest.raises(ResidualError) as e:
+        load_dataset("sun397", "train", data_root=tmp_path)
+    _assert_names_the_fix(e, "zzz_not_a_class", "ClassName.txt")
+
+
+def test_imagenet_val_not_sorted_or_unknown_wnid(world, tmp_path):
+    root, _ = world
+    base = tmp_path / "imagenet"
+    base.mkdir()
+    shutil.copy(root / "imagenet" / "meta.bin", base / "meta.bin")
+    write_image(base / "val" / "ILSVRC2012_val_00000001.JPEG", "JPEG", 0, 0)  # flat, by hand
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_dataset("imagenet", "test", data_root=tmp_path)
+    _assert_names_the_fix(e, base / "val", "<wnid>", "ILSVRC2012_img_val.tar")
+
+    shutil.copytree(root / "imagenet" / "train", base / "train")
+    write_image(base / "train" / "n99999999" / "x.JPEG", "JPEG", 0, 0)
+    with pytest.raises(ResidualError) as e:
+        load_dataset("imagenet", "val", data_root=tmp_path)
+    _assert_names_the_fix(e, base / "train" / "n99999999", "meta.bin")
