@@ -408,15 +408,17 @@ def _source_labels(ds: Any) -> np.ndarray:
 
 
 def _remap_by_name(
-    labels: np.ndarray, source_names: Sequence[str], target_names: Sequence[str], dataset: str
+    labels: np.ndarray, source_names: Sequence[str], target_names: Sequence[str], dataset: str,
+    what: str = "class folders", fix: str = "rename them or use imagefolder:PATH",
 ) -> np.ndarray:
-    """Map labels indexing ``source_names`` to indices into ``target_names`` (matched by name)."""
+    """Map labels indexing ``source_names`` to indices into ``target_names`` (matched by name);
+    ``what``/``fix`` say in the error what the source names are and what to do."""
     index = {n: i for i, n in enumerate(target_names)}
     unknown = [n for n in source_names if n not in index]
     if unknown:
         raise ResidualError(
-            f"dataset '{dataset}': class folders {unknown[:5]} are not among its class names "
-            f"{list(target_names)[:5]}...; rename them or use imagefolder:PATH"
+            f"dataset '{dataset}': {what} {unknown[:5]} are not among its class names "
+            f"{list(target_names)[:5]}...; {fix}"
         )
     return np.asarray([index[n] for n in source_names], dtype=np.int64)[labels]
 
@@ -623,6 +625,20 @@ def _refuse_download(name: str, root: Path, download: bool) -> None:
 def _build_cars(root: Path, part: str, download: bool) -> Any:
     _refuse_download("stanford_cars", root, download)
     return tvd.StanfordCars(str(root), split=part)
+
+
+def _open_cars(root: Path, part: str, download: bool):
+    with _missing_data("stanford_cars", root):
+        ds = _build_cars(root, part, download)
+    ds, labels = _torchvision_source("stanford_cars", ds)
+    # labels index devkit/cars_meta.mat's class_names, which the prompt file lists verbatim and
+    # in the same order: map by name, so that a meta file in another order cannot shift labels
+    meta = root / "stanford_cars" / "devkit" / "cars_meta.mat"
+    return ds, _remap_by_name(
+        labels, [" ".join(str(c).split()) for c in ds.classes],
+        dataset_info("stanford_cars").classnames, "stanford_cars",
+        what=f"class names of {meta}", fix="is it the Stanford Cars devkit's cars_meta.mat?",
+    )
 
 
 def _build_gtsrb(root: Path, part: str, download: bool) -> Any:
@@ -945,7 +961,7 @@ def _register_paper_datasets() -> None:
         "gtsrb": (gtsrb, 0.1),
         "svhn": (_open_svhn, 0.2),
         "dtd": (_open_dtd, 0.2),  # val carved from partition 1's train + val pool
-        "stanford_cars": (_open_simple("stanford_cars", _build_cars), 0.2),
+        "stanford_cars": (_open_cars, 0.2),
         "imagenet": (_open_simple("imagenet", _build_imagenet), 0.2),
         "eurosat": (_open_eurosat, None),  # no official split: 80/10/10
         "sun397": (_open_sun397, None),

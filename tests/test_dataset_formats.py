@@ -468,3 +468,23 @@ def test_imagenet_val_not_sorted_or_unknown_wnid(world, tmp_path):
     with pytest.raises(ResidualError) as e:
         load_dataset("imagenet", "val", data_root=tmp_path)
     _assert_names_the_fix(e, base / "train" / "n99999999", "meta.bin")
+
+
+def test_stanford_cars_labels_follow_meta_names(tmp_path):
+    """Labels index cars_meta.mat's class_names; a meta file in another order is mapped by name,
+    one with names that are not the prompt file's is refused in one line."""
+    import scipy.io
+
+    classes = _classes("stanford_cars")
+    permuted = classes[::-1]
+    written = write_stanford_cars(tmp_path, permuted, {"train": 5, "test": 1})
+    test = load_dataset("stanford_cars", "test", data_root=tmp_path)
+    expected = [classes.index(permuted[k]) for k in written["test"]]
+    np.testing.assert_array_equal(test.labels, expected)
+
+    meta = tmp_path / "stanford_cars" / "devkit" / "cars_meta.mat"
+    wrong = np.array(["Not A Car 1999"] + permuted[1:], dtype=object).reshape(1, -1)
+    scipy.io.savemat(meta, {"class_names": wrong})
+    with pytest.raises(ResidualError) as e:
+        load_dataset("stanford_cars", "test", data_root=tmp_path)
+    _assert_names_the_fix(e, "Not A Car 1999", meta)
