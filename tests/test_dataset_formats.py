@@ -63,20 +63,21 @@ PER_CLASS = {
     "sun397": {"all": 10},
 }
 
-# The split protocol of datasets.py, per class: (train, val, test) images of each class.
-EXPECTED_PER_CLASS = {
-    "cifar10": (9, 1, 2),
-    "cifar100": (9, 1, 1),
-    "mnist": (9, 1, 2),
-    "svhn": (4, 1, 2),  # 20% val
-    "gtsrb": (9, 1, 2),
-    "dtd": (4, 1, 2),  # 20% of the train1 + val1 pool of 5
-    "stanford_cars": (4, 1, 1),
-    "imagenet": (4, 1, 1),  # 20% of official train; test = official val
-    "eurosat": (8, 1, 1),  # 80/10/10
-    "resisc45": (8, 1, 1),
-    "sun397": (8, 1, 1),
-}
+# The split protocol (datasets.py's docstring): the fraction of the official train part (DTD:
+# of its train1 + val1 pool) carved as val; datasets without an official split are 80/10/10.
+VAL_FRACTION = {"cifar10": 0.1, "cifar100": 0.1, "mnist": 0.1, "gtsrb": 0.1, "svhn": 0.2,
+                "dtd": 0.2, "stanford_cars": 0.2, "imagenet": 0.2}
+
+
+def _expected_per_class(name):
+    """(train, val, test) images of each class: the protocol applied to PER_CLASS."""
+    per = PER_CLASS[name]
+    if "all" in per:
+        tenth = round(0.1 * per["all"])
+        return per["all"] - 2 * tenth, tenth, tenth
+    pool = per["train"] + per.get("val", 0)
+    val = round(VAL_FRACTION[name] * pool)
+    return pool - val, val, per["test"]
 
 
 def _classes(name):
@@ -188,7 +189,7 @@ def test_classes_labels_and_splits(world, name):
 
     splits = {s: load_dataset(name, s, data_root=root) for s in SPLITS}
     for split, d in splits.items():
-        per_class = EXPECTED_PER_CLASS[name][SPLITS.index(split)]
+        per_class = _expected_per_class(name)[SPLITS.index(split)]
         # every class present, in the expected number: the protocol applied to the fixture
         np.testing.assert_array_equal(np.bincount(d.labels, minlength=len(classes)),
                                       [per_class] * len(classes))
@@ -204,6 +205,8 @@ def test_classes_labels_and_splits(world, name):
             assert image.mode == "RGB" and label == d.labels[i]
             if paths is not None:
                 assert abs(image.getpixel((4, 4))[0] - pixel(label, 0)[0]) <= 4
+            elif name == "mnist":  # grayscale, written as 20 * digit
+                assert image.getpixel((4, 4)) == (20 * label,) * 3
 
     # disjoint: train and val share one source, test is its own part (or a third slice of it)
     train, val, test = (set(splits[s].indices.tolist()) for s in SPLITS)
@@ -212,8 +215,7 @@ def test_classes_labels_and_splits(world, name):
         assert not (train | val) & test
         assert len(train | val | test) == len(_source_paths(splits["test"].source))
     else:
-        assert len(train | val) == len(classes) * (EXPECTED_PER_CLASS[name][0]
-                                                   + EXPECTED_PER_CLASS[name][1])
+        assert len(train | val) == len(classes) * sum(_expected_per_class(name)[:2])
         assert sorted(test) == list(range(len(test)))  # the whole official test part
 
 
