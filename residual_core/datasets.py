@@ -603,8 +603,9 @@ def _open_sun397(root: Path, part: str, download: bool):
                 "archive's ClassName.txt"
             ) from e
     ds, labels = _torchvision_source("sun397", ds)
-    # torchvision numbers the classes in ClassName.txt order ("apartment_building/outdoor"),
-    # which need not be the prompt file's: map by name ("apartment building outdoor")
+    # torchvision numbers the classes in ClassName.txt order, sorted by path, while the prompt
+    # file is sorted by name: "/j/jail/indoor" comes before "/j/jail_cell" but "jail cell" before
+    # "jail indoor", so index order would swap such classes. Map by name ("/" and "_" are " ").
     labels = _remap_by_name(
         labels, [c.replace("/", " ").replace("_", " ") for c in ds.classes],
         dataset_info("sun397").classnames, "sun397",
