@@ -12,10 +12,13 @@ mnist          ``MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``
 svhn           ``svhn/{train,test}_32x32.mat``
 gtsrb          ``gtsrb/GTSRB/Training/<class>/*.ppm``, ``gtsrb/GTSRB/Final_Test/Images/*.ppm``,
                ``gtsrb/GT-final_test.csv``
-dtd            ``dtd/dtd/{images,labels}/`` (split lists of partition 1 are used)
+dtd            ``dtd/dtd/images/<class>/*.jpg``, ``dtd/dtd/labels/{train,val,test}1.txt``
+               (the split lists of partition 1)
 eurosat        ``eurosat/2750/<ClassFolder>/*.jpg``
 stanford_cars  ``stanford_cars/{cars_train/, cars_test/, devkit/, cars_test_annos_withlabels.mat}``
-sun397         ``SUN397/{ClassName.txt, <letter>/<class>[/<sub>]/sun_*.jpg}``
+sun397         ``SUN397/{ClassName.txt, <letter>/<class>[/<sub>]/sun_*.jpg}`` (classes mapped to
+               the prompt names by name: ``/a/apartment_building/outdoor`` is "apartment
+               building outdoor")
 resisc45       ``resisc45/NWPU-RESISC45/<class>/*.jpg`` (or ``resisc45/<class>/*.jpg``), optional
                split lists ``resisc45/resisc45-{train,val,test}.txt`` (one image file name a line)
 imagenet       ``imagenet/{meta.bin, train/<wnid>/*.JPEG, val/<wnid>/*.JPEG}``, or the ILSVRC2012
@@ -25,7 +28,9 @@ imagenet       ``imagenet/{meta.bin, train/<wnid>/*.JPEG, val/<wnid>/*.JPEG}``, 
 Splits (METHOD §4), all stratified with seed 42 and deterministic across runs and processes:
 
 - cifar10, cifar100, mnist, gtsrb: ``val`` = 10% of the official train split, ``train`` = the rest,
-  ``test`` = the official test split. svhn, dtd, stanford_cars: the same with 20%.
+  ``test`` = the official test split. svhn, stanford_cars: the same with 20%.
+- dtd (the ResiDual authors' protocol): ``val`` = a stratified 20% of partition 1's train + val
+  lists together, ``train`` = the rest of that pool, ``test`` = partition 1's test list.
 - eurosat, sun397 (no official split): ``test`` = 10% of the whole set, ``val`` = another 10%,
   ``train`` = the remaining 80%.
 - resisc45: the standard split lists when all three are present, else 80/10/10 as above.
@@ -37,11 +42,11 @@ Splits (METHOD §4), all stratified with seed 42 and deterministic across runs a
   is an error naming it, or with ``skip_bad_images`` is left out before the split is drawn
   (:attr:`SplitDataset.skipped`), so that the split never depends on when a file failed.
 
-Labels are indices into :attr:`DatasetInfo.classnames`, the prompt-file order (EuroSAT and
-RESISC45 folders are mapped to it by name). :attr:`SplitDataset.indices` are positions in the
-source dataset of that official part (official train for ``train``/``val``, official test for
-``test``; the whole set where there is no official split): the stable sample ids that feature
-stores keep.
+Labels are indices into :attr:`DatasetInfo.classnames`, the prompt-file order (EuroSAT, RESISC45,
+DTD and SUN397 classes are mapped to it by name). :attr:`SplitDataset.indices` are positions in
+the source dataset of that official part (official train for ``train``/``val``, official test
+for ``test``; the whole set where there is no official split; DTD's train1 then val1 lists):
+the stable sample ids that feature stores keep.
 
 Trust: CIFAR batches are Python pickles, unpickled as torchvision does (``pickle.load``), and
 unpickling can run code, so read only dataset folders you trust (downloaded through
@@ -83,6 +88,7 @@ __all__ = [
     "FileListSource",
     "SplitDataset",
     "SplitSource",
+    "SvhnSource",
     "dataset_info",
     "list_datasets",
     "load_dataset",
@@ -347,6 +353,49 @@ def _read_pickle(path: Path) -> dict:
         raise ResidualError(f"{path} is not a readable CIFAR batch ({e}); download it again") from e
 
 
+class SvhnSource:
+    """SVHN read from the Stanford ``{train,test}_32x32.mat`` files, decoded as torchvision does.
+
+    Why not ``torchvision.datasets.SVHN`` itself: like CIFAR it verifies the md5 of the file on
+    each construction, so it accepts only the original files and no small test file in the same
+    format can exercise this path. ``X`` is uint8 ``(32, 32, 3, N)``, ``y`` ``(N, 1)`` with the
+    digit 0 stored as 10 (mapped to label 0, as torchvision does). ``download=True`` still goes
+    through torchvision, which verifies the md5 of what it downloads.
+    """
+
+    def __init__(self, folder: Path, part: str) -> None:
+        import scipy.io  # optional dependency, as in torchvision
+
+        path = Path(folder) / tvd.SVHN.split_list[part][1]
+        if not path.is_file():
+            raise FileNotFoundError(f"missing file {path}")
+        try:
+            mat = scipy.io.loadmat(path, variable_names=["X", "y"])
+        except Exception as e:  # noqa: BLE001  scipy raises ValueError, TypeError, OSError, ...
+            raise ResidualError(
+                f"{path} is not a readable SVHN .mat file ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:200]}); download it again"
+            ) from e
+        x, y = mat.get("X"), mat.get("y")
+        if x is None or y is None or x.ndim != 4 or x.shape[:3] != (32, 32, 3) \
+                or y.size != x.shape[3]:
+            raise ResidualError(
+                f"{path}: expected 'X' of shape (32, 32, 3, N) and 'y' of N labels, got "
+                f"{None if x is None else x.shape} and {None if y is None else y.shape}"
+            )
+        self.data = x  # indexed per sample: no copy of the whole array
+        labels = np.asarray(y, dtype=np.int64).reshape(-1)
+        labels[labels == 10] = 0
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        image = np.ascontiguousarray(self.data[:, :, :, index], dtype=np.uint8)
+        return Image.fromarray(image), int(self.labels[index])
+
+
 def _source_labels(ds: Any) -> np.ndarray:
     """Labels of a torchvision dataset from its metadata, without decoding any image."""
     for attr in ("targets", "labels", "_labels"):  # ImageFolder/MNIST/CIFAR, SVHN, DTD/SUN397
@@ -359,15 +408,17 @@ def _source_labels(ds: Any) -> np.ndarray:
 
 
 def _remap_by_name(
-    labels: np.ndarray, source_names: Sequence[str], target_names: Sequence[str], dataset: str
+    labels: np.ndarray, source_names: Sequence[str], target_names: Sequence[str], dataset: str,
+    what: str = "class folders", fix: str = "rename them or use imagefolder:PATH",
 ) -> np.ndarray:
-    """Map labels indexing ``source_names`` to indices into ``target_names`` (matched by name)."""
+    """Map labels indexing ``source_names`` to indices into ``target_names`` (matched by name);
+    ``what``/``fix`` say in the error what the source names are and what to do."""
     index = {n: i for i, n in enumerate(target_names)}
     unknown = [n for n in source_names if n not in index]
     if unknown:
         raise ResidualError(
-            f"dataset '{dataset}': class folders {unknown[:5]} are not among its class names "
-            f"{list(target_names)[:5]}...; rename them or use imagefolder:PATH"
+            f"dataset '{dataset}': {what} {unknown[:5]} are not among its class names "
+            f"{list(target_names)[:5]}...; {fix}"
         )
     return np.asarray([index[n] for n in source_names], dtype=np.int64)[labels]
 
@@ -401,7 +452,7 @@ class _Layout:
 def _torchvision_how(cls: str, root_hint: str = "DATA_ROOT") -> str:
     return (
         f"download it with torchvision.datasets.{cls}({root_hint!r}, download=True), "
-        "or pass download=True (CLI: --download)"
+        "or pass download=True to residual_core.datasets.load_dataset (the CLI never downloads)"
     )
 
 
@@ -426,7 +477,7 @@ _LAYOUTS: dict[str, _Layout] = {
         _torchvision_how("GTSRB"),
     ),
     "dtd": _Layout(
-        "dtd/dtd", "images/<class>/*.jpg and labels/{train,test}1.txt", _torchvision_how("DTD")
+        "dtd/dtd", "images/<class>/*.jpg and labels/{train,val,test}1.txt", _torchvision_how("DTD")
     ),
     "eurosat": _Layout("eurosat/2750", "<ClassFolder>/*.jpg", _torchvision_how("EuroSAT")),
     "stanford_cars": _Layout(
@@ -464,10 +515,11 @@ def _missing_data(name: str, data_root: Path) -> Iterator[None]:
         yield
     except (RuntimeError, FileNotFoundError) as e:
         layout = _LAYOUTS[name]
+        detail = " ".join(str(e).split())  # one line, whatever torchvision's message looks like
         raise DatasetNotFoundError(
             f"dataset '{name}' not found: expected {layout.expected} in "
             f"{data_root / layout.folder} (data root {data_root}). To get it: "
-            f"{layout.how.replace('DATA_ROOT', str(data_root))}. [{type(e).__name__}: {e}]"
+            f"{layout.how.replace('DATA_ROOT', str(data_root))}. [{type(e).__name__}: {detail}]"
         ) from e
 
 
@@ -513,10 +565,51 @@ def _open_eurosat(root: Path, part: str, download: bool):
     return ds, _remap_by_name(labels, ds.classes, folders, "eurosat")
 
 
+def _open_svhn(root: Path, part: str, download: bool):
+    folder = root / "svhn"
+    with _missing_data("svhn", root):
+        if download:  # fetch and md5-verify through torchvision, then read as usual
+            tvd.SVHN(str(folder), split=part, download=True)
+        return _torchvision_source("svhn", SvhnSource(folder, part))
+
+
+def _open_dtd(root: Path, part: str, download: bool):
+    """DTD partition 1: ``test`` is test1.txt; ``train`` is the pool train1.txt + val1.txt, from
+    which the factory carves the 20% val (the ResiDual authors' protocol: DTD's own val1 is part
+    of the training pool, not the validation split)."""
+    with _missing_data("dtd", root):
+        parts = [tvd.DTD(str(root), split=s, partition=1, download=download)
+                 for s in (["test"] if part == "test" else ["train", "val"])]
+    classnames = dataset_info("dtd").classnames
+    paths: list[Path] = []
+    labels: list[np.ndarray] = []
+    for ds in parts:
+        ds, part_labels = _torchvision_source("dtd", ds)
+        # torchvision numbers the classes of each list file on its own: map by name
+        labels.append(_remap_by_name(part_labels, ds.classes, classnames, "dtd"))
+        paths.extend(ds._image_files)
+    all_labels = np.concatenate(labels)
+    return FileListSource(paths, all_labels), all_labels
+
+
 def _open_sun397(root: Path, part: str, download: bool):
     with _missing_data("sun397", root):
-        ds = tvd.SUN397(str(root), download=download)
+        try:
+            ds = tvd.SUN397(str(root), download=download)
+        except KeyError as e:  # an image folder that ClassName.txt does not list
+            raise ResidualError(
+                f"dataset 'sun397': {root / 'SUN397'} has sun_*.jpg images in a folder "
+                f"'{e.args[0]}' that ClassName.txt does not list; remove it or use the "
+                "archive's ClassName.txt"
+            ) from e
     ds, labels = _torchvision_source("sun397", ds)
+    # torchvision numbers the classes in ClassName.txt order, sorted by path, while the prompt
+    # file is sorted by name: "/j/jail/indoor" comes before "/j/jail_cell" but "jail cell" before
+    # "jail indoor", so index order would swap such classes. Map by name ("/" and "_" are " ").
+    labels = _remap_by_name(
+        labels, [c.replace("/", " ").replace("_", " ") for c in ds.classes],
+        dataset_info("sun397").classnames, "sun397",
+    )
     # torchvision lists files in filesystem (rglob) order, which differs across machines: sort
     # by path so that positions are stable sample ids
     order = sorted(range(len(labels)), key=lambda i: str(ds._image_files[i]))
@@ -535,9 +628,52 @@ def _build_cars(root: Path, part: str, download: bool) -> Any:
     return tvd.StanfordCars(str(root), split=part)
 
 
+def _open_cars(root: Path, part: str, download: bool):
+    with _missing_data("stanford_cars", root):
+        ds = _build_cars(root, part, download)
+    ds, labels = _torchvision_source("stanford_cars", ds)
+    # labels index devkit/cars_meta.mat's class_names, which the prompt file lists verbatim and
+    # in the same order: map by name, so that a meta file in another order cannot shift labels
+    meta = root / "stanford_cars" / "devkit" / "cars_meta.mat"
+    return ds, _remap_by_name(
+        labels, [" ".join(str(c).split()) for c in ds.classes],
+        dataset_info("stanford_cars").classnames, "stanford_cars",
+        what=f"class names of {meta}", fix="is it the Stanford Cars devkit's cars_meta.mat?",
+    )
+
+
+def _build_gtsrb(root: Path, part: str, download: bool) -> Any:
+    try:
+        return tvd.GTSRB(str(root), split=part, download=download)
+    except KeyError as e:  # csv.DictReader row without the column torchvision reads
+        csv_file = root / "gtsrb" / "GT-final_test.csv"
+        raise ResidualError(
+            f"dataset 'gtsrb': {csv_file} has no {e.args[0]} column (the unlabelled "
+            "GT-final_test.test.csv of the test images archive?); put there the file of "
+            "GTSRB_Final_Test_GT.zip, ';'-separated with columns Filename and ClassId"
+        ) from e
+
+
 def _build_imagenet(root: Path, part: str, download: bool) -> Any:
     _refuse_download("imagenet", root, download)
-    return tvd.ImageNet(str(root / "imagenet"), split={"train": "train", "test": "val"}[part])
+    base = root / "imagenet"
+    folder = base / {"train": "train", "test": "val"}[part]
+    if folder.is_dir() and not any(entry.is_dir() for entry in os.scandir(folder)):
+        # e.g. ILSVRC2012_img_val.tar extracted by hand: torchvision sorts val/ into wnid
+        # folders only when it extracts the archive itself
+        raise DatasetNotFoundError(
+            f"dataset 'imagenet': {folder} has no <wnid> class folders; remove it and put "
+            f"ILSVRC2012_img_{folder.name}.tar (and ILSVRC2012_devkit_t12.tar.gz) in {base} for "
+            "torchvision to extract and sort on first use"
+        )
+    try:
+        return tvd.ImageNet(str(base), split=folder.name)
+    except KeyError as e:  # a class folder that meta.bin does not name
+        raise ResidualError(
+            f"dataset 'imagenet': {folder / str(e.args[0])} is not a class of {base / 'meta.bin'}; "
+            "remove that folder, or delete meta.bin for torchvision to rebuild it from "
+            "ILSVRC2012_devkit_t12.tar.gz"
+        ) from e
 
 
 def _resisc45(split: str, data_root: Path, download: bool):
@@ -818,17 +954,15 @@ def load_dataset(
 
 def _register_paper_datasets() -> None:
     mnist = _open_simple("mnist", lambda r, p, d: tvd.MNIST(str(r), train=p == "train", download=d))
-    gtsrb = _open_simple("gtsrb", lambda r, p, d: tvd.GTSRB(str(r), split=p, download=d))
-    svhn = _open_simple("svhn", lambda r, p, d: tvd.SVHN(str(r / "svhn"), split=p, download=d))
-    dtd = _open_simple("dtd", lambda r, p, d: tvd.DTD(str(r), split=p, partition=1, download=d))
+    gtsrb = _open_simple("gtsrb", _build_gtsrb)
     openers: dict[str, tuple[_Opener, float | None]] = {  # name: (opener, val fraction of train)
         "cifar10": (_open_cifar(tvd.CIFAR10, "cifar10"), 0.1),
         "cifar100": (_open_cifar(tvd.CIFAR100, "cifar100"), 0.1),
         "mnist": (mnist, 0.1),
         "gtsrb": (gtsrb, 0.1),
-        "svhn": (svhn, 0.2),
-        "dtd": (dtd, 0.2),
-        "stanford_cars": (_open_simple("stanford_cars", _build_cars), 0.2),
+        "svhn": (_open_svhn, 0.2),
+        "dtd": (_open_dtd, 0.2),  # val carved from partition 1's train + val pool
+        "stanford_cars": (_open_cars, 0.2),
         "imagenet": (_open_simple("imagenet", _build_imagenet), 0.2),
         "eurosat": (_open_eurosat, None),  # no official split: 80/10/10
         "sun397": (_open_sun397, None),

@@ -24,7 +24,7 @@ from residual_core.datasets import (
 )
 from residual_core.errors import DatasetNotFoundError, ResidualError
 
-from builders import write_cifar
+from builders import write_cifar, write_idx
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,21 +214,14 @@ def test_cifar100_fine_labels(tmp_path):
 # Other torchvision layouts: MNIST (grayscale), EuroSAT (labels mapped by name), RESISC45
 
 
-def _write_idx(path, array):
-    """An uncompressed IDX file (the format torchvision's MNIST reads)."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = np.array([0x0800 + array.ndim, *array.shape], dtype=">i4").tobytes()
-    path.write_bytes(header + array.tobytes())
-
-
 def test_mnist_layout_and_rgb_conversion(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for prefix, n in (("train", 100), ("t10k", 10)):
         labels = np.arange(n) % 10
         images = np.broadcast_to((labels * 20)[:, None, None], (n, 28, 28))
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
     val = load_dataset("mnist", "val", data_root=tmp_path)
     assert len(val) == 10 and len(load_dataset("mnist", "test", data_root=tmp_path)) == 10
     image, label = val[0]
