@@ -27,7 +27,7 @@ from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from .datasets import load_dataset
+from .datasets import SplitDataset, load_dataset
 from .decompose import RAW_FIELDS, ReadoutMaps, decompose, readout_maps
 from .errors import StoreError
 from .identity import WeightsId, config_hash, parse_dataset, parse_weights
@@ -61,9 +61,13 @@ class _ChunkBatches(Sampler):
 
 
 def store_config(weights: WeightsId, dataset: str, split: str, indices: np.ndarray,
-                 params: ExtractParams, dataset_content: dict[str, Any] | None = None
-                 ) -> dict[str, Any]:
+                 labels: np.ndarray, params: ExtractParams,
+                 dataset_content: dict[str, Any] | None = None) -> dict[str, Any]:
     """What determines a store's content (its config hash covers exactly this).
+
+    The split's sample ids *and labels* are part of it: a loader whose label mapping changes
+    (e.g. SUN397's classes mapped by name instead of by index) makes its stores stale instead of
+    serving old labels.
 
     ``dataset_content``: the content identity of a dataset given as files
     (:meth:`~residual_core.identity.DatasetRef.content_identity`), so that an edited image makes
@@ -81,6 +85,7 @@ def store_config(weights: WeightsId, dataset: str, split: str, indices: np.ndarr
         "split": split,
         "n_samples": int(len(indices)),
         "indices_sha1": _sha1(np.ascontiguousarray(indices, dtype=np.int64)),
+        "labels_sha1": _sha1(np.ascontiguousarray(labels, dtype=np.int64)),
         "feature_dtype": params.feature_dtype,
         "rows_per_chunk": params.rows_per_chunk,
         "decomposition_version": DECOMPOSITION_VERSION,
@@ -88,10 +93,10 @@ def store_config(weights: WeightsId, dataset: str, split: str, indices: np.ndarr
     }
 
 
-def _config(weights: WeightsId, dataset: str, split: str, indices: np.ndarray,
+def _config(weights: WeightsId, dataset: str, split: str, data: SplitDataset,
             params: ExtractParams, layout: Layout) -> dict[str, Any]:
     ref = parse_dataset(dataset)
-    return store_config(weights, dataset, split, indices, params,
+    return store_config(weights, dataset, split, data.indices, data.labels, params,
                         ref.content_identity(cache=layout.manifest(ref)))
 
 
@@ -104,7 +109,7 @@ def store_config_hash(weights: WeightsId, dataset: str, split: str, params: Extr
     layout = Layout.of(store_root).check_root()
     data = load_dataset(dataset, split, data_root=data_root,
                         skip_bad_images=params.skip_bad_images)
-    return config_hash(_config(weights, dataset, split, data.indices, params, layout))
+    return config_hash(_config(weights, dataset, split, data, params, layout))
 
 
 @functools.lru_cache(maxsize=1)
@@ -158,7 +163,7 @@ def extract(
         loaded = load_model(model, pretrained, device=params.device or default_device())
     data = load_dataset(dataset, split, data_root=data_root, transform=loaded.preprocess,
                         skip_bad_images=params.skip_bad_images)
-    config = _config(loaded.weights, dataset, split, data.indices, params, layout)
+    config = _config(loaded.weights, dataset, split, data, params, layout)
     chash = config_hash(config)
     rows_per_chunk, feature_dtype = params.rows_per_chunk, params.feature_dtype
     url = layout.feature_store(loaded.weights, dataset, split, feature_dtype)

@@ -17,6 +17,8 @@ from residual_core.datasets import load_dataset
 from residual_core.decompose import RAW_FIELDS, decompose
 from residual_core.errors import DatasetNotFoundError, StoreError
 from residual_core.extract import extract
+from residual_core.identity import WeightsId
+from residual_core.layout import Layout
 from residual_core.stages.extract import Params as ExtractParams
 from residual_core.models import EMBEDDED_MODEL, load_model
 from residual_core.store import FeatureStore
@@ -122,12 +124,14 @@ def test_kill_9_then_resume_gives_the_clean_store(tiny, tmp_path):
            "--store-root", str(tmp_path / "killed"), "--batch-size", "8", "--rows-per-chunk", "16",
            "--num-workers", "0", "--device", "cpu", "--quiet"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # the store's own path: a tree walk could race with its creation's rename into place
+    store_path = Path(Layout.of(tmp_path / "killed").feature_store(
+        WeightsId(EMBEDDED_MODEL), name, "train"))
     done_path = None
     deadline = time.time() + 180
     while time.time() < deadline:
-        hits = list((tmp_path / "killed").rglob("train.zarr/done/zarr.json"))
-        if hits:
-            done_path = hits[0].parent.parent
+        if (store_path / "done" / "zarr.json").exists():
+            done_path = store_path
             done = zarr.open_group(str(done_path), mode="r")["done"][...]
             if 3 <= done.sum() < len(done) // 2:
                 break
@@ -230,3 +234,25 @@ def test_store_root_can_be_an_fsspec_url(tiny, folder):
     np.testing.assert_allclose(store.contributions().compute(), dec.contributions.numpy(),
                                rtol=1e-5, atol=1e-6)
     assert run(tiny, name, "val", "memory://residual-test").was_cached
+
+
+def test_a_changed_label_mapping_makes_the_store_stale(tiny, tmp_path, monkeypatch):
+    """Same images, same sample ids, other labels (a loader fix): never served from the cache."""
+    import residual_core.datasets as rds
+    from residual_core.datasets import DatasetInfo, register_dataset
+
+    monkeypatch.setattr(rds, "_REGISTRY", dict(rds._REGISTRY))  # registrations stay here
+    images = torch.rand(12, 3, 16, 16)
+    pos = np.arange(12)
+
+    def register(labels):
+        register_dataset("relabelled", lambda split, root, download: (
+            list(zip(images, labels)), labels[pos], pos),
+            DatasetInfo("relabelled", ["a", "b"], ["a photo of {}."]), overwrite=True)
+
+    register(np.arange(12) % 2)
+    run(tiny, "relabelled", "train", tmp_path)
+    assert run(tiny, "relabelled", "train", tmp_path).was_cached
+    register(1 - np.arange(12) % 2)  # the classes swapped
+    with pytest.raises(StoreError, match=r"another configuration \(differs in: labels_sha1\)"):
+        run(tiny, "relabelled", "train", tmp_path)

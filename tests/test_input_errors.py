@@ -118,7 +118,7 @@ def test_skip_bad_images_keeps_the_splits_of_a_good_folder(folder):
         assert skipping.skipped == ()
     # the default leaves the config of existing stores (and so their hash) as it was
     config = store_config(WeightsId(EMBEDDED_MODEL), name, "train", plain.indices,
-                          ExtractParams())
+                          plain.labels, ExtractParams())
     assert "skip_bad_images" not in config
 
 
