@@ -398,13 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     _add_store_dtype(p)
     p.add_argument("--store-root", default=None, help="store root folder or URL (default data)")
-    p.add_argument("--address", default=None,
+    # --dask-*: the same names as `residual run` (extract's --num-workers are DataLoader workers)
+    p.add_argument("--dask-address", dest="address", default=None,
                    help="dask.distributed scheduler address (must answer within 5 s)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--dask-workers", dest="workers", type=int, default=None,
                    help="start a LocalCluster (on 127.0.0.1) with this many worker processes, "
                    ">= 1 (default or 0: the local threaded scheduler)")
-    p.add_argument("--memory-limit", default=None,
-                   help="per-worker memory limit, e.g. 2GB, 512MiB or auto")
+    p.add_argument("--dask-memory-limit", dest="memory_limit", default=None,
+                   help="per-worker memory limit of that LocalCluster, e.g. 2GB, 512MiB or auto")
     _add_params(p, spectral_stage.Params)
     p.add_argument("--force", action="store_true", help="recompute even if up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

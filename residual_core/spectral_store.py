@@ -56,7 +56,7 @@ def dask_client(address: str | None = None, n_workers: int | None = None,
     from .errors import ResidualError
 
     if n_workers is not None and n_workers < 0:
-        raise ResidualError(f"--workers must be >= 1 worker processes (0 or none: the local "
+        raise ResidualError(f"--dask-workers must be >= 1 worker processes (0 or none: the local "
                             f"threaded scheduler), got {n_workers}")
     if memory_limit is not None and memory_limit != "auto":
         from dask.utils import parse_bytes
@@ -64,7 +64,7 @@ def dask_client(address: str | None = None, n_workers: int | None = None,
         try:
             parse_bytes(memory_limit)
         except (ValueError, TypeError):
-            raise ResidualError(f"--memory-limit {memory_limit!r} is not a size: use e.g. 2GB, "
+            raise ResidualError(f"--dask-memory-limit {memory_limit!r} is not a size: use e.g. 2GB, "
                                 "512MiB or auto") from None
 
     @contextlib.contextmanager
@@ -80,7 +80,7 @@ def dask_client(address: str | None = None, n_workers: int | None = None,
             except (OSError, ValueError) as exc:  # refused, timed out, malformed
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise ResidualError(f"could not reach the dask scheduler at {address} "
-                                    f"({reason}): start it, or check --address") from None
+                                    f"({reason}): start it, or check --dask-address") from None
             with connected:
                 yield connected
             return

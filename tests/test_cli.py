@@ -49,3 +49,16 @@ def test_demo_help_names_the_pipeline(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "Pretrain" in out and "--force" in out
+
+
+def test_one_name_for_one_thing_across_commands():
+    """Dask options are --dask-* wherever they appear; --num-workers is DataLoader workers."""
+    from pipelines.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    options = {name: {o for a in p._actions for o in a.option_strings}
+               for name, p in commands.items()}
+    assert {"--dask-address", "--dask-workers"} <= options["spectral"] & options["run"]
+    assert "--num-workers" in options["extract"]
+    every = set().union(*options.values())
+    assert not every & {"--workers", "--address", "--memory-limit"}

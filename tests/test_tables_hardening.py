@@ -198,10 +198,10 @@ def _spectral(capsys, root, *args) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--workers", "-1"], "--workers must be >= 1"),
-    (["--workers", "-1", "--address", "tcp://127.0.0.1:1"], "--workers must be >= 1"),
-    (["--memory-limit", "banana"], "--memory-limit 'banana' is not a size"),
-    (["--workers", "2", "--memory-limit", "2 parsecs"], "--memory-limit '2 parsecs' is not a size"),
+    (["--dask-workers", "-1"], "--dask-workers must be >= 1"),
+    (["--dask-workers", "-1", "--dask-address", "tcp://127.0.0.1:1"], "--dask-workers must be >= 1"),
+    (["--dask-memory-limit", "banana"], "--dask-memory-limit 'banana' is not a size"),
+    (["--dask-workers", "2", "--dask-memory-limit", "2 parsecs"], "--dask-memory-limit '2 parsecs' is not a size"),
 ])
 def test_spectral_refuses_bad_dask_options_in_one_line_before_opening_the_store(
         tmp_path, capsys, args, message):
@@ -210,8 +210,8 @@ def test_spectral_refuses_bad_dask_options_in_one_line_before_opening_the_store(
     assert code == 2 and line.startswith("residual: error:") and message in line
 
 
-@pytest.mark.parametrize("args", [["--workers", "0"], ["--memory-limit", "2GB"],
-                                  ["--memory-limit", "auto"]])
+@pytest.mark.parametrize("args", [["--dask-workers", "0"], ["--dask-memory-limit", "2GB"],
+                                  ["--dask-memory-limit", "auto"]])
 def test_spectral_accepts_good_dask_options_and_reaches_the_store(tmp_path, capsys, args):
     code, err = _spectral(capsys, tmp_path, *args)
     (line,) = err.strip().splitlines()
