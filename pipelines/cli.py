@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import (Annotated, Any, Callable, Literal, Sequence, Union, get_args,
                     get_origin)
 
@@ -105,6 +106,36 @@ def _cmd_align(args: argparse.Namespace) -> int:
           end="")
     print(f"bases: {result.basis_url}; {len(result.rows)} fits in {result.seconds:.1f} s "
           "(fits already in the tables are reused)")
+    return 0
+
+
+def _cmd_stores(args: argparse.Namespace) -> int:
+    from residual_core.errors import StoreError
+    from residual_core.layout import Layout
+    from residual_core.store import FeatureStore
+
+    layout = Layout.of(args.store_root)
+    rows = []
+    for url in layout.feature_stores(args.model):
+        path = Path(url)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        row = {"store": os.path.relpath(path, layout.root), "state": "unreadable",
+               "rows": None, "dtype": None, "mb": round(size / 2**20, 1),
+               "spectral": Path(Layout.spectral_store(url)).exists()}
+        try:
+            store = FeatureStore.open(url, require_complete=False)
+            total = store.dims.row_chunk
+            done = total - store.pending_chunks().size
+            row.update(state="complete" if store.complete else
+                       f"incomplete ({done}/{total} chunks)",
+                       rows=store.dims.n, dtype=store.attrs.get("feature_dtype"))
+        except StoreError as exc:
+            row["state"] = f"unreadable: {str(exc)[:60]}"
+        rows.append(row)
+    if not rows:
+        print(f"no feature stores under {layout.root} (run `residual extract` first)")
+        return 0
+    print(_render(_arrow(rows), args.format, 0), end="")
     return 0
 
 
@@ -463,6 +494,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dask-workers", type=int, default=None,
                    help="or a local dask cluster of this many processes")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("stores", help="list the feature stores under a store root",
+                       description="Every feature store under the store root: its path (model/"
+                       "weights/dataset/split), state, rows, dtype, size on disk and whether its "
+                       "spectral store exists.")
+    p.add_argument("--model", default=None, help="only the stores of this model")
+    p.add_argument("--store-root", default=None, help="store root folder (default data)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="output format (default table)")
+    p.set_defaults(func=_cmd_stores)
 
     p = sub.add_parser("grid", help="print a grid with every setting, or check a grid file",
                        description="show: print a grid (a named one or a file) as JSON with "

@@ -215,6 +215,17 @@ class Layout:
         return self._join("features", of.model, of.weights, component(dataset, "dataset"),
                           _store_name(split, of.dtype))
 
+    def feature_stores(self, model: str | None = None) -> list[str]:
+        """Every feature store under this (local) root, of ``model`` when given, sorted (what
+        :meth:`parse_feature_store` recognises; spectral stores and align weights are not)."""
+        if not is_local(self.root):
+            raise ResidualError(f"listing stores needs a local root, got {self.root}")
+        base = local_path(self._join("features"))
+        if model is not None:
+            base = base / component(model, "model")
+        found = base.glob("**/*.zarr") if base.is_dir() else ()
+        return sorted(str(p) for p in found if self.parse_feature_store(str(p)) is not None)
+
     # ---------------------------------------------------------------- tables and files
     @property
     def tables(self) -> Path:

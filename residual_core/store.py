@@ -31,7 +31,7 @@ from zarr.core.sync import sync
 
 from .decompose import ReadoutMaps, project_heads, project_residual
 from .errors import StoreError
-from .identity import FEATURE_DTYPES
+from .identity import FEATURE_DTYPES, WeightsId
 from .layout import is_local, local_path, zarr_target
 from .units import Unit, unit_table
 
@@ -138,6 +138,14 @@ class FeatureStore:
     def __init__(self, group: zarr.Group, url: str):
         self.group, self.url = group, url
         self.attrs: dict[str, Any] = dict(group.attrs)
+
+    def __repr__(self) -> str:
+        a, d = self.attrs, self.dims
+        done = int(self._done().sum())
+        state = "complete" if self.complete else f"incomplete, {done}/{d.row_chunk} row chunks"
+        return (f"<FeatureStore {WeightsId.from_attrs(a).label} on {a.get('dataset')} "
+                f"{a.get('split')}: {d.n} rows x {len(self.units)} units x E={d.embed}, "
+                f"{a.get('feature_dtype')}, {state}; read y_u with .contributions() at {self.url}>")
 
     # ---------------------------------------------------------------- creation and opening
     @classmethod

@@ -193,3 +193,21 @@ def test_cli_spectral_finds_the_store_of_its_dtype(stores, tmp_path, capsys):
     assert main([*args, "--feature-dtype", "float16"]) == 0
     spec = SpectralStore.open(Layout.spectral_store(half))
     assert spec.attrs["feature_config_hash"] == FeatureStore.open(half).attrs["config_hash"]
+
+
+def test_stores_lists_every_feature_store_with_its_state(stores, tmp_path, capsys):
+    import json as _json
+
+    root, folder, urls = stores
+    run_spectral(urls["train"], progress=False)
+    assert main(["stores", "--store-root", str(root / "st"), "--format", "json"]) == 0
+    listed = {r["store"].rsplit("/", 1)[-1]: r for r in _json.loads(capsys.readouterr().out)}
+    assert {"train.zarr", "test.zarr"} <= set(listed)  # spectral stores are not feature stores
+    train = listed["train.zarr"]
+    assert train["state"] == "complete" and train["dtype"] == "float32" and train["spectral"]
+    assert train["rows"] == FeatureStore.open(urls["train"]).dims.n and train["mb"] > 0
+    assert main(["stores", "--store-root", str(root / "st"), "--model", "nope"]) == 0
+    assert "no feature stores" in capsys.readouterr().out
+    text = repr(FeatureStore.open(urls["train"]))
+    assert f"{train['rows']} rows x 21 units" in text and "complete" in text
+    assert ".contributions()" in text
