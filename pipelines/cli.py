@@ -205,8 +205,9 @@ def _cmd_results(args: argparse.Namespace) -> int:
     else:
         table = args.table or next(iter(TABLES))
         filters: dict[str, Any] = {"method": args.method} if args.method else {}
-        if args.pretrained:  # random weights are stored as no tag
-            filters["pretrained"] = None if args.pretrained == RANDOM_WEIGHTS else args.pretrained
+        if args.pretrained:  # rows written before `random` was spelled out have null there
+            filters["pretrained"] = ([RANDOM_WEIGHTS, None] if args.pretrained == RANDOM_WEIGHTS
+                                     else args.pretrained)
         tbl = read_table(root, table, model=args.model, dataset=args.dataset, filters=filters)
         group = _column_list(args.group_by, "--group-by")
         if args.columns:

@@ -61,9 +61,9 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     first_train = FeatureStore.open(next(iter(task_stores.values()))[0])
-    weights = first_train.attrs.get("pretrained")
+    weights = _weights_label(first_train.attrs.get("pretrained"))
     evals = [r for r in read_table(store_root, "evaluations", model=model).to_pylist()
-             if r["dataset"] in task_stores and r.get("pretrained") == weights]
+             if r["dataset"] in task_stores and _weights_label(r.get("pretrained")) == weights]
     if not evals:
         raise ResidualError(f"no evaluations of {model} on {sorted(task_stores)} under "
                             f"{store_root}: run the align stage first")
@@ -89,7 +89,8 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
 
     try:
         selection = [r for r in read_table(store_root, "head_selection", model=model).to_pylist()
-                     if r["dataset"] in task_stores and r.get("pretrained") == weights]
+                     if r["dataset"] in task_stores
+                     and _weights_label(r.get("pretrained")) == weights]
     except ResidualError:  # head selection not run
         selection = []
     if selection:
@@ -107,7 +108,7 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
         try:  # a task aligned on another dataset's bases may have no spectra of its own
             stats, spectra = ([r for r in read_table(store_root, table, model=model, dataset=t,
                                                      filters=filters).to_pylist()
-                               if r.get("pretrained") == weights]
+                               if _weights_label(r.get("pretrained")) == weights]
                               for table, filters in (("unit_stats", {"split": split}),
                                                      ("spectra", {"split": split, "kind": "head"})))
         except ResidualError:
@@ -143,6 +144,12 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
     return Report(path, table)
 
 
+def _weights_label(pretrained: str | None) -> str:
+    """The tables' ``pretrained`` value of some weights (rows written before it was never null
+    have null for random weights)."""
+    return pretrained or RANDOM_WEIGHTS
+
+
 def model_report(store_root: str | Path, model: str, pretrained: str | None = None,
                  datasets: Sequence[str] | None = None, out_dir: str | Path | None = None,
                  title: str | None = None, feature_dtype: str = FEATURE_DTYPES[0]) -> Report:
@@ -161,10 +168,10 @@ def model_report(store_root: str | Path, model: str, pretrained: str | None = No
             tasks (the message lists what was evaluated).
     """
     rows = read_table(store_root, "evaluations", model=model).to_pylist()
-    by_weights: dict[str | None, set[str]] = {}
+    by_weights: dict[str, set[str]] = {}
     for r in rows:
-        by_weights.setdefault(r.get("pretrained"), set()).add(r["dataset"])
-    labels = {RANDOM_WEIGHTS if w is None else w: w for w in by_weights}
+        by_weights.setdefault(_weights_label(r.get("pretrained")), set()).add(r["dataset"])
+    labels = {w: None if w == RANDOM_WEIGHTS else w for w in by_weights}
     if not labels:
         raise ResidualError(f"no evaluations of {model} under {store_root}: run the align stage "
                             f"first (`residual run`)")
@@ -178,7 +185,7 @@ def model_report(store_root: str | Path, model: str, pretrained: str | None = No
         raise ResidualError(f"no evaluations of {model} with weights {pretrained!r}; evaluated: "
                             f"{', '.join(sorted(labels))}")
     weights = labels[key]
-    evaluated = sorted(by_weights[weights])
+    evaluated = sorted(by_weights[key])
     unknown = sorted(set(datasets or ()) - set(evaluated))
     if unknown:
         raise ResidualError(f"{model} ({key}) was not evaluated on {', '.join(unknown)}; "

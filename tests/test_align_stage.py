@@ -42,6 +42,7 @@ def test_run_align_writes_tables_and_weights(task):
                 "trainable_parameters", "val_acc", "test_acc", "epochs", "fit_seconds", "seed",
                 "basis_dataset", "config_hash", "code_version", "created_at"):
         assert col in evals.column_names, col
+    assert set(evals.column("pretrained").to_pylist()) == {"random"}  # never null
     zs = [r for r in evals.to_pylist() if r["method"] == "zero-shot"]
     assert all(r["trainable_parameters"] == 0 for r in zs)
     coarse = [r for r in evals.to_pylist() if r["method"] == "coarse"]

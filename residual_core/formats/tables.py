@@ -13,8 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from ..errors import ResidualError
+from ..identity import RANDOM_WEIGHTS
 
 __all__ = ["Column", "TABLES", "TableSpec", "table_spec"]
 
@@ -26,6 +28,7 @@ class Column:
     name: str
     type: pa.DataType
     description: str
+    null_as: object = None  # what a null is written as (e.g. "random" for seeded weights)
 
 
 @dataclass(frozen=True)
@@ -57,18 +60,22 @@ class TableSpec:
         arrays = []
         for c in self.columns:
             if c.name not in tbl.column_names:
-                arrays.append(pa.nulls(tbl.num_rows, c.type))
+                arrays.append(pa.nulls(tbl.num_rows, c.type) if c.null_as is None else
+                              pa.array([c.null_as] * tbl.num_rows, c.type))
                 continue
             column = tbl.column(c.name)
             try:
-                arrays.append(column.cast(c.type))
+                column = column.cast(c.type)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise ResidualError(f"table {self.name!r}: column {c.name!r} of type "
                                     f"{column.type} is not {c.type} ({exc})") from None
+            if c.null_as is not None:
+                column = pa.compute.fill_null(column, pa.scalar(c.null_as, c.type))
+            arrays.append(column)
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
 
-def _columns(*spec: tuple[str, pa.DataType, str]) -> tuple[Column, ...]:
+def _columns(*spec: tuple) -> tuple[Column, ...]:
     return tuple(Column(*c) for c in spec)
 
 
@@ -77,7 +84,8 @@ _STR, _INT, _FLOAT = pa.string(), pa.int64(), pa.float64()
 _WHO = _columns(
     ("model", _STR, "architecture name (open_clip), a partition key"),
     ("dataset", _STR, "task: a registered dataset name or imagefolder:PATH, a partition key"),
-    ("pretrained", _STR, "the weights: pretrained tag or checkpoint path (null: random weights)"),
+    ("pretrained", _STR, f"the weights: pretrained tag, checkpoint path, or {RANDOM_WEIGHTS!r} "
+     "for seeded random weights (never null)", RANDOM_WEIGHTS),
 )
 _PROVENANCE = _columns(
     ("config_hash", _STR, "content identity of what produced the row (inputs' config hashes "
