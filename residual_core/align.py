@@ -388,7 +388,7 @@ def fit(method: str | Preset, train_store: FeatureStore | str | Path,
     test_acc = evaluate(module, feats["test"])
     params = {
         "lr": lr, "batch_size": batch_size, "epochs": epochs, "patience": patience,
-        "grad_clip": preset.grad_clip, "lambda_init": lambda_init,
+        "grad_clip": preset.grad_clip, "lambda_init": lambda_init, "init": preset.init,
         "ablation": getattr(module, "ablation", None), "add_mean": add_mean,
         "adapt": repr(dict(preset.adapt if adapt is None else adapt)),
         "model": train.attrs.get("model"), "pretrained": train.attrs.get("pretrained"),

@@ -77,6 +77,16 @@ def _fit_settings(method: str, params: AlignParams) -> dict:
     return {k: getattr(params, k) for k in names}
 
 
+def _preset_identity(method: str) -> dict:
+    """What the code's preset of ``method`` sets (lr, batch, clipping, init, ...): part of a
+    fit's content hash, so a changed preset recomputes its fits (and replaces their rows)."""
+    from dataclasses import asdict
+
+    from .residual import PRESETS
+
+    return {k: v for k, v in asdict(PRESETS[method]).items() if k != "description"}
+
+
 def _uses_bases(method: str) -> bool:
     from .residual import PRESETS
 
@@ -115,7 +125,7 @@ def plan_align(train_url: str, val_url: str, test_url: str, basis_url: str,
                 "fit-" + config_hash({**what, "task": task,
                                       "basis": where_bases if bases else None}),
                 config_hash({**what, "stores": stores, "basis": basis if bases else None,
-                             "version": ALIGN_VERSION}))
+                             "preset": _preset_identity(method), "version": ALIGN_VERSION}))
     hs = {"random_seeds": params.random_seeds}
     head = ("head-selection-" + config_hash({**hs, "task": task, "basis": where_bases}),
             config_hash({**hs, "stores": stores[1:], "version": ALIGN_VERSION}))  # no bases
@@ -201,8 +211,8 @@ def _finetune(train_url, val_url, test_url, seed, params, data_root, progress) -
 
 def _row(result: FitResult, train: FeatureStore) -> dict:
     p = result.params
-    settings = {k: p.get(k) for k in ("lr", "batch_size", "epochs", "patience", "ablation",
-                                      "lambda_init", "add_mean", "adapt")}
+    settings = {k: p.get(k) for k in ("lr", "batch_size", "epochs", "patience", "grad_clip",
+                                      "ablation", "lambda_init", "init", "add_mean", "adapt")}
     return {
         "model": train.attrs["model"], "dataset": train.attrs["dataset"],
         "method": result.method, "preset_params": json.dumps(settings, default=str),

@@ -10,7 +10,8 @@ in that order) to a representation ``z [B, E]``, scored by the frozen zero-shot 
   (:class:`SpectralBases`) and one trainable ``λ`` per kept direction. This is the intended map;
   the authors' code applies ``Φ diag(λ) Φ`` to zero-padded square bases (a transposition slip).
 - :class:`CoarseResiDual`: one scalar per adapted unit, ``ŷ_u = λ_u y_u`` (no centring).
-- :class:`LinearAdapter`: ``z = A (Σ_u y_u) + b``, initialised to the identity (= zero-shot).
+- :class:`LinearAdapter`: ``z = A (Σ_u y_u) + b``, ``nn.Linear``'s init as the authors
+  (``linear``) or the identity, the zero-shot model (``linear-identity``).
 - :class:`UnitAdapter` (the base) with nothing adapted and the ``sum`` ablation: zero-shot.
 
 Units that are not adapted are handled by the *ablation*: ``sum`` (added unchanged), ``zero``
@@ -42,6 +43,7 @@ __all__ = [
     "ABLATIONS",
     "KINDS",
     "LAMBDA_INITS",
+    "LINEAR_INITS",
     "PRESETS",
     "AlignInputError",
     "BasisMismatchError",
@@ -403,19 +405,31 @@ class CoarseResiDual(UnitAdapter):
         return {self.units[u].name: flat[i:i + 1].copy() for i, u in enumerate(self.adapted_units)}
 
 
+LINEAR_INITS = ("torch", "identity")
+"""How :class:`LinearAdapter` starts: ``torch`` (``nn.Linear``'s default, the authors'
+``build_proj_out_adapter``) or ``identity`` (``A = I``, ``b = 0``: the zero-shot model)."""
+
+
 class LinearAdapter(UnitAdapter):
     """Linear adapter baseline on the output embedding: ``z = A (Σ_u y_u) + b``.
 
-    ``A [E, E]`` starts as the identity and ``b [E]`` as zero, so the untrained adapter is the
-    zero-shot model. ``E² + E`` trainable parameters.
+    ``init="torch"`` (the authors') draws ``A`` and ``b`` as ``nn.Linear`` does (uniform in
+    ``±1/√E``, from torch's global generator, which :func:`align.fit` seeds); ``"identity"``
+    starts at the zero-shot model (our variant, preset ``linear-identity``: the untrained adapter
+    then scores as zero-shot, which makes short runs comparable). ``E² + E`` trainable parameters.
     """
 
-    def __init__(self, units: Sequence[Unit], class_weights):
+    def __init__(self, units: Sequence[Unit], class_weights, init: str = "torch"):
+        if init not in LINEAR_INITS:
+            raise AlignInputError(f"linear adapter init must be one of {LINEAR_INITS}, "
+                                  f"got {init!r}")
         super().__init__(units, class_weights, (), "sum")
+        self.init = init
         self.linear = nn.Linear(self.embed_dim, self.embed_dim)
-        with torch.no_grad():
-            self.linear.weight.copy_(torch.eye(self.embed_dim))
-            self.linear.bias.zero_()
+        if init == "identity":
+            with torch.no_grad():
+                self.linear.weight.copy_(torch.eye(self.embed_dim))
+                self.linear.bias.zero_()
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.linear(super().forward(y))
@@ -446,6 +460,7 @@ class Preset:
     batch_size: int
     grad_clip: float | None
     description: str
+    init: str | None = None  # linear variant: LINEAR_INITS
 
     @property
     def needs_bases(self) -> bool:
@@ -462,10 +477,13 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "ResiDual (full): heads with dh components, MLPs with E, emb kept unchanged"),
     Preset("coarse", "coarse", (("head", ("count", 1)),), "zero", 0.8, 64, None,
            "one scalar per head, other units dropped"),
-    # METHOD's "(1e-3 linear adapter, 1e-5 fine-tuning, batch 128, grad-clip 1.0)": the batch
-    # and clipping are read as the baselines' settings.
-    Preset("linear", "linear", (), "sum", 1e-3, 128, 1.0,
-           "linear adapter (E x E + bias) on the output embedding"),
+    # The authors' conf/train: linear_adapter.gin (lr 1e-3, batch 64, no clipping, nn.Linear's
+    # init) and finetune.gin (lr 1e-5, batch 128, clipping 1.0).
+    Preset("linear", "linear", (), "sum", 1e-3, 64, None,
+           "linear adapter (E x E + bias) on the output embedding, the authors' settings",
+           init="torch"),
+    Preset("linear-identity", "linear", (), "sum", 1e-3, 64, None,
+           "the linear adapter started at the identity (the zero-shot model)", init="identity"),
     Preset("finetune", "finetune", (), "sum", 1e-5, 128, 1.0,
            "full fine-tuning of the image tower, text classifier frozen"),
 )}
@@ -530,7 +548,7 @@ def build_adapter(method: str | Preset, units: Sequence[Unit], class_weights,
     if preset.variant == "none":
         return UnitAdapter(units, class_weights, (), ablation, bases)
     if preset.variant == "linear":
-        return LinearAdapter(units, class_weights)
+        return LinearAdapter(units, class_weights, init=preset.init or "torch")
     if preset.variant == "coarse":
         return CoarseResiDual(units, class_weights, [u.index for u in members], ablation=ablation,
                               bases=bases, lambda_init=lambda_init, seed=seed)

@@ -18,8 +18,8 @@ from residual_core.extract import extract
 from residual_core.stages.extract import Params as ExtractParams
 from residual_core.models import EMBEDDED_MODEL, load_model
 from residual_core.residual import (PRESETS, AlignInputError, BasisMismatchError, CoarseResiDual,
-                                    ResiDual, SpectralBases, UnknownPresetError, build_adapter,
-                                    get_preset, parameter_count)
+                                    LinearAdapter, ResiDual, SpectralBases, UnknownPresetError,
+                                    build_adapter, get_preset, parameter_count)
 from residual_core.spectral import PCAResult
 from residual_core.store import FeatureStore
 from residual_core.units import unit_table
@@ -96,8 +96,33 @@ def test_coarse_with_ones_and_sum_is_zero_shot(stores):
     module = build_adapter("coarse", store.units, store.class_weights, ablation="sum")
     assert isinstance(module, CoarseResiDual)
     _close(module.logits(_rows(store, module)), _zero_shot_logits(store))
-    linear = build_adapter("linear", store.units, store.class_weights)
+    linear = build_adapter("linear-identity", store.units, store.class_weights)
     _close(linear.logits(_rows(store, linear)), _zero_shot_logits(store))
+
+
+def test_linear_adapter_settings_follow_the_authors(stores):
+    """conf/train/linear_adapter.gin: lr 1e-3, batch 64, no clipping, nn.Linear's init
+    (uniform in ±1/√E, seeded through fit's torch.manual_seed); finetune.gin keeps batch 128
+    and clipping 1.0."""
+    import math
+
+    store = stores["val"]
+    authors, ours = get_preset("linear"), get_preset("linear-identity")
+    assert (authors.lr, authors.batch_size, authors.grad_clip, authors.init) == \
+        (1e-3, 64, None, "torch")
+    assert (ours.batch_size, ours.grad_clip, ours.init) == (64, None, "identity")
+    ft = get_preset("finetune")
+    assert (ft.lr, ft.batch_size, ft.grad_clip) == (1e-5, 128, 1.0)
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        weights.append(build_adapter("linear", store.units, store.class_weights).linear.weight)
+    bound = 1 / math.sqrt(store.dims.embed)
+    assert torch.equal(weights[0], weights[1])  # seeded: reproducible
+    assert float(weights[0].abs().max()) <= bound and float(weights[0].abs().max()) > 0.9 * bound
+    assert not torch.allclose(weights[0], torch.eye(store.dims.embed))
+    with pytest.raises(AlignInputError, match="init must be one of"):
+        LinearAdapter(store.units, store.class_weights, init="zeros")
 
 
 def test_batched_module_equals_the_per_unit_formula(stores, bases):
@@ -257,7 +282,7 @@ def test_unknown_preset_lists_the_known(stores, bases):
     with pytest.raises(UnknownPresetError, match="known methods: .*residual-star"):
         _fit("residual-turbo", stores, bases)
     assert set(PRESETS) >= {"residual-star", "residual-full", "coarse", "linear", "zero-shot"}
-    assert get_preset("coarse").lr == 0.8 and get_preset("linear").batch_size == 128
+    assert get_preset("coarse").lr == 0.8 and get_preset("linear").batch_size == 64
 
 
 def test_bases_of_another_model_are_refused(stores, bases):

@@ -209,3 +209,23 @@ def test_align_command(task, tmp_path, capsys):
     assert main(["align", "--model", EMBEDDED_MODEL, "--dataset", "mnist", "--store-root",
                  str(store_root), "--quiet"]) == 2
     assert "no feature store" in capsys.readouterr().err
+
+
+def test_a_changed_preset_recomputes_only_its_fits(task, monkeypatch):
+    import dataclasses
+
+    from residual_core import residual
+    from residual_core.align_stage import plan_align
+
+    root, urls = task
+    basis = run_align(*urls, AlignParams(methods=("zero-shot",), head_selection=False),
+                      progress=False).basis_url
+    params = AlignParams(methods=("zero-shot", "linear"), head_selection=False)
+    before = plan_align(*urls, basis, params).fits
+    presets = dict(residual.PRESETS)
+    presets["linear"] = dataclasses.replace(presets["linear"], batch_size=32)
+    monkeypatch.setattr(residual, "PRESETS", presets)
+    after = plan_align(*urls, basis, params).fits
+    assert after["zero-shot", 0] == before["zero-shot", 0]
+    key, content = after["linear", 0]
+    assert key == before["linear", 0][0] and content != before["linear", 0][1]  # row replaced
