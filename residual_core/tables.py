@@ -171,7 +171,9 @@ def _read_file(path: Path, table: str) -> pa.Table:
     with open(path, "rb") as fh:
         data = fh.read()
     try:
-        return pq.read_table(pa.BufferReader(data))
+        # one thread: partitions are small, and Arrow's pool can abort the process at exit
+        # (apache/arrow#34314: "terminate called without an active exception")
+        return pq.read_table(pa.BufferReader(data), use_threads=False)
     except (pa.ArrowException, OSError) as exc:  # truncated, garbage, empty
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         stage = _writing_stage(table)

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from ..errors import ResidualError
 from ..identity import RANDOM_WEIGHTS
@@ -69,8 +68,9 @@ class TableSpec:
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise ResidualError(f"table {self.name!r}: column {c.name!r} of type "
                                     f"{column.type} is not {c.type} ({exc})") from None
-            if c.null_as is not None:
-                column = pa.compute.fill_null(column, pa.scalar(c.null_as, c.type))
+            if c.null_as is not None and column.null_count:
+                column = pa.array([c.null_as if v is None else v for v in column.to_pylist()],
+                                  c.type)
             arrays.append(column)
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
