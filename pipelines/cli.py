@@ -509,15 +509,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grid", help="print a grid with every setting, or check a grid file",
                        description="show: print a grid (a named one or a file) as JSON with "
                        "every setting spelled out, a template to copy and edit (the fields are "
-                       "the stages' parameters; see the README's grid section). validate: check "
+                       "the stages' parameters, as their commands' options). validate: check "
                        "a grid file and say what it would run, without running anything.")
     p.add_argument("action", choices=["show", "validate"])
     p.add_argument("grid", metavar="GRID", help=f"{', '.join(NAMED_GRIDS)} or a grid JSON file")
     p.set_defaults(func=_cmd_grid)
 
     p = sub.add_parser("results", help="query the result tables (Parquet)",
-                       description="Print rows of a result table, filtered, or grouped (count and "
-                       "mean of every numeric column per group), or the answer of a SQL query "
+                       description="Print rows of a result table, filtered, or grouped (count, mean "
+                       "and standard deviation of every numeric column per group), or the answer of a SQL query "
                        "over the tables (DuckDB; each table is a table of its name, read into "
                        "memory; the query cannot touch any file).")
     p.add_argument("--table", choices=list(TABLES), default=None,
