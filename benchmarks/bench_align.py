@@ -28,14 +28,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from benchmarks._timing import interleaved_medians, print_table
-from residual_core import align
 from residual_core.datasets import load_dataset
-from residual_core.decompose import decompose, readout_maps
-from residual_core.extract import extract
+from residual_core.engines.extract import extract
+from residual_core.formats.feature_store import FeatureStore
+from residual_core.identity import EMBEDDED_MODEL
+from residual_core.method import training
+from residual_core.method.adapters import SpectralBases, build_adapter
+from residual_core.method.batches import StoreFeatures
+from residual_core.method.decompose import decompose, readout_maps
+from residual_core.method.models import load_model
 from residual_core.stages.extract import Params as ExtractParams
-from residual_core.models import EMBEDDED_MODEL, load_model
-from residual_core.residual import SpectralBases, build_adapter
-from residual_core.store import FeatureStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from builders import write_image_folder  # noqa: E402
@@ -60,8 +62,8 @@ def _timings(tiny, dataset: str, stores: dict, bases: SpectralBases, method: str
                            head_dim=store.dims.head_dim)
     optimizer = schedulefree.AdamWScheduleFree(module.parameters(), lr=0.8)
     optimizer.train()
-    cached = align.StoreFeatures(store, module.input_units)
-    streamed = align.StoreFeatures(store, module.input_units, cache_bytes=0)
+    cached = StoreFeatures(store, module.input_units)
+    streamed = StoreFeatures(store, module.input_units, cache_bytes=0)
     data = load_dataset(dataset, "train", transform=tiny.preprocess)
     images, labels = map(torch.cat, zip(*DataLoader(data, batch_size=256)))
     maps = readout_maps(tiny.model)
@@ -118,14 +120,14 @@ def _run(tmp: Path) -> None:
           + ", ".join(f"{k} {s.dims.n}" for k, s in stores.items()) + "), seed 0")
     table = []
     for method in METHODS:
-        r = align.fit(method, stores["train"], stores["val"], stores["test"], bases,
+        r = training.fit(method, stores["train"], stores["val"], stores["test"], bases,
                       progress=False)
         table.append([method, r.trainable_parameters, r.val_acc, r.test_acc, r.epochs_run,
                       r.best_epoch, r.fit_seconds])
     data = {s: load_dataset(dataset, s, transform=tiny.preprocess)
             for s in ("train", "val", "test")}
     start = time.perf_counter()
-    r = align.finetune(tiny, data["train"], data["val"], data["test"], epochs=FINETUNE_EPOCHS,
+    r = training.finetune(tiny, data["train"], data["val"], data["test"], epochs=FINETUNE_EPOCHS,
                        progress=False)
     table.append([f"finetune ({FINETUNE_EPOCHS} ep. max)", r.trainable_parameters, r.val_acc,
                   r.test_acc, r.epochs_run, r.best_epoch, time.perf_counter() - start])

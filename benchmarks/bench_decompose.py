@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 
 from benchmarks._timing import interleaved_medians, print_table
-from residual_core.decompose import decompose, readout_maps
-from residual_core.models import EMBEDDED_MODEL, load_model
+from residual_core.identity import EMBEDDED_MODEL
+from residual_core.method.decompose import decompose, readout_maps
+from residual_core.method.models import load_model
 
 CASES = [("ViT-B-32", 32, 7), (EMBEDDED_MODEL, 256, 15)]
 

@@ -16,17 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.linalg import subspace_angles
 from torch.utils.data import DataLoader
 
 from benchmarks._timing import print_table
 from residual_core.datasets import load_dataset
-from residual_core.decompose import decompose, readout_maps
-from residual_core.extract import extract
+from residual_core.engines.extract import extract
+from residual_core.formats.feature_store import FeatureStore
+from residual_core.identity import EMBEDDED_MODEL
+from residual_core.method.decompose import decompose, readout_maps
+from residual_core.method.models import load_model
+from residual_core.method.spectral import pca_units, unit_stats
 from residual_core.stages.extract import Params as ExtractParams
-from residual_core.models import EMBEDDED_MODEL, load_model
-from residual_core.spectral import pca_units, unit_stats
-from residual_core.store import FeatureStore
-from scipy.linalg import subspace_angles
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from builders import write_image_folder  # noqa: E402

@@ -1,4 +1,4 @@
-"""Benchmark of the out-of-core per-unit PCA (residual_core.spectral.pca_units).
+"""Benchmark of the out-of-core per-unit PCA (residual_core.method.spectral.pca_units).
 
 Run: ``python benchmarks/bench_spectral.py [--rows 50000] [--small 20000] [--large 200000]``.
 
@@ -54,7 +54,7 @@ def child(mode: str, store: str, out: str) -> None:
 
     if mode == "sklearn":
         from sklearn.decomposition import PCA
-    from residual_core.spectral import pca_units
+    from residual_core.method.spectral import pca_units
 
     base = _status_mb("VmRSS")
     load = 0.0

@@ -10,27 +10,26 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import (Annotated, Any, Callable, Literal, Sequence, Union, get_args,
-                    get_origin)
+from typing import Annotated, Any, Callable, Literal, Sequence, Union, get_args, get_origin
 
 from pipelines.grid import NAMED_GRIDS, STAGES  # light: imports neither torch nor Prefect
 from residual_core.errors import ResidualError
 from residual_core.formats.tables import TABLES
 from residual_core.identity import RANDOM_WEIGHTS
 from residual_core.stages import StageParams
-from residual_core.stages.base import ParamsError
-from residual_core.stages import extract as extract_stage
 from residual_core.stages import align as align_stage
+from residual_core.stages import extract as extract_stage
 from residual_core.stages import spectral as spectral_stage
+from residual_core.stages.base import ParamsError
 
 EXIT_USAGE = 2
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from residual_core.identity import EMBEDDED_MODEL
-    from residual_core.models import list_models
-
     import open_clip
+
+    from residual_core.identity import EMBEDDED_MODEL
+    from residual_core.method.models import list_models
 
     for name in list_models():
         if args.pretrained:
@@ -43,9 +42,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_units(args: argparse.Namespace) -> int:
-    from residual_core.decompose import readout_maps
-    from residual_core.models import load_model
-    from residual_core.units import format_unit_table
+    from residual_core.method.decompose import readout_maps
+    from residual_core.method.models import load_model
+    from residual_core.method.units import format_unit_table
 
     loaded = load_model(args.model, args.pretrained, device="cpu")
     maps = readout_maps(loaded.model)
@@ -56,7 +55,7 @@ def _cmd_units(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from residual_core.extract import extract
+    from residual_core.engines.extract import extract
 
     result = extract(
         args.model, args.pretrained, args.dataset, args.split,
@@ -70,9 +69,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_spectral(args: argparse.Namespace) -> int:
+    from residual_core.engines.spectral import run_spectral
     from residual_core.identity import parse_weights
     from residual_core.layout import Layout
-    from residual_core.spectral_store import run_spectral
 
     url = Layout.of(args.store_root).feature_store(parse_weights(args.model, args.pretrained),
                                                    args.dataset, args.split, args.feature_dtype)
@@ -87,7 +86,7 @@ def _cmd_spectral(args: argparse.Namespace) -> int:
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
-    from residual_core.align_stage import default_basis_url, run_align
+    from residual_core.engines.align import default_basis_url, run_align
     from residual_core.identity import parse_weights
     from residual_core.layout import SPLITS, Layout
 
@@ -111,8 +110,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
 
 def _cmd_stores(args: argparse.Namespace) -> int:
     from residual_core.errors import StoreError
+    from residual_core.formats.feature_store import FeatureStore
     from residual_core.layout import Layout
-    from residual_core.store import FeatureStore
 
     layout = Layout.of(args.store_root)
     rows = []
@@ -301,8 +300,8 @@ def _render(tbl, fmt: str, limit: int | None) -> str:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from residual_core.report import model_report
     from residual_core.layout import Layout
+    from residual_core.report.markdown import model_report
 
     report = model_report(Layout.of(args.store_root).root, args.model, args.pretrained,
                           datasets=args.dataset or None, out_dir=args.out,
@@ -445,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     def spectral(args: argparse.Namespace) -> int:
         """Bad Dask options are refused before the feature store is opened: dask_client checks
         them when called and starts nothing until entered."""
-        from residual_core.spectral_store import dask_client
+        from residual_core.engines.spectral import dask_client
 
         dask_client(args.address, args.workers, args.memory_limit)
         return _cmd_spectral(args)

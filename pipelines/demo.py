@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from residual_core.datasets import load_dataset
-from residual_core.decompose import decompose
 from residual_core.identity import EMBEDDED_MODEL
 from residual_core.layout import Layout
-from residual_core.models import load_model
-from residual_core.report import model_report
-from residual_core.world import TASKS
+from residual_core.method.decompose import decompose
+from residual_core.method.models import load_model
+from residual_core.report.markdown import model_report
+from residual_core.world.rendering import TASKS
 
 
 def exactness_check(checkpoint: str, task: str, n: int = 64) -> float:

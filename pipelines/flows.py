@@ -40,7 +40,7 @@ from residual_core.stages.spectral import Inputs as SpectralInputs
 from residual_core.stages.spectral import Params as SpectralParams
 
 from .grid import Cell, Grid, ModelSpec, Settings, Split, Stage, load_grid
-from .tasks import RunOptions, Runner
+from .tasks import Runner, RunOptions
 
 __all__ = ["CELL_DEPLOYMENT", "GridRunError", "align_flow", "cell_flow", "experiment_flow",
            "extract_flow", "spectral_flow"]

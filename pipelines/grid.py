@@ -28,7 +28,14 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from residual_core.errors import ResidualError
 from residual_core.identity import EMBEDDED_MODEL, WORLD_WEIGHTS, WeightsId
@@ -59,7 +66,7 @@ class _Frozen(BaseModel):
 
 
 def _world_tasks() -> tuple[str, ...]:
-    from residual_core.world import TASKS  # importing it registers the world/* datasets
+    from residual_core.world.rendering import TASKS  # importing it registers the world/* datasets
 
     return TASKS
 
@@ -86,7 +93,7 @@ class ModelSpec(_Frozen):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        from residual_core.models import list_models
+        from residual_core.method.models import list_models
 
         known = list_models()
         if name not in known:

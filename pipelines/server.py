@@ -142,8 +142,12 @@ def temporary_prefect_server() -> Iterator[str | None]:
     Startup waits at most ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``.
     """
     from prefect.logging import get_logger
-    from prefect.settings import (PREFECT_API_URL, PREFECT_UI_URL, get_current_settings,
-                                  temporary_settings)
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_UI_URL,
+        get_current_settings,
+        temporary_settings,
+    )
 
     settings = get_current_settings()
     if settings.api.url:

@@ -25,8 +25,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ResidualError
-from .identity import FEATURE_DTYPES, DatasetRef, WeightsId, slug
+from residual_core.errors import ResidualError
+from residual_core.identity import FEATURE_DTYPES, DatasetRef, WeightsId, slug
 
 __all__ = ["DATA_ROOT_ENV", "SPLITS", "FeatureStorePath", "Layout", "component", "data_root",
            "is_local", "local_path", "remove_tree", "zarr_target"]

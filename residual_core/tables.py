@@ -22,11 +22,11 @@ from typing import Any, Iterable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__
-from .errors import ResidualError
-from .formats.tables import TABLES
-from .identity import slug
-from .layout import Layout
+from residual_core import __version__
+from residual_core.errors import ResidualError
+from residual_core.formats.tables import TABLES
+from residual_core.identity import slug
+from residual_core.layout import Layout
 
 PARTITION_KEYS = ("model", "dataset")
 

@@ -28,7 +28,7 @@ def custom_config(tmp_path):
     """Register an open_clip config (tiny tower + overrides) under a new name; returns the name."""
     import open_clip
 
-    from residual_core.models import EMBEDDED_MODEL  # noqa: F401  (registers the tiny config)
+    import residual_core.method.models  # noqa: F401  (registers the tiny config)
 
     counter = {"n": 0}
 

@@ -11,18 +11,30 @@ import pytest
 import torch
 
 from builders import write_image_folder
-from residual_core import align
 from residual_core.datasets import load_dataset
+from residual_core.engines.extract import extract
 from residual_core.errors import StoreError
-from residual_core.extract import extract
+from residual_core.formats.feature_store import FeatureStore
+from residual_core.identity import EMBEDDED_MODEL
+from residual_core.method import head_selection, training
+from residual_core.method.adapters import (
+    PRESETS,
+    AlignInputError,
+    BasisMismatchError,
+    CoarseResiDual,
+    LinearAdapter,
+    ResiDual,
+    SpectralBases,
+    UnknownPresetError,
+    build_adapter,
+    get_preset,
+    parameter_count,
+)
+from residual_core.method.batches import StoreFeatures
+from residual_core.method.models import load_model
+from residual_core.method.spectral import PCAResult
+from residual_core.method.units import unit_table
 from residual_core.stages.extract import Params as ExtractParams
-from residual_core.models import EMBEDDED_MODEL, load_model
-from residual_core.residual import (PRESETS, AlignInputError, BasisMismatchError, CoarseResiDual,
-                                    LinearAdapter, ResiDual, SpectralBases, UnknownPresetError,
-                                    build_adapter, get_preset, parameter_count)
-from residual_core.spectral import PCAResult
-from residual_core.store import FeatureStore
-from residual_core.units import unit_table
 
 CLASSES = ["ant", "bee", "cow", "dog"]
 
@@ -56,7 +68,7 @@ def bases(stores):
 
 
 def _fit(method, stores, bases, **kw):
-    return align.fit(method, stores["train"], stores["val"], stores["test"], bases,
+    return training.fit(method, stores["train"], stores["val"], stores["test"], bases,
                      progress=False, **kw)
 
 
@@ -179,7 +191,7 @@ def test_parameter_counts_follow_method(stores, bases):
 @pytest.mark.parametrize("method, margin", [("residual-full", 0.3), ("residual-star", 0.1),
                                             ("coarse", 0.1)])
 def test_training_improves_on_zero_shot(stores, bases, method, margin):
-    zs_val, zs_test = align.zero_shot(stores["val"]), align.zero_shot(stores["test"])
+    zs_val, zs_test = training.zero_shot(stores["val"]), training.zero_shot(stores["test"])
     chance = 1 / len(CLASSES)
     result = _fit(method, stores, bases)
     assert 1 <= result.best_epoch <= result.epochs_run <= 30
@@ -209,7 +221,7 @@ def test_streaming_trains_like_in_memory(stores, bases):
     store = stores["train"]
     orders = []
     for budget in (0, 1 << 30):
-        feats = align.StoreFeatures(store, [0, 5], cache_bytes=budget, buffer_chunks=3)
+        feats = StoreFeatures(store, [0, 5], cache_bytes=budget, buffer_chunks=3)
         batches = list(feats.batches(50, torch.Generator().manual_seed(7)))
         orders.append((torch.cat([b[1] for b in batches]), torch.cat([b[0] for b in batches])))
     assert torch.equal(orders[0][0], orders[1][0]) and torch.equal(orders[0][1], orders[1][1])
@@ -240,7 +252,7 @@ def test_batches_are_a_global_shuffle(sorted_store, budget):
     assert np.all(np.diff(labels) >= 0) and len(set(labels.tolist())) == 10  # class-sorted
     counts = np.bincount(labels).tolist()
     batch = 16
-    feats = align.StoreFeatures(sorted_store, [0], cache_bytes=budget)
+    feats = StoreFeatures(sorted_store, [0], cache_bytes=budget)
     assert feats.in_memory == (budget > 0)
     generator = torch.Generator().manual_seed(0)
     distinct = []
@@ -255,18 +267,18 @@ def test_batches_are_a_global_shuffle(sorted_store, budget):
 def test_zero_shot_preset_trains_nothing(stores):
     result = _fit("zero-shot", stores, None)
     assert result.trainable_parameters == 0 and result.epochs_run == 0
-    assert result.test_acc == align.zero_shot(stores["test"])
+    assert result.test_acc == training.zero_shot(stores["test"])
 
 
 def test_finetune_runs_the_backbone(tiny, folder, stores):
     name = f"imagefolder:{folder}"
     data = {s: load_dataset(name, s, transform=tiny.preprocess) for s in ("train", "val", "test")}
     before = {k: v.clone() for k, v in tiny.model.visual.state_dict().items()}
-    untrained = align.finetune(tiny, data["train"], data["val"], data["test"], epochs=0,
+    untrained = training.finetune(tiny, data["train"], data["val"], data["test"], epochs=0,
                                progress=False)
     # the online tower scores as the cached features do
-    assert untrained.val_acc == pytest.approx(align.zero_shot(stores["val"]))
-    result = align.finetune(tiny, data["train"], data["val"], data["test"], epochs=2,
+    assert untrained.val_acc == pytest.approx(training.zero_shot(stores["val"]))
+    result = training.finetune(tiny, data["train"], data["val"], data["test"], epochs=2,
                             batch_size=64, progress=False)
     assert result.epochs_run == 2 and 0 <= result.test_acc <= 1
     assert result.trainable_parameters == sum(p.numel() for p in tiny.model.visual.parameters())
@@ -311,11 +323,11 @@ def test_bad_labels_and_mixed_stores_are_refused(stores, bases, tmp_path):
     labels[3] = len(CLASSES) + 2
     bad.group["labels"][...] = labels
     with pytest.raises(AlignInputError, match=r"labels \[6\] are outside its 4 classes"):
-        align.fit("coarse", stores["train"], bad, stores["test"], progress=False)
+        training.fit("coarse", stores["train"], bad, stores["test"], progress=False)
     other = _copy_store(stores["val"], tmp_path, "other.zarr")
     other.set_attrs(dataset="imagefolder:/elsewhere")
     with pytest.raises(StoreError, match="one model and one dataset"):
-        align.fit("coarse", stores["train"], other, stores["test"], progress=False)
+        training.fit("coarse", stores["train"], other, stores["test"], progress=False)
 
 
 # ------------------------------------------------------------------------------ head selection
@@ -323,12 +335,12 @@ def test_bad_labels_and_mixed_stores_are_refused(stores, bases, tmp_path):
 
 def test_keep_counts_follow_the_authors():
     # the authors' greedy_topks on ViT-B (144 heads) and on the tiny tower (16)
-    assert [align.n_kept(k, 144) for k in align.HEAD_KEEP] == [1, 2, 7, 14, 36, 72, 108]
-    assert [align.n_kept(k, 16) for k in align.HEAD_KEEP] == [1, 2, 1, 1, 4, 8, 12]
-    assert align.n_kept("1%", 300) == 3 and align.n_kept(3, 2) == 2 and align.n_kept("2", 16) == 2
+    assert [head_selection.n_kept(k, 144) for k in head_selection.HEAD_KEEP] == [1, 2, 7, 14, 36, 72, 108]
+    assert [head_selection.n_kept(k, 16) for k in head_selection.HEAD_KEEP] == [1, 2, 1, 1, 4, 8, 12]
+    assert head_selection.n_kept("1%", 300) == 3 and head_selection.n_kept(3, 2) == 2 and head_selection.n_kept("2", 16) == 2
     for bad in ("0", 0, "x%", "150%", "half"):
         with pytest.raises(AlignInputError, match="^keep .*") as info:
-            align.n_kept(bad, 16)
+            head_selection.n_kept(bad, 16)
         assert "\n" not in str(info.value)
 
 
@@ -347,8 +359,8 @@ def test_head_correlations_are_the_authors_statistic(stores):
     s = y.sum(1)  # the target: the sum of the heads
     text = np.linalg.qr(store.class_weights.astype(np.float64).T)[0].T
     out = np.linalg.qr(y_all.sum(1).T)[0].T  # the full outputs' basis
-    scores = align.rank_heads(store)
-    assert list(scores) == list(align.HEAD_SCORES)
+    scores = head_selection.rank_heads(store)
+    assert list(scores) == list(head_selection.HEAD_SCORES)
     np.testing.assert_allclose(scores["U"], _pearson_per_direction(y, s, np.eye(y.shape[2])),
                                rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(scores["U|T"], _pearson_per_direction(y, s, text),
@@ -358,12 +370,12 @@ def test_head_correlations_are_the_authors_statistic(stores):
     own = ((y @ store.class_weights.T).argmax(-1) == store.labels[:, None]).mean(0)
     np.testing.assert_allclose(scores["S"], own)
     # the pooled option: one correlation of the centred values over all directions
-    pooled = align.rank_heads(store, scores=("U",), statistic="pooled")["U"]
+    pooled = head_selection.rank_heads(store, scores=("U",), statistic="pooled")["U"]
     yc, sc = y - y.mean(0), s - s.mean(0)
     ref = np.einsum("nhe,ne->h", yc, sc) / np.sqrt((yc ** 2).sum((0, 2)) * (sc ** 2).sum())
     np.testing.assert_allclose(pooled, ref, rtol=1e-4, atol=1e-6)
     with pytest.raises(AlignInputError, match="unknown correlation statistic 'spearman'"):
-        align.rank_heads(store, statistic="spearman")
+        head_selection.rank_heads(store, statistic="spearman")
 
 
 def _direct_accuracy(y, weights, labels, keep, ablation):
@@ -379,15 +391,15 @@ def test_head_selection_as_the_authors(stores, bases):
     units = test.units
     d = test.dims
     n_heads = d.layer * d.head
-    rows = align.head_selection(val, test, random_seeds=3)
+    rows = head_selection.head_selection(val, test, random_seeds=3)
     n_refs = 2 * 2 + 1 + d.layer * 2 * 2  # heads, layers (zero, mean), all; per layer two sets
-    assert len(rows) == (4 + 3) * len(align.HEAD_KEEP) * 2 + n_refs
+    assert len(rows) == (4 + 3) * len(head_selection.HEAD_KEEP) * 2 + n_refs
     y = test.contributions().compute().astype(np.float64)
     weights, labels = test.class_weights.astype(np.float64), test.labels
     kind = np.array([u.kind for u in units])
     layer = np.array([u.layer for u in units])
     heads = np.flatnonzero(kind == "head")
-    scores = align.rank_heads(val)
+    scores = head_selection.rank_heads(val)
     for r in range(3):
         scores[f"R{r}"] = torch.randn(n_heads, generator=torch.Generator().manual_seed(r)).numpy()
     refs = {"heads": kind == "head", "layers": kind != "head", "all": np.ones(len(units), bool),
@@ -400,7 +412,7 @@ def test_head_selection_as_the_authors(stores, bases):
             assert row["ablation"] in (("none",) if row["ranking"] == "all" else ("zero", "mean"))
         else:
             name = row["ranking"] + (str(row["seed"]) if row["ranking"] == "R" else "")
-            top = np.argsort(-scores[name], kind="stable")[:align.n_kept(row["keep"], n_heads)]
+            top = np.argsort(-scores[name], kind="stable")[:head_selection.n_kept(row["keep"], n_heads)]
             keep = np.zeros(len(units), bool)
             keep[heads[top]] = True
         assert row["n_heads"] == keep[heads].sum()
@@ -408,21 +420,21 @@ def test_head_selection_as_the_authors(stores, bases):
         assert row["test_acc"] == pytest.approx(
             _direct_accuracy(y, weights, labels, keep, row["ablation"])), row
         seen.add((row["ranking"], row["ablation"]))
-    assert {r for r, _ in seen} >= set(align.HEAD_RANKINGS) | set(refs)
+    assert {r for r, _ in seen} >= set(head_selection.HEAD_RANKINGS) | set(refs)
     # one head, zero-ablated: exactly that head's own accuracy (no emb, no MLP)
     best = heads[int(np.argmax(scores["S"]))]
     own = float(((y[:, best] @ weights.T).argmax(1) == labels).mean())
     one = next(r for r in rows if (r["ranking"], r["keep"], r["ablation"]) == ("S", "1", "zero"))
     assert one["n_heads"] == 1 and one["test_acc"] == pytest.approx(own)
     full = next(r for r in rows if r["ranking"] == "all")
-    assert full["test_acc"] == pytest.approx(align.zero_shot(test))
+    assert full["test_acc"] == pytest.approx(training.zero_shot(test))
     # streaming the stores scores the same
-    streamed = align.head_selection(val, test, random_seeds=3, cache_bytes=0)
+    streamed = head_selection.head_selection(val, test, random_seeds=3, cache_bytes=0)
     assert [r["test_acc"] for r in streamed] == [r["test_acc"] for r in rows]
     # the bases' means instead of the test split's, an option recorded in the row
-    with_bases = align.head_selection(val, test, bases=bases, rankings=("S",), keep=("50%",),
+    with_bases = head_selection.head_selection(val, test, bases=bases, rankings=("S",), keep=("50%",),
                                       ablations=("mean",), references=False)
     assert len(with_bases) == 1 and with_bases[0]["n_heads"] == n_heads // 2
     assert with_bases[0]["mean_source"] == f"bases:{bases.basis_dataset}"
     with pytest.raises(AlignInputError, match="unknown rankings"):
-        align.head_selection(val, test, rankings=("S", "best"))
+        head_selection.head_selection(val, test, rankings=("S", "best"))

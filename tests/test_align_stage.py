@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 
 from builders import write_image_folder
-from residual_core.align_stage import AlignParams, run_align, stored_lambdas
-from residual_core.extract import extract
-from residual_core.stages.extract import Params as ExtractParams
-from residual_core.models import EMBEDDED_MODEL, load_model
+from residual_core.engines.align import AlignParams, run_align
+from residual_core.engines.extract import extract
+from residual_core.formats.align_weights import stored_lambdas
+from residual_core.formats.feature_store import FeatureStore
+from residual_core.identity import EMBEDDED_MODEL
 from residual_core.layout import Layout
-from residual_core.store import FeatureStore
+from residual_core.method.models import load_model
+from residual_core.stages.extract import Params as ExtractParams
 from residual_core.tables import read_table
 
 
@@ -80,7 +82,7 @@ def test_every_file_the_stages_write_has_its_tables_declared_schema(task):
 
 
 def test_fits_are_kept_side_by_side_and_reused(task, monkeypatch):
-    import residual_core.align_stage as align_stage
+    import residual_core.engines.align as align_stage
 
     root, urls = task
     fits = []
@@ -98,7 +100,7 @@ def test_fits_are_kept_side_by_side_and_reused(task, monkeypatch):
 
 
 def test_rows_of_a_reextracted_store_are_replaced_not_doubled(tmp_path):
-    from residual_core.spectral_store import run_spectral
+    from residual_core.engines.spectral import run_spectral
 
     folder = write_image_folder(tmp_path / "imgs", ["a", "b"], 20, size=32, seed=3)
     tiny = load_model(EMBEDDED_MODEL, None, device="cpu", seed=0)
@@ -141,7 +143,7 @@ def test_imagenet_bases_are_the_default_when_present(task):
 
 
 def test_report_from_tables(task, tmp_path):
-    from residual_core.report import write_report
+    from residual_core.report.markdown import write_report
 
     root, urls = task
     run_align(*urls, PARAMS, progress=False)  # head-selection rows (fits reused when present)
@@ -214,8 +216,8 @@ def test_align_command(task, tmp_path, capsys):
 def test_a_changed_preset_recomputes_only_its_fits(task, monkeypatch):
     import dataclasses
 
-    from residual_core import residual
-    from residual_core.align_stage import plan_align
+    from residual_core.engines.align import plan_align
+    from residual_core.method import adapters as residual
 
     root, urls = task
     basis = run_align(*urls, AlignParams(methods=("zero-shot",), head_selection=False),

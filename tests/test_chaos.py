@@ -26,11 +26,11 @@ VOLATILE = {"created_at", "completed_at", "code_version", "fit_seconds", "second
 
 def pipeline(root: str, folder: str) -> None:
     """The work a child process does (the three stages through their core engines)."""
-    from residual_core.align_stage import run_align
-    from residual_core.extract import extract
+    from residual_core.engines.align import run_align
+    from residual_core.engines.extract import extract
+    from residual_core.engines.spectral import SpectralParams, run_spectral
     from residual_core.identity import EMBEDDED_MODEL
     from residual_core.layout import SPLITS
-    from residual_core.spectral_store import SpectralParams, run_spectral
     from residual_core.stages.align import Params as AlignParams
     from residual_core.stages.extract import Params as ExtractParams
 

@@ -20,17 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from residual_core import datasets as rds
-from residual_core.datasets import (
-    PAPER_DATASETS,
-    SEED,
-    SPLITS,
-    dataset_info,
-    load_dataset,
-    stratified_split,
-)
-from residual_core.errors import DatasetNotFoundError, ResidualError
-
 from builders import (
     pixel,
     sun397_path,
@@ -44,6 +33,17 @@ from builders import (
     write_sun397,
     write_svhn,
 )
+from residual_core import datasets as rds
+from residual_core.datasets import (
+    PAPER_DATASETS,
+    SEED,
+    SPLITS,
+    dataset_info,
+    load_dataset,
+    paper,
+    stratified_split,
+)
+from residual_core.errors import DatasetNotFoundError, ResidualError
 
 NAMES = (*PAPER_DATASETS, "imagenet")
 
@@ -82,7 +82,7 @@ def _expected_per_class(name):
 
 def _classes(name):
     """The class list of the project's prompt file (what every fixture is built from)."""
-    return list(rds._prompts()[name]["classes"])
+    return list(paper._prompts()[name]["classes"])
 
 
 def _write_folders(base: Path, folders, per_class, ext, fmt):
@@ -108,7 +108,7 @@ def _write_all(root: Path) -> dict:
                                              PER_CLASS["stanford_cars"])
     w["sun397"] = write_sun397(root, _classes("sun397"), PER_CLASS["sun397"]["all"])
     w["imagenet"] = write_imagenet(root, _classes("imagenet"), PER_CLASS["imagenet"])
-    eurosat_folders = rds._prompts()["eurosat"]["source_folder_names"]
+    eurosat_folders = paper._prompts()["eurosat"]["source_folder_names"]
     _write_folders(root / "eurosat" / "2750", eurosat_folders, 10, "jpg", "JPEG")
     resisc_folders = [c.replace(" ", "_") for c in _classes("resisc45")]
     _write_folders(root / "resisc45" / "NWPU-RESISC45", resisc_folders, 10, "jpg", "JPEG")
@@ -157,7 +157,7 @@ def _expected_labels(name, part, paths, root, w):
     if name == "imagenet":
         return np.asarray([w[name].index(Path(p).parent.name) for p in paths])
     if name == "eurosat":
-        folders = rds._prompts()["eurosat"]["source_folder_names"]
+        folders = paper._prompts()["eurosat"]["source_folder_names"]
         return np.asarray([folders.index(Path(p).parent.name) for p in paths])
     if name == "resisc45":
         return np.asarray([classes.index(Path(p).parent.name.replace("_", " ")) for p in paths])
@@ -326,7 +326,7 @@ def test_splits_are_the_same_in_another_process(world):
     """A fresh interpreter (another hash seed) draws the same ids, labels and files."""
     root, _ = world
     env = {**os.environ, "PYTHONHASHSEED": "12345",
-           "PYTHONPATH": os.pathsep.join([str(Path(rds.__file__).parents[1]),
+           "PYTHONPATH": os.pathsep.join([str(Path(rds.__file__).parents[2]),
                                           os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", _CHILD, str(root), *NAMES], env=env,
                          capture_output=True, text=True, timeout=600)

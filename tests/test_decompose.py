@@ -4,11 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from residual_core.decompose import (
-    RawContributions, ReadoutMaps, decompose, project, readout_maps)
 from builders import sample_crops
 from residual_core.errors import ShapeError, UnsupportedModelError
-from residual_core.models import EMBEDDED_MODEL, load_model
+from residual_core.identity import EMBEDDED_MODEL
+from residual_core.method.decompose import (
+    RawContributions,
+    ReadoutMaps,
+    decompose,
+    project,
+    readout_maps,
+)
+from residual_core.method.models import load_model
 
 
 def photo_batch(loaded, n=3, seed=0):

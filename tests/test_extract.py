@@ -14,14 +14,14 @@ import zarr
 
 from builders import write_cifar, write_image_folder
 from residual_core.datasets import load_dataset
-from residual_core.decompose import RAW_FIELDS, decompose
+from residual_core.engines.extract import extract
 from residual_core.errors import DatasetNotFoundError, StoreError
-from residual_core.extract import extract
-from residual_core.identity import WeightsId
+from residual_core.formats.feature_store import FeatureStore
+from residual_core.identity import EMBEDDED_MODEL, WeightsId
 from residual_core.layout import Layout
+from residual_core.method.decompose import RAW_FIELDS, decompose
+from residual_core.method.models import load_model
 from residual_core.stages.extract import Params as ExtractParams
-from residual_core.models import EMBEDDED_MODEL, load_model
-from residual_core.store import FeatureStore
 
 BIN = Path(sys.executable).parent / "residual"
 
@@ -238,10 +238,9 @@ def test_store_root_can_be_an_fsspec_url(tiny, folder):
 
 def test_a_changed_label_mapping_makes_the_store_stale(tiny, tmp_path, monkeypatch):
     """Same images, same sample ids, other labels (a loader fix): never served from the cache."""
-    import residual_core.datasets as rds
-    from residual_core.datasets import DatasetInfo, register_dataset
+    from residual_core.datasets import DatasetInfo, register_dataset, registry
 
-    monkeypatch.setattr(rds, "_REGISTRY", dict(rds._REGISTRY))  # registrations stay here
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # registrations stay here
     images = torch.rand(12, 3, 16, 16)
     pos = np.arange(12)
 

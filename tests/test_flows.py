@@ -6,25 +6,31 @@ Prefect runs in ephemeral mode with a temporary PREFECT_HOME (set for the sessio
 
 import dataclasses
 import json
-import shutil
 import os
+import shutil
 from collections import Counter
 
 import pytest
-
 from prefect.client.orchestration import get_client  # noqa: E402
-from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter,  # noqa: E402
-                                            FlowRunFilterId)
+from prefect.client.schemas.filters import (  # noqa: E402
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from prefect.client.schemas.sorting import FlowRunSort  # noqa: E402
 from prefect.exceptions import ParameterTypeError  # noqa: E402
 
 from builders import write_image_folder  # noqa: E402
 from pipelines.flows import experiment_flow, extract_flow, spectral_flow  # noqa: E402
 from pipelines.grid import GridError, load_grid  # noqa: E402
-from residual_core import align_stage, extract as extract_engine, spectral_store  # noqa: E402
+from residual_core.engines import align as align_engine  # noqa: E402
+from residual_core.engines import extract as extract_engine
+from residual_core.engines import spectral as spectral_engine  # noqa: E402
+from residual_core.formats.feature_store import FeatureStore  # noqa: E402
+from residual_core.formats.spectral_store import SpectralStore  # noqa: E402
 from residual_core.identity import EMBEDDED_MODEL, WeightsId  # noqa: E402
 from residual_core.layout import Layout  # noqa: E402
-from residual_core.spectral_store import SpectralStore  # noqa: E402
 from residual_core.stages import STAGES, downstream, extract, spectral  # noqa: E402
 from residual_core.tables import read_table  # noqa: E402
 
@@ -46,8 +52,8 @@ def _temporary_server():
 
 
 STAGE_FUNCTIONS = {"extract": (extract_engine, "extract"),
-                   "spectral": (spectral_store, "run_spectral"),
-                   "align": (align_stage, "run_align")}
+                   "spectral": (spectral_engine, "run_spectral"),
+                   "align": (align_engine, "run_align")}
 """Stage -> the residual_core engine function its stage runs (module, name)."""
 
 
@@ -282,7 +288,7 @@ def test_extract_key_is_the_store_config_hash_and_ignores_run_only_settings(worl
     inputs = extract.Inputs(model=EMBEDDED_MODEL, dataset=world["grid"]["sweeps"][0]["datasets"][0],
                             split="train", store_root=str(world["store"]))
     params = extract.Params(**world["grid"]["extract"])
-    store = extract_engine.FeatureStore.open(inputs.store_url(params))
+    store = FeatureStore.open(inputs.store_url(params))
     assert stage.identity(inputs, params)["config_hash"] == store.attrs["config_hash"]
     assert stage.is_current(inputs, params)
     slower = params.model_copy(update={"batch_size": 3, "device": "cpu"})

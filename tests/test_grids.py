@@ -10,7 +10,7 @@ from pipelines.grid import NAMED_GRIDS, load_grid, named_grid_file
 from residual_core.datasets import PAPER_DATASETS
 from residual_core.identity import EMBEDDED_MODEL, WORLD_WEIGHTS
 from residual_core.stages.align import DEFAULT_METHODS
-from residual_core.world import TASKS
+from residual_core.world.rendering import TASKS
 
 
 def test_named_grids_are_json_files_that_follow_the_registries():

@@ -13,8 +13,14 @@ from PIL import Image
 
 from builders import write_image_folder
 from residual_core.errors import ResidualError, StoreError
-from residual_core.identity import (EMBEDDED_MODEL, WeightsId, file_sha256, parse_dataset,
-                                    parse_weights, slug)
+from residual_core.identity import (
+    EMBEDDED_MODEL,
+    WeightsId,
+    file_sha256,
+    parse_dataset,
+    parse_weights,
+    slug,
+)
 from residual_core.layout import Layout, component, data_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,8 +161,8 @@ def test_dataset_content_changes_when_an_image_is_edited_in_place(tmp_path):
 
 
 def test_edited_images_make_the_store_stale(tmp_path):
-    from residual_core.extract import extract
-    from residual_core.models import load_model
+    from residual_core.engines.extract import extract
+    from residual_core.method.models import load_model
     from residual_core.stages.extract import Params
 
     folder = write_image_folder(tmp_path / "imgs", ["a", "b"], 6)

@@ -19,10 +19,10 @@ from pipelines.cli import main
 from pipelines.grid import GridError, load_grid
 from residual_core.datasets import load_dataset
 from residual_core.errors import ResidualError
+from residual_core.formats.feature_store import FeatureStore
 from residual_core.identity import EMBEDDED_MODEL, WeightsId
-from residual_core.models import load_model
+from residual_core.method.models import load_model
 from residual_core.stages.extract import Params as ExtractParams
-from residual_core.store import FeatureStore
 
 FAST = ["--device", "cpu", "--num-workers", "0", "--batch-size", "8", "--rows-per-chunk", "8",
         "--quiet"]
@@ -108,7 +108,7 @@ def test_skip_bad_images_leaves_them_out_and_records_them(folder, tmp_path, caps
 
 
 def test_skip_bad_images_keeps_the_splits_of_a_good_folder(folder):
-    from residual_core.extract import store_config
+    from residual_core.engines.extract import store_config
 
     name = f"imagefolder:{folder}"
     for split in ("train", "val", "test"):

@@ -5,7 +5,7 @@ import torch
 
 from residual_core.errors import ResidualError, UnknownModelError, WeightsUnavailableError
 from residual_core.identity import EMBEDDED_MODEL, file_sha256
-from residual_core.models import load_model
+from residual_core.method.models import load_model
 
 
 def test_embedded_config_is_registered_with_open_clip():

@@ -3,8 +3,13 @@
 import numpy as np
 from PIL import Image
 
-from residual_core.plots import (plot_accuracy_vs_parameters, plot_head_selection,
-                                 plot_head_zero_shot, plot_lambda_heatmap, plot_spectra)
+from residual_core.report.plots import (
+    plot_accuracy_vs_parameters,
+    plot_head_selection,
+    plot_head_zero_shot,
+    plot_lambda_heatmap,
+    plot_spectra,
+)
 
 
 def _png_ok(path):

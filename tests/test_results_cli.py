@@ -144,7 +144,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, root, args, message):
 
 def test_report_needs_the_weights_when_several_were_evaluated(tmp_path):
     from residual_core.errors import ResidualError
-    from residual_core.report import model_report
+    from residual_core.report.markdown import model_report
 
     for weights, dataset in (("openai", "cifar10"), ("laion2b_s34b_b88k", "mnist")):
         write_rows(tmp_path, "evaluations", [{"model": "ViT-B-16", "dataset": dataset,

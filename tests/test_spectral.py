@@ -1,4 +1,4 @@
-"""Tests of residual_core.spectral: PCA against numpy (in memory and out of core), spectrum
+"""Tests of residual_core.method.spectral: PCA against numpy (in memory and out of core), spectrum
 statistics, TwoNN on manifolds of known dimension, basis similarity, and input validation."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from sklearn.datasets import make_swiss_roll
 from threadpoolctl import threadpool_limits
 
 from residual_core.errors import ResidualError
-from residual_core.spectral import (
+from residual_core.method.spectral import (
     PCAResult,
     SpectralInputError,
     basis_similarity,

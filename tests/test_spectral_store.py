@@ -7,14 +7,15 @@ from scipy.linalg import subspace_angles
 
 from builders import write_image_folder
 from pipelines.cli import main
+from residual_core.engines.extract import extract
+from residual_core.engines.spectral import SpectralParams, run_spectral, similarity
 from residual_core.errors import StoreError
-from residual_core.extract import extract
-from residual_core.stages.extract import Params as ExtractParams
-from residual_core.identity import WeightsId
+from residual_core.formats.feature_store import FeatureStore
+from residual_core.formats.spectral_store import SpectralStore
+from residual_core.identity import EMBEDDED_MODEL, WeightsId
 from residual_core.layout import Layout
-from residual_core.models import EMBEDDED_MODEL, load_model
-from residual_core.spectral_store import SpectralParams, SpectralStore, run_spectral, similarity
-from residual_core.store import FeatureStore
+from residual_core.method.models import load_model
+from residual_core.stages.extract import Params as ExtractParams
 from residual_core.tables import read_table, sql
 
 
@@ -151,7 +152,7 @@ def test_lost_table_is_rewritten_from_the_store_without_recomputing(stores, monk
     leave a stage that says "up to date" with rows missing for good."""
     import shutil
 
-    import residual_core.spectral_store as spectral_store
+    import residual_core.engines.spectral as spectral_store
     from residual_core.tables import tables_root
 
     root, _, urls = stores

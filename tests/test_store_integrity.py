@@ -12,13 +12,13 @@ import zarr
 
 from builders import write_image_folder
 from residual_core.datasets import load_dataset
+from residual_core.engines.extract import _writer_lock, extract
 from residual_core.errors import ResidualError, StoreError
-from residual_core.extract import _writer_lock, extract
-from residual_core.identity import WeightsId
+from residual_core.formats.feature_store import SCHEMA, FeatureStore
+from residual_core.identity import EMBEDDED_MODEL, WeightsId
 from residual_core.layout import Layout
-from residual_core.models import EMBEDDED_MODEL, load_model
+from residual_core.method.models import load_model
 from residual_core.stages.extract import Params as ExtractParams
-from residual_core.store import SCHEMA, FeatureStore
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,7 @@ def test_invalid_chunking_is_refused_before_anything_is_written(tiny, name, tmp_
 
 # ------------------------------------------------------------------------ remove_store
 def test_remove_store_refuses_while_an_extraction_holds_the_lock(tiny, name, tmp_path):
-    from residual_core.extract import remove_store
+    from residual_core.engines.extract import remove_store
 
     url = run(tiny, name, tmp_path, split="val").url
     held, release = threading.Event(), threading.Event()
@@ -242,7 +242,7 @@ def test_remove_store_refuses_while_an_extraction_holds_the_lock(tiny, name, tmp
 
 
 def test_remove_store_deletes_an_fsspec_store(tiny, name):
-    from residual_core.extract import remove_store
+    from residual_core.engines.extract import remove_store
 
     root = f"memory://remove-{uuid.uuid4().hex[:8]}"
     url = run(tiny, name, root, split="val").url
@@ -253,7 +253,7 @@ def test_remove_store_deletes_an_fsspec_store(tiny, name):
 
 
 def test_remove_store_refuses_what_is_not_a_feature_store(tmp_path):
-    from residual_core.extract import remove_store
+    from residual_core.engines.extract import remove_store
 
     other = tmp_path / "results.zarr"
     other.mkdir()

@@ -219,7 +219,7 @@ def test_spectral_accepts_good_dask_options_and_reaches_the_store(tmp_path, caps
 
 
 def test_dask_client_without_workers_or_address_is_the_threaded_scheduler():
-    from residual_core.spectral_store import dask_client
+    from residual_core.engines.spectral import dask_client
 
     for n_workers in (None, 0):
         with dask_client(n_workers=n_workers) as client:
@@ -229,7 +229,7 @@ def test_dask_client_without_workers_or_address_is_the_threaded_scheduler():
 def test_an_unreachable_scheduler_fails_within_seconds_in_one_line():
     import socket
 
-    from residual_core.spectral_store import dask_client
+    from residual_core.engines.spectral import dask_client
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -260,7 +260,7 @@ def _listening(processes) -> set[tuple[str, int]]:
 def test_the_local_cluster_listens_on_loopback_only():
     import psutil
 
-    from residual_core.spectral_store import dask_client
+    from residual_core.engines.spectral import dask_client
 
     me = psutil.Process()
     before = _listening([me])

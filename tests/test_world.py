@@ -12,19 +12,21 @@ import pytest
 import torch
 from sklearn.metrics import mutual_info_score
 
-from residual_core import pretrain, world
 from residual_core.datasets import dataset_info, list_datasets, load_dataset
-from residual_core.decompose import decompose
-from residual_core.models import EMBEDDED_MODEL, load_model
-from residual_core.pretrain import (
+from residual_core.datasets.world import register_world_datasets
+from residual_core.identity import EMBEDDED_MODEL
+from residual_core.method.decompose import decompose
+from residual_core.method.models import load_model
+from residual_core.world import pretraining, rendering
+from residual_core.world.evaluation import evaluate_world, extract_world
+from residual_core.world.pretraining import (
     PretrainConfig,
     checkpoint_name,
     checkpoint_path,
     encode_text_truncated,
-    evaluate_world,
-    extract_world,
     pretrain_embedded,
 )
+from residual_core.world.rendering import task_attribute
 
 DH = 32  # residual-tiny head width
 
@@ -36,51 +38,51 @@ def tiny_model():
 
 def _model_input(loaded, images):
     visual = loaded.model.visual
-    return world.to_model_input(images, visual.image_mean, visual.image_std)
+    return rendering.to_model_input(images, visual.image_mean, visual.image_std)
 
 
 # ---------------------------------------------------------------------------------- rendering
 
 
 def test_render_is_pure_and_seeded():
-    sample = world.downstream_samples("test")[0][0]
-    image = world.render(sample)
-    assert image.shape == (world.CANVAS, world.CANVAS, 3) and image.dtype == np.uint8
-    np.testing.assert_array_equal(image, world.render(sample))
-    np.testing.assert_array_equal(image, world.render(world.Sample(*sample)))
-    assert not np.array_equal(image, world.render(sample._replace(seed=sample.seed + 1)))
+    sample = rendering.downstream_samples("test")[0][0]
+    image = rendering.render(sample)
+    assert image.shape == (rendering.CANVAS, rendering.CANVAS, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, rendering.render(sample))
+    np.testing.assert_array_equal(image, rendering.render(rendering.Sample(*sample)))
+    assert not np.array_equal(image, rendering.render(sample._replace(seed=sample.seed + 1)))
     for attribute in ("color", "background", "position", "size"):
-        other = (getattr(sample, attribute) + 1) % len(world.CLASSNAMES[attribute])
-        assert not np.array_equal(image, world.render(sample._replace(**{attribute: other})))
+        other = (getattr(sample, attribute) + 1) % len(rendering.CLASSNAMES[attribute])
+        assert not np.array_equal(image, rendering.render(sample._replace(**{attribute: other})))
 
 
 def test_render_batch_matches_render():
-    samples = world.pretraining_samples(20, seed=3)
-    batch = world.render_batch(samples)
-    assert batch.shape == (20, world.CANVAS, world.CANVAS, 3)
+    samples = rendering.pretraining_samples(20, seed=3)
+    batch = rendering.render_batch(samples)
+    assert batch.shape == (20, rendering.CANVAS, rendering.CANVAS, 3)
     for i, sample in enumerate(samples):
-        np.testing.assert_array_equal(batch[i], world.render(sample))
+        np.testing.assert_array_equal(batch[i], rendering.render(sample))
 
 
 def test_glyph_split_is_disjoint_and_per_digit():
-    split = world.glyph_split()
+    split = rendering.glyph_split()
     pre, down = split["pretrain"], split["downstream"]
     assert np.intersect1d(pre, down).size == 0
-    assert np.array_equal(np.sort(np.concatenate([pre, down])), np.arange(len(world.glyphs()[1])))
-    digits = world.glyphs()[1]
+    assert np.array_equal(np.sort(np.concatenate([pre, down])), np.arange(len(rendering.glyphs()[1])))
+    digits = rendering.glyphs()[1]
     for d in range(10):
         share = np.isin(np.flatnonzero(digits == d), pre).mean()
         assert 0.55 < share < 0.65
 
 
 def test_samples_draw_from_their_glyph_pool():
-    pre = world.pretraining_samples(2000, seed=0)
-    assert np.isin(pre.glyph, world.glyph_split()["pretrain"]).all()
-    for split in world.SPLIT_SIZES:
-        samples, _ = world.downstream_samples(split)
-        assert np.isin(samples.glyph, world.glyph_split()["downstream"]).all()
-    again = world.pretraining_samples(2000, seed=0)
-    other = world.pretraining_samples(2000, seed=1)
+    pre = rendering.pretraining_samples(2000, seed=0)
+    assert np.isin(pre.glyph, rendering.glyph_split()["pretrain"]).all()
+    for split in rendering.SPLIT_SIZES:
+        samples, _ = rendering.downstream_samples(split)
+        assert np.isin(samples.glyph, rendering.glyph_split()["downstream"]).all()
+    again = rendering.pretraining_samples(2000, seed=0)
+    other = rendering.pretraining_samples(2000, seed=1)
     assert all(np.array_equal(a, b) for a, b in zip(pre, again))
     assert not np.array_equal(pre.glyph, other.glyph)
 
@@ -89,15 +91,15 @@ def test_samples_draw_from_their_glyph_pool():
 
 
 def test_tasks_are_registered_balanced_and_split():
-    world.register_world_datasets()  # idempotent: a second registration is no error
-    assert set(world.TASKS) <= set(list_datasets())
+    register_world_datasets()  # idempotent: a second registration is no error
+    assert set(rendering.TASKS) <= set(list_datasets())
     ids_by_split = {}
-    for task in world.TASKS:
-        attribute = world.task_attribute(task)
+    for task in rendering.TASKS:
+        attribute = task_attribute(task)
         info = dataset_info(task)
-        assert info.classnames == world.CLASSNAMES[attribute]
+        assert info.classnames == rendering.CLASSNAMES[attribute]
         assert all("{}" in t for t in info.templates)
-        for split, size in world.SPLIT_SIZES.items():
+        for split, size in rendering.SPLIT_SIZES.items():
             ds = load_dataset(task, split)
             assert len(ds) == size
             counts = np.bincount(ds.labels, minlength=info.num_classes)
@@ -110,19 +112,19 @@ def test_tasks_are_registered_balanced_and_split():
 
 
 def test_attributes_are_independent():
-    samples, _ = world.downstream_samples("train")
-    labels = {a: samples.labels(a) for a in world.ATTRIBUTES}
-    for i, a in enumerate(world.ATTRIBUTES):
-        for b in world.ATTRIBUTES[i + 1:]:
+    samples, _ = rendering.downstream_samples("train")
+    labels = {a: samples.labels(a) for a in rendering.ATTRIBUTES}
+    for i, a in enumerate(rendering.ATTRIBUTES):
+        for b in rendering.ATTRIBUTES[i + 1:]:
             # independent draws of 2,400 give ~(ka-1)(kb-1)/2N nats (<= 0.01) of plug-in bias
             assert mutual_info_score(labels[a], labels[b]) < 0.03, (a, b)
 
 
 def test_dataset_items_are_the_rendered_model_input(tiny_model):
     ds = load_dataset("world/color", "test", transform=tiny_model.preprocess)
-    samples, ids = world.downstream_samples("test")
+    samples, ids = rendering.downstream_samples("test")
     np.testing.assert_array_equal(ds.indices, ids)
-    images = world.render_batch(samples.take(np.arange(8)))
+    images = rendering.render_batch(samples.take(np.arange(8)))
     expected = _model_input(tiny_model, images)
     for i in range(8):
         x, label = ds[i]
@@ -134,15 +136,15 @@ def test_dataset_items_are_the_rendered_model_input(tiny_model):
 
 
 def test_captions_are_seeded_and_mention_the_mix(tiny_model):
-    samples = world.pretraining_samples(4000, seed=0)
-    mix = world.CaptionMix()
-    texts = world.captions(samples, seed=0, mix=mix)
-    assert texts == world.captions(samples, seed=0, mix=mix)
-    assert texts != world.captions(samples, seed=1, mix=mix)
+    samples = rendering.pretraining_samples(4000, seed=0)
+    mix = rendering.CaptionMix()
+    texts = rendering.captions(samples, seed=0, mix=mix)
+    assert texts == rendering.captions(samples, seed=0, mix=mix)
+    assert texts != rendering.captions(samples, seed=1, mix=mix)
     tokens = tiny_model.tokenizer(texts)
     assert ((tokens != 0).sum(1) < tokens.shape[1]).all()  # never truncated
     for attribute in ("color", "position", "size"):
-        names = world.CLASSNAMES[attribute]
+        names = rendering.CLASSNAMES[attribute]
         said = np.array([[f" {n}" in f" {t}" for n in names] for t in texts])  # [N, classes]
         rate = said.any(1).mean()
         assert abs(rate - getattr(mix, attribute)) < 0.05, (attribute, rate)
@@ -159,7 +161,7 @@ def test_encode_text_truncated_is_exact(tiny_model):
         full = tiny_model.model.encode_text(tokens)
         torch.testing.assert_close(encode_text_truncated(tiny_model.model, tokens), full,
                                    atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(pretrain._encode_captions(tiny_model.model, tokens, buckets=2),
+        torch.testing.assert_close(pretraining._encode_captions(tiny_model.model, tokens, buckets=2),
                                    full, atol=1e-5, rtol=1e-5)
 
 
@@ -176,7 +178,7 @@ def test_pretraining_is_cached_atomically(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a cached checkpoint must not be retrained")
 
-    monkeypatch.setattr(pretrain, "_train", no_training)
+    monkeypatch.setattr(pretraining, "_train", no_training)
     assert pretrain_embedded(tmp_path, config=config, progress=False) == path
     # the name is keyed by the config and the seed
     assert checkpoint_path(tmp_path, seed=1, config=config) != path
@@ -198,8 +200,8 @@ def report(pretrained):
 
 @pytest.mark.slow
 def test_checkpoint_decomposes_exactly(pretrained):
-    samples, _ = world.downstream_samples("test")
-    x = _model_input(pretrained, world.render_batch(samples.take(np.arange(64))))
+    samples, _ = rendering.downstream_samples("test")
+    x = _model_input(pretrained, rendering.render_batch(samples.take(np.arange(64))))
     contributions = decompose(pretrained.model, x).contributions
     with torch.no_grad():
         reference = pretrained.model.encode_image(x)
@@ -252,11 +254,11 @@ def aligned(pretrained, report, tmp_path_factory):
     """The pipeline's stages on the tasks where zero-shot is weak but the image embedding knows
     the answer (a linear probe gains > 0.25): real stores, bases of each task's train split, then
     ResiDual and the linear adapter at the authors' settings. ``{task: {method: FitResult}}``."""
-    from residual_core.align import fit
-    from residual_core.align_stage import load_bases
-    from residual_core.extract import extract
+    from residual_core.engines.align import load_bases
+    from residual_core.engines.extract import extract
+    from residual_core.engines.spectral import run_spectral
+    from residual_core.method.training import fit
     from residual_core.stages.extract import Params as ExtractParams
-    from residual_core.spectral_store import run_spectral
 
     root = tmp_path_factory.mktemp("stores")
     weak = [t for t, acc in report.zero_shot.items()

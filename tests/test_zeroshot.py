@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from residual_core.errors import ResidualError
-from residual_core.models import EMBEDDED_MODEL, load_model
-from residual_core.zeroshot import accuracy, prototype_classifier, text_classifier
+from residual_core.identity import EMBEDDED_MODEL
+from residual_core.method.models import load_model
+from residual_core.method.zeroshot import accuracy, prototype_classifier, text_classifier
 
 
 def test_text_classifier_averages_normalised_templates():

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from ..errors import ResidualError
-from ..identity import RANDOM_WEIGHTS
+from residual_core.errors import ResidualError
+from residual_core.identity import RANDOM_WEIGHTS
 
 __all__ = ["Column", "TABLES", "TableSpec", "table_spec"]
 

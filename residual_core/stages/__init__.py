@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from . import align, extract, pretrain, similarity, spectral
-from .base import RUN_ONLY, Stage, StageInputs, StageParams, StageResult
+from residual_core.stages import align, extract, pretrain, similarity, spectral
+from residual_core.stages.base import RUN_ONLY, Stage, StageInputs, StageParams, StageResult
 
 __all__ = ["RUN_ONLY", "STAGES", "Stage", "StageInputs", "StageParams", "StageResult",
            "downstream"]

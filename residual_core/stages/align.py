@@ -1,10 +1,10 @@
 """The align stage: every method × seed on a task's cached features, and the head-selection
-experiment (:func:`residual_core.align_stage.run_align`); tables ``evaluations`` and
+experiment (:func:`residual_core.engines.align.run_align`); tables ``evaluations`` and
 ``head_selection``, λ per unit in the task's ``align.zarr``.
 
-Its key is the align run's own config hash (:func:`~residual_core.align_stage.align_key`: the
+Its key is the align run's own config hash (:func:`~residual_core.engines.align.align_key`: the
 stores' and the bases' content, the parameters, the format version). Rows are kept per fit
-(:class:`~residual_core.align_stage.AlignPlan`): it is current when every requested
+(:class:`~residual_core.engines.align.AlignPlan`): it is current when every requested
 (method, seed) has its row with the same content identity and, when asked for, the
 ``head_selection`` rows exist; fits already in the tables are reused, not run again.
 """
@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from pydantic import Field, StrictInt, field_validator
 
-from ..errors import StoreError
-from .base import Stage, StageInputs, StageParams, StageResult
+from residual_core.errors import StoreError
+from residual_core.stages.base import Stage, StageInputs, StageParams, StageResult
 
 DEFAULT_METHODS = ("zero-shot", "residual-star", "residual-full", "coarse", "linear")
 """What the align stage fits by default: every method that trains on cached features
@@ -40,7 +40,9 @@ class Params(StageParams):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
-        from ..residual import PRESETS  # torch: only once a grid or call is validated
+        from residual_core.method.adapters import (
+            PRESETS,  # torch: only once a grid or call is validated
+        )
 
         unknown = [m for m in methods if m not in PRESETS]
         if unknown:
@@ -76,7 +78,7 @@ class Result(StageResult):
 
 
 def _key(inputs: Inputs, params: Params) -> str:
-    from ..align_stage import align_key
+    from residual_core.engines.align import align_key
 
     s = inputs.stores
     return align_key(s["train"], s["val"], s["test"], inputs.spectral_url, params)
@@ -89,9 +91,9 @@ def identity(inputs: Inputs, params: Params) -> dict[str, Any]:
 def is_current(inputs: Inputs, params: Params) -> bool:
     """Every requested fit has its row (same content identity), and the head-selection rows
     exist when asked for."""
-    from ..align_stage import plan_align
-    from ..store import FeatureStore
-    from ..tables import matching_rows
+    from residual_core.engines.align import plan_align
+    from residual_core.formats.feature_store import FeatureStore
+    from residual_core.tables import matching_rows
 
     s = inputs.stores
     try:
@@ -107,7 +109,7 @@ def is_current(inputs: Inputs, params: Params) -> bool:
 
 
 def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
-    from ..align_stage import run_align
+    from residual_core.engines.align import run_align
 
     s = inputs.stores
     return run_align(s["train"], s["val"], s["test"], params, basis_url=inputs.spectral_url,

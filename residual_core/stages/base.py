@@ -12,8 +12,8 @@ from typing import Any, Callable, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..errors import ResidualError
-from ..identity import config_hash
+from residual_core.errors import ResidualError
+from residual_core.identity import config_hash
 
 __all__ = ["RUN_ONLY", "ParamsError", "Stage", "StageInputs", "StageParams", "StageResult"]
 

@@ -1,6 +1,6 @@
-"""The extract stage: the feature store of one dataset split (:func:`residual_core.extract.extract`).
+"""The extract stage: the feature store of one dataset split (:func:`residual_core.engines.extract.extract`).
 
-Its key is the store's own config hash (:func:`residual_core.extract.store_config`), so the
+Its key is the store's own config hash (:func:`residual_core.engines.extract.store_config`), so the
 stage and the store decide "current" from one identity: the weights, the dataset (and the
 content of a dataset given as files), the split's sample ids, the storage dtype, the row chunks,
 whether unreadable images were left out, and the format versions.
@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from ..errors import StoreError
-from ..identity import FEATURE_DTYPES, parse_weights
-from ..layout import Layout
-from .base import RUN_ONLY, Stage, StageInputs, StageParams, StageResult
+from residual_core.errors import StoreError
+from residual_core.identity import FEATURE_DTYPES, parse_weights
+from residual_core.layout import Layout
+from residual_core.stages.base import RUN_ONLY, Stage, StageInputs, StageParams, StageResult
 
 Split = Literal["train", "val", "test"]
 
@@ -84,7 +84,7 @@ class Result(StageResult):
 
 
 def identity(inputs: Inputs, params: Params) -> dict[str, Any]:
-    from ..extract import store_config_hash
+    from residual_core.engines.extract import store_config_hash
 
     return {"store": inputs.store_url(params),
             "config_hash": store_config_hash(
@@ -93,7 +93,7 @@ def identity(inputs: Inputs, params: Params) -> dict[str, Any]:
 
 
 def is_current(inputs: Inputs, params: Params) -> bool:
-    from ..store import FeatureStore
+    from residual_core.formats.feature_store import FeatureStore
 
     try:
         store = FeatureStore.open(inputs.store_url(params))
@@ -103,7 +103,7 @@ def is_current(inputs: Inputs, params: Params) -> bool:
 
 
 def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
-    from ..extract import extract, loaded_model
+    from residual_core.engines.extract import extract, loaded_model
 
     loaded = loaded_model(inputs.model, inputs.pretrained, params.device)
     return extract(inputs.model, inputs.pretrained, inputs.dataset, inputs.split, params,
@@ -112,7 +112,7 @@ def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
 
 
 def discard(inputs: Inputs, params: Params) -> None:
-    from ..extract import remove_store
+    from residual_core.engines.extract import remove_store
 
     remove_store(inputs.store_url(params))
 

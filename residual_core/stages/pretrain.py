@@ -1,5 +1,5 @@
 """The pretrain stage: the embedded model pretrained on the synthetic world
-(:func:`residual_core.pretrain.pretrain_embedded`), for ``pretrained: world``.
+(:func:`residual_core.world.pretraining.pretrain_embedded`), for ``pretrained: world``.
 
 Its key is the checkpoint's path, whose name hashes the whole training config and the seed.
 """
@@ -11,12 +11,12 @@ from typing import Any
 
 from pydantic import Field
 
-from .base import Stage, StageInputs, StageParams, StageResult
+from residual_core.stages.base import Stage, StageInputs, StageParams, StageResult
 
 
 class Params(StageParams):
     """Pretraining of the embedded model (``None`` keeps
-    :class:`residual_core.pretrain.PretrainConfig`'s value)."""
+    :class:`residual_core.world.pretraining.PretrainConfig`'s value)."""
 
     seed: int = Field(0, description="seeds the initialisation, the samples and the captions")
     steps: int | None = Field(None, ge=1, description="training steps")
@@ -35,7 +35,7 @@ class Result(StageResult):
 
 def checkpoint(inputs: Inputs, params: Params) -> Path:
     """Where the checkpoint of these parameters is written."""
-    from ..pretrain import checkpoint_path
+    from residual_core.world.pretraining import checkpoint_path
 
     return checkpoint_path(inputs.out_dir, seed=params.seed, steps=params.steps,
                            batch_size=params.batch_size)
@@ -50,7 +50,7 @@ def is_current(inputs: Inputs, params: Params) -> bool:
 
 
 def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
-    from ..pretrain import pretrain_embedded
+    from residual_core.world.pretraining import pretrain_embedded
 
     path = pretrain_embedded(inputs.out_dir, seed=params.seed, steps=params.steps,
                              batch_size=params.batch_size, progress=progress)

@@ -1,5 +1,5 @@
 """The similarity stage: basis similarity of every unit between a task's own bases and those of
-its basis dataset (:func:`residual_core.spectral_store.similarity`), table ``basis_similarity``.
+its basis dataset (:func:`residual_core.engines.spectral.similarity`), table ``basis_similarity``.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Any
 
 from pydantic import Field
 
-from ..errors import StoreError
-from .base import Stage, StageInputs, StageParams, StageResult
+from residual_core.errors import StoreError
+from residual_core.stages.base import Stage, StageInputs, StageParams, StageResult
 
 
 class Params(StageParams):
@@ -32,22 +32,22 @@ class Result(StageResult):
 
 
 def _hashes(inputs: Inputs) -> tuple[str, str]:
-    from ..spectral_store import SpectralStore
+    from residual_core.formats.spectral_store import SpectralStore
 
     return tuple(SpectralStore.open(u).attrs["config_hash"]
                  for u in (inputs.spectral_url, inputs.basis_url))
 
 
 def identity(inputs: Inputs, params: Params) -> dict[str, Any]:
-    from ..spectral_store import similarity_key
+    from residual_core.engines.spectral import similarity_key
 
     return {"rows": similarity_key(*_hashes(inputs), params.evr_threshold),
             "tables_root": inputs.tables_root}
 
 
 def is_current(inputs: Inputs, params: Params) -> bool:
-    from ..spectral_store import SpectralStore
-    from ..tables import has_rows
+    from residual_core.formats.spectral_store import SpectralStore
+    from residual_core.tables import has_rows
 
     try:
         attrs = SpectralStore.open(inputs.spectral_url).attrs
@@ -59,7 +59,7 @@ def is_current(inputs: Inputs, params: Params) -> bool:
 
 
 def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
-    from ..spectral_store import similarity
+    from residual_core.engines.spectral import similarity
 
     return Result(rows=len(similarity(inputs.spectral_url, inputs.basis_url,
                                       params.evr_threshold, tables_root=inputs.tables_root)))

@@ -1,7 +1,7 @@
 """The spectral stage: per-unit PCA, spectra statistics and TwoNN of a feature store
-(:func:`residual_core.spectral_store.run_spectral`), its spectral store and its table rows.
+(:func:`residual_core.engines.spectral.run_spectral`), its spectral store and its table rows.
 
-Its key is the spectral store's own config hash (:func:`~residual_core.spectral_store.spectral_key`
+Its key is the spectral store's own config hash (:func:`~residual_core.engines.spectral.spectral_key`
 of the feature store's config hash and the parameters); it is current when that store is
 complete and both tables it writes (``spectra``, ``unit_stats``) hold its rows.
 """
@@ -12,9 +12,9 @@ from typing import Any
 
 from pydantic import Field
 
-from ..errors import StoreError
-from ..layout import Layout, remove_tree
-from .base import Stage, StageInputs, StageParams, StageResult
+from residual_core.errors import StoreError
+from residual_core.layout import Layout, remove_tree
+from residual_core.stages.base import Stage, StageInputs, StageParams, StageResult
 
 TABLES = ("spectra", "unit_stats")
 """The tables the stage writes (every one must hold its rows for it to be current)."""
@@ -62,20 +62,21 @@ class Result(StageResult):
 
 
 def _feature_hash(feature_url: str) -> str:
-    from ..store import FeatureStore
+    from residual_core.formats.feature_store import FeatureStore
 
     return FeatureStore.open(feature_url).attrs["config_hash"]
 
 
 def identity(inputs: Inputs, params: Params) -> dict[str, Any]:
-    from ..spectral_store import spectral_key
+    from residual_core.engines.spectral import spectral_key
 
     return {"config_hash": spectral_key(_feature_hash(inputs.feature_url), params),
             "store": inputs.url, "tables_root": inputs.root}
 
 
 def is_current(inputs: Inputs, params: Params) -> bool:
-    from ..spectral_store import SpectralStore, has_table_rows
+    from residual_core.engines.spectral import has_table_rows
+    from residual_core.formats.spectral_store import SpectralStore
 
     try:
         store = SpectralStore.open(inputs.url)
@@ -86,7 +87,7 @@ def is_current(inputs: Inputs, params: Params) -> bool:
 
 
 def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
-    from ..spectral_store import run_spectral
+    from residual_core.engines.spectral import run_spectral
 
     # run_spectral reuses an up-to-date store and rewrites whichever of its rows are missing
     return run_spectral(inputs.feature_url, params, address=inputs.address,

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ShapeError, UnsupportedModelError
-from .units import Unit, unit_table
+from residual_core.errors import ShapeError, UnsupportedModelError
+from residual_core.method.units import Unit, unit_table
 
 __all__ = [
     "Decomposition",

@@ -26,8 +26,8 @@ from typing import Any, Callable
 import open_clip
 import torch
 
-from .errors import ResidualError, UnknownModelError, WeightsUnavailableError
-from .identity import EMBEDDED_MODEL, WeightsId, file_sha256, looks_like_path
+from residual_core.errors import ResidualError, UnknownModelError, WeightsUnavailableError
+from residual_core.identity import WeightsId, file_sha256, looks_like_path
 
 _CONFIG_DIR = Path(str(resources.files("residual_core") / "model_configs"))
 if _CONFIG_DIR not in [Path(p) for p in open_clip.factory._MODEL_CONFIG_PATHS]:

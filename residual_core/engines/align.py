@@ -1,10 +1,12 @@
-"""The align stage: fit every requested method on a task's cached features and write the results.
+"""The align stage's engine: fit every requested method on a task's cached features and write the
+results.
 
 Outputs: the ``evaluations`` Parquet table (one row per method and seed), the ``head_selection``
 table, and the learned weights (λ per unit for the ResiDual variants) in an ``align.zarr`` group
-next to the task's feature stores. Bases come from a spectral store: by default the ImageNet
-train store of the same model when it exists (the authors' choice), else the task's own train
-split; the choice is recorded in every row (``basis_dataset``).
+next to the task's feature stores (:mod:`residual_core.formats.align_weights`). Bases come from
+a spectral store: by default the ImageNet train store of the same model when it exists (the
+authors' choice), else the task's own train split; the choice is recorded in every row
+(``basis_dataset``).
 """
 
 from __future__ import annotations
@@ -12,21 +14,22 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Sequence
 
-import numpy as np
 import zarr
 
-from .align import FitResult, fit, finetune, head_selection
-from .errors import ResidualError
-from .identity import WeightsId, config_hash, slug
-from .layout import Layout, zarr_target
-from .residual import SpectralBases
-from .spectral_store import SpectralStore, run_spectral
-from .stages.align import Result
-from .stages.align import Params as AlignParams
-from .store import FeatureStore
-from .tables import matching_rows, write_rows
+from residual_core.engines.spectral import run_spectral
+from residual_core.errors import ResidualError
+from residual_core.formats.align_weights import _save_weights
+from residual_core.formats.feature_store import FeatureStore
+from residual_core.formats.spectral_store import SpectralStore
+from residual_core.identity import WeightsId, config_hash
+from residual_core.layout import Layout, zarr_target
+from residual_core.method.adapters import SpectralBases
+from residual_core.method.head_selection import head_selection
+from residual_core.method.training import FitResult, finetune, fit
+from residual_core.stages.align import Params as AlignParams
+from residual_core.stages.align import Result
+from residual_core.tables import matching_rows, write_rows
 
 ALIGN_VERSION = 2
 """Bumped when the align stage writes other results: 2: one global shuffle per epoch, head
@@ -82,13 +85,13 @@ def _preset_identity(method: str) -> dict:
     fit's content hash, so a changed preset recomputes its fits (and replaces their rows)."""
     from dataclasses import asdict
 
-    from .residual import PRESETS
+    from residual_core.method.adapters import PRESETS
 
     return {k: v for k, v in asdict(PRESETS[method]).items() if k != "description"}
 
 
 def _uses_bases(method: str) -> bool:
-    from .residual import PRESETS
+    from residual_core.method.adapters import PRESETS
 
     return PRESETS[method].needs_bases
 
@@ -191,8 +194,8 @@ def _fit_one(method, seed, train_url, val_url, test_url, bases, params, data_roo
 
 def _finetune(train_url, val_url, test_url, seed, params, data_root, progress) -> FitResult:
     """Full fine-tuning runs the backbone online: reload the model and the datasets."""
-    from .datasets import load_dataset
-    from .models import load_model
+    from residual_core.datasets import load_dataset
+    from residual_core.method.models import load_model
 
     train = FeatureStore.open(train_url)
     attrs = train.attrs
@@ -222,27 +225,3 @@ def _row(result: FitResult, train: FeatureStore) -> dict:
         "fit_seconds": float(result.fit_seconds), "seed": int(result.seed),
         "basis_dataset": result.basis_dataset,
     }
-
-
-def _save_weights(group: zarr.Group, result: FitResult, fit_hash: str) -> None:
-    """λ per unit (and any other trainable weights) under ``<method>/seed<k>/``: the latest
-    fit of that method and seed (its ``fit_hash`` attribute names which)."""
-    base = f"{slug(result.method)}/seed{result.seed}"
-    for name, value in result.state.items():
-        if name.startswith("lambda/") or value.size <= 1_000_000:
-            arr = np.asarray(value)
-            group.create_array(f"{base}/{name}", shape=arr.shape, dtype=arr.dtype,
-                               overwrite=True)[...] = arr
-    group.require_group(base).attrs.update({"val_acc": result.val_acc, "test_acc":
-                                            result.test_acc, "basis": result.basis_dataset,
-                                            "fit_hash": fit_hash})
-
-
-def stored_lambdas(weights_url: str, method: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """``{unit name: λ_u}`` saved by :func:`run_align` for ``method`` and ``seed``."""
-    group = zarr.open_group(zarr_target(weights_url), mode="r")
-    base = f"{slug(method)}/seed{seed}/lambda"
-    if base not in group:
-        raise ResidualError(f"no λ for {method} seed {seed} in {weights_url}")
-    sub = group[base]
-    return {name: sub[name][...] for name in sub.array_keys()}

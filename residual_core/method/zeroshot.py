@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import ResidualError
+from residual_core.errors import ResidualError
 
 
 @dataclass

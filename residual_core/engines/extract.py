@@ -27,17 +27,22 @@ from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from .datasets import SplitDataset, load_dataset
-from .decompose import RAW_FIELDS, ReadoutMaps, decompose, readout_maps
-from .errors import StoreError
-from .identity import WeightsId, config_hash, parse_dataset, parse_weights
-from .layout import Layout, is_local, local_path, remove_tree, zarr_target
-from .models import LoadedModel, default_device, load_model
-from .stages.extract import Params as ExtractParams
-from .stages.extract import Result
-from .store import DECOMPOSITION_VERSION, FORMAT_NAME, SCHEMA_VERSION, FeatureStore, StoreDims
-from .zeroshot import text_classifier
-
+from residual_core.datasets import SplitDataset, load_dataset
+from residual_core.errors import StoreError
+from residual_core.formats.feature_store import (
+    DECOMPOSITION_VERSION,
+    FORMAT_NAME,
+    SCHEMA_VERSION,
+    FeatureStore,
+    StoreDims,
+)
+from residual_core.identity import WeightsId, config_hash, parse_dataset, parse_weights
+from residual_core.layout import Layout, is_local, local_path, remove_tree, zarr_target
+from residual_core.method.decompose import RAW_FIELDS, ReadoutMaps, decompose, readout_maps
+from residual_core.method.models import LoadedModel, default_device, load_model
+from residual_core.method.zeroshot import text_classifier
+from residual_core.stages.extract import Params as ExtractParams
+from residual_core.stages.extract import Result
 
 ExtractResult = Result
 """What :func:`extract` returns (the extract stage's result)."""

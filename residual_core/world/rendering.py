@@ -1,35 +1,4 @@
-"""A synthetic world for the embedded default: coloured digit glyphs on small canvases.
-
-Pretrained CLIP weights and real datasets cannot be downloaded everywhere, and a random-weight
-model has no zero-shot ability. The embedded default model (``residual-tiny``) is therefore
-pretrained by :mod:`residual_core.pretrain` on image-caption pairs rendered here from
-scikit-learn's bundled digits (1,797 8x8 glyphs, shipped with the package, no download).
-
-Each sample is one glyph, upsampled with bicubic interpolation to 16 px (``small``) or 24 px
-(``large``) and drawn in one corner of a 32x32 RGB canvas (``position``: ``top left`` ...), in one
-of 6 ink colours on one of 3 backgrounds; the five attributes (:data:`CLASSNAMES`) are drawn
-independently. Seeded jitter (0-2 px offset from the corner, ink and background colour noise,
-stripe phase, pixel noise) makes every image distinct, and :func:`render` is a pure function of
-its :class:`Sample`. Every ink is brighter than every background, so a digit is the same
-bright pattern in every colour (with both contrast signs, a supervised classifier of the tiny
-ViT reached 52% on digits; with this palette, 80% in the same 400 steps).
-
-Glyph instances are split once per digit (:func:`glyph_split`): 60% for pretraining, the rest for
-the downstream tasks, so no downstream image shows a glyph the model was pretrained on.
-
-Captions (:func:`caption`) mention a random subset of the attributes, each with the probability
-given by a :class:`CaptionMix` (digit 80%, colour and background 60%, position and size 5%).
-Position and size are mentioned rarely (as CLIP's web captions rarely describe what EuroSAT or
-MNIST ask), so their zero-shot accuracy is weak although the image tower encodes them; that is the
-gap ResiDual closes.
-
-Downstream tasks ``world/<attribute>`` (:data:`TASKS`) are registered with
-:func:`residual_core.datasets.register_dataset` on import. All five label one shared pool of
-4,200 images (train 2,400 / val 600 / test 1,200, :data:`SPLIT_SIZES`) by one attribute each, so
-the other attributes vary independently, every task's labels are exactly balanced within each
-split, and :func:`residual_core.pretrain.evaluate_world` extracts each split once for all five
-tasks (the pipeline keeps one store per task, as for any dataset: a few seconds each). Sample ids
-are positions in that pool.
+"""The world's samples, glyphs, rendering and captions (see :mod:`residual_core.world`).
 """
 
 from __future__ import annotations
@@ -41,32 +10,6 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-
-from .datasets import DatasetInfo, list_datasets, register_dataset
-
-__all__ = [
-    "ATTRIBUTES",
-    "CANVAS",
-    "CLASSNAMES",
-    "SPLIT_SIZES",
-    "TASKS",
-    "WORLD_VERSION",
-    "CaptionMix",
-    "Sample",
-    "WorldSamples",
-    "WorldSource",
-    "caption",
-    "captions",
-    "downstream_samples",
-    "glyph_split",
-    "glyphs",
-    "pretraining_samples",
-    "register_world_datasets",
-    "render",
-    "render_batch",
-    "task_attribute",
-    "to_model_input",
-]
 
 WORLD_VERSION = 1
 """Bump when rendering, glyph split, captions or the downstream pool change (keys the
@@ -379,21 +322,6 @@ def downstream_samples(split: str) -> tuple[WorldSamples, np.ndarray]:
     positions = _split_positions(split)
     return _downstream_pool().take(positions), positions
 
-
-# ------------------------------------------------------------------------------------ datasets
-
-
-class WorldSource:
-    """The downstream pool as a dataset source: ``source[i] -> (PIL RGB image, Sample)``."""
-
-    def __len__(self) -> int:
-        return len(_downstream_pool())
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, Sample]:
-        sample = _downstream_pool()[index]
-        return Image.fromarray(render(sample), mode="RGB"), sample
-
-
 def task_attribute(name: str) -> str:
     """The attribute a ``world/<attribute>`` task labels."""
     key = name.strip().lower()
@@ -401,21 +329,3 @@ def task_attribute(name: str) -> str:
     if attribute == key or attribute not in CLASSNAMES:
         raise KeyError(f"not a world task: {name!r}; expected one of {TASKS}")
     return attribute
-
-
-def _factory(attribute: str):
-    def factory(split, data_root, download):  # self-contained: data_root and download unused
-        samples, ids = downstream_samples(split)
-        return WorldSource(), samples.labels(attribute), ids
-
-    return factory
-
-
-def register_world_datasets() -> None:
-    """Register :data:`TASKS` with :func:`~residual_core.datasets.register_dataset` (idempotent)."""
-    for attribute, name in zip(ATTRIBUTES, TASKS):
-        info = DatasetInfo(name, list(CLASSNAMES[attribute]), list(TEMPLATES[attribute]))
-        register_dataset(name, _factory(attribute), info, overwrite=name in list_datasets())
-
-
-register_world_datasets()

@@ -18,7 +18,7 @@ Units that are not adapted are handled by the *ablation*: ``sum`` (added unchang
 (dropped) or ``mean`` (replaced by their basis-dataset mean ``μ_u``).
 
 Named configurations are data (:data:`PRESETS`), built by :func:`build_adapter`; their parameter
-counts follow METHOD §3 (:func:`parameter_count`). Training lives in :mod:`residual_core.align`.
+counts follow METHOD §3 (:func:`parameter_count`). Training lives in :mod:`residual_core.method.training`.
 """
 
 from __future__ import annotations
@@ -31,13 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ResidualError, ShapeError
-from .identity import WeightsId
-from .spectral import PCAResult, _k_at, pca_units  # _k_at: spectral's own K-at-EVR rule
-from .units import KINDS, Unit
+from residual_core.errors import ResidualError, ShapeError
+from residual_core.identity import WeightsId
+from residual_core.method.spectral import (  # _k_at: spectral's own K-at-EVR rule
+    PCAResult,
+    _k_at,
+    pca_units,
+)
+from residual_core.method.units import KINDS, Unit
 
 if TYPE_CHECKING:  # only for annotations: the store module pulls in zarr and dask
-    from .store import FeatureStore
+    from residual_core.formats.feature_store import FeatureStore
 
 __all__ = [
     "ABLATIONS",
@@ -131,7 +135,7 @@ class SpectralBases:
     @classmethod
     def from_pca(cls, results: Sequence[PCAResult], units: Sequence[Unit], basis_dataset: str,
                  model: Mapping[str, Any] | None = None, dtype=np.float64) -> "SpectralBases":
-        """Stack :func:`~residual_core.spectral.pca_units` results (one per unit, same order)."""
+        """Stack :func:`~residual_core.method.spectral.pca_units` results (one per unit, same order)."""
         if len(results) != len(units):
             raise ShapeError(f"{len(results)} PCA results for {len(units)} units")
         return cls(tuple(units),
@@ -563,7 +567,7 @@ def build_adapter(method: str | Preset, units: Sequence[Unit], class_weights,
         return ResiDual(units, class_weights, bases, k, ablation=ablation, add_mean=add_mean,
                         lambda_init=lambda_init, seed=seed)
     raise AlignInputError(f"method {preset.name!r} runs the backbone, not cached features: "
-                          "use residual_core.align.finetune")
+                          "use residual_core.method.training.finetune")
 
 
 def parameter_count(method: str | Preset, n_layers: int, n_heads: int, head_dim: int,

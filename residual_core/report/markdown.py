@@ -8,15 +8,20 @@ from typing import Sequence
 
 import numpy as np
 
-from .align import rank_heads
-from .align_stage import stored_lambdas
-from .errors import ResidualError
-from .identity import FEATURE_DTYPES, RANDOM_WEIGHTS, parse_weights, slug
-from .layout import SPLITS, Layout
-from .plots import (plot_accuracy_vs_parameters, plot_head_selection, plot_head_zero_shot,
-                    plot_lambda_heatmap, plot_spectra)
-from .store import FeatureStore
-from .tables import read_table
+from residual_core.errors import ResidualError
+from residual_core.formats.align_weights import stored_lambdas
+from residual_core.formats.feature_store import FeatureStore
+from residual_core.identity import FEATURE_DTYPES, RANDOM_WEIGHTS, parse_weights, slug
+from residual_core.layout import SPLITS, Layout
+from residual_core.method.head_selection import rank_heads
+from residual_core.report.plots import (
+    plot_accuracy_vs_parameters,
+    plot_head_selection,
+    plot_head_zero_shot,
+    plot_lambda_heatmap,
+    plot_spectra,
+)
+from residual_core.tables import read_table
 
 METHOD_ORDER = ("zero-shot", "coarse", "residual-star", "residual-full", "linear", "finetune")
 

@@ -1,9 +1,10 @@
-"""The spectral stage: per-unit PCA of a feature store, written to a spectral Zarr store and to the
-Parquet tables ``spectra`` (one row per unit and component) and ``unit_stats`` (one per unit).
+"""The spectral stage's engine: per-unit PCA of a feature store (out of core, on Dask), written to
+a spectral store (:mod:`residual_core.formats.spectral_store`) and to the Parquet tables
+``spectra`` (one row per unit and component) and ``unit_stats`` (one per unit); and the basis
+similarity of two spectral stores.
 
-The spectral store lives next to its feature store (``train.zarr`` -> ``train.spectral.zarr``)
-and records the feature store's config hash: a rerun with the same feature store and parameters
-returns the stored result without computing; a changed feature store or parameter recomputes.
+A rerun with the same feature store and parameters returns the stored result without computing;
+a changed feature store or parameter recomputes.
 """
 
 from __future__ import annotations
@@ -12,23 +13,23 @@ import contextlib
 import time
 from typing import Any, Iterator
 
-import numpy as np
-import zarr
 from tqdm.auto import tqdm
 
-from .errors import StoreError
-from .stages.spectral import Params as SpectralParams
-from .stages.spectral import Result
-from .spectral import PCAResult, basis_similarity_table, pca_units, sample_rows, twonn, unit_stats
-from .identity import WeightsId, config_hash
-from .layout import Layout, is_local, local_path, zarr_target
-from .store import FeatureStore, _now
-from .tables import has_rows, write_rows
-from .units import Unit
-
-SPECTRAL_VERSION = 2  # 2: TwoNN is stored, so the tables can be rewritten from the store
-FORMAT_NAME = "residual-spectral-store"
-
+from residual_core.errors import StoreError
+from residual_core.formats.feature_store import FeatureStore
+from residual_core.formats.spectral_store import SPECTRAL_VERSION, SpectralStore, _write_store
+from residual_core.identity import WeightsId, config_hash
+from residual_core.layout import Layout
+from residual_core.method.spectral import (
+    basis_similarity_table,
+    pca_units,
+    sample_rows,
+    twonn,
+    unit_stats,
+)
+from residual_core.stages.spectral import Params as SpectralParams
+from residual_core.stages.spectral import Result
+from residual_core.tables import has_rows, write_rows
 
 SpectralResult = Result
 """What :func:`run_spectral` returns (the spectral stage's result)."""
@@ -53,7 +54,7 @@ def dask_client(address: str | None = None, n_workers: int | None = None,
     cluster (scheduler, dashboard, workers) listens on 127.0.0.1 only: it runs pickled code.
     An unreachable ``address`` fails after ``connect_timeout`` seconds instead of hanging.
     """
-    from .errors import ResidualError
+    from residual_core.errors import ResidualError
 
     if n_workers is not None and n_workers < 0:
         raise ResidualError(f"--dask-workers must be >= 1 worker processes (0 or none: the local "
@@ -93,39 +94,6 @@ def dask_client(address: str | None = None, n_workers: int | None = None,
     return client()
 
 
-class SpectralStore:
-    """An open spectral store: per-unit mean, components and eigenvalues of a feature store."""
-
-    def __init__(self, group: zarr.Group, url: str):
-        self.group, self.url, self.attrs = group, url, dict(group.attrs)
-
-    @classmethod
-    def open(cls, url: str) -> "SpectralStore":
-        if is_local(url) and not local_path(url).exists():
-            raise StoreError(f"no spectral store at {url}: run `residual spectral` first")
-        try:
-            group = zarr.open_group(zarr_target(url), mode="r")
-        except Exception as exc:
-            raise StoreError(f"{url} is not a Zarr group ({type(exc).__name__})") from None
-        if group.attrs.get("format") != FORMAT_NAME:
-            raise StoreError(f"{url} is not a residual spectral store")
-        if group.attrs.get("state") != "complete":
-            raise StoreError(f"{url} is incomplete: rerun `residual spectral` to recompute it")
-        return cls(group, url)
-
-    @property
-    def units(self) -> tuple[Unit, ...]:
-        return tuple(Unit(**u) for u in self.attrs["units"])
-
-    def results(self) -> list[PCAResult]:
-        """One :class:`PCAResult` per unit, in unit order."""
-        mean, comps, eig = (self.group[k][...] for k in ("mean", "components", "eigenvalues"))
-        n = int(self.attrs["n_samples"])
-        return [PCAResult(mean[u], comps[u], eig[u], n) for u in range(mean.shape[0])]
-
-    def twonn(self) -> np.ndarray:
-        """TwoNN intrinsic dimension per unit, in unit order."""
-        return self.group["twonn"][...]
 
 
 def run_spectral(feature_url: str, params: SpectralParams | None = None, *,
@@ -174,7 +142,7 @@ def run_spectral(feature_url: str, params: SpectralParams | None = None, *,
 
 def has_table_rows(store: "SpectralStore", root: str) -> bool:
     """Whether every table of the spectral stage holds this spectral store's rows."""
-    from .stages.spectral import TABLES
+    from residual_core.stages.spectral import TABLES
 
     a = store.attrs
     return all(has_rows(root, table, a["model"], a["dataset"], config_hash=a["config_hash"])
@@ -223,30 +191,6 @@ def _twonn_all(features: FeatureStore, params: SpectralParams, progress: bool) -
     return out
 
 
-def _write_store(url: str, features: FeatureStore, results: list[PCAResult],
-                 dims: list[float], key: str, params: SpectralParams) -> None:
-    group = zarr.open_group(zarr_target(url), mode="w")
-    n_units, dim = len(results), results[0].mean.shape[0]
-    arrays = {
-        "mean": np.stack([r.mean for r in results]),
-        "components": np.stack([r.components for r in results]),
-        "eigenvalues": np.stack([r.eigenvalues for r in results]),
-        "twonn": np.asarray(dims, dtype="float64"),
-    }
-    for name, value in arrays.items():
-        chunks = (1,) + value.shape[1:]
-        group.create_array(name, shape=value.shape, chunks=chunks, dtype="float64")[...] = value
-    group.attrs.update({
-        "format": FORMAT_NAME, "spectral_version": SPECTRAL_VERSION, "config_hash": key,
-        "params": params.model_dump(), "feature_store": features.url,
-        "feature_config_hash": features.attrs["config_hash"],
-        "units": features.attrs["units"], "n_samples": int(results[0].n_samples),
-        "n_units": n_units, "embed_dim": dim,
-        **{k: features.attrs.get(k) for k in ("model", "pretrained", "checkpoint_sha256",
-                                               "dataset", "split")},
-        "created_at": _now(),
-    })
-    group.attrs["state"] = "complete"  # last: a killed run leaves an incomplete store
 
 
 def similarity(spectral_a: str, spectral_b: str, evr_threshold: float = 0.9,

@@ -29,11 +29,11 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.core.sync import sync
 
-from .decompose import ReadoutMaps, project_heads, project_residual
-from .errors import StoreError
-from .identity import FEATURE_DTYPES, WeightsId
-from .layout import is_local, local_path, zarr_target
-from .units import Unit, unit_table
+from residual_core.errors import StoreError
+from residual_core.identity import FEATURE_DTYPES, WeightsId
+from residual_core.layout import is_local, local_path, zarr_target
+from residual_core.method.decompose import ReadoutMaps, project_heads, project_residual
+from residual_core.method.units import Unit, unit_table
 
 SCHEMA_VERSION = 1
 DECOMPOSITION_VERSION = 1  # bump when decompose() changes what it computes

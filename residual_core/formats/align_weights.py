@@ -1,0 +1,37 @@
+"""The learned weights of the align stage: one Zarr group per fit in ``align.zarr`` (λ per unit and
+component for the ResiDual variants), keyed by the fit's content hash.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from residual_core.errors import ResidualError
+from residual_core.identity import slug
+from residual_core.layout import zarr_target
+from residual_core.method.training import FitResult
+
+
+def _save_weights(group: zarr.Group, result: FitResult, fit_hash: str) -> None:
+    """λ per unit (and any other trainable weights) under ``<method>/seed<k>/``: the latest
+    fit of that method and seed (its ``fit_hash`` attribute names which)."""
+    base = f"{slug(result.method)}/seed{result.seed}"
+    for name, value in result.state.items():
+        if name.startswith("lambda/") or value.size <= 1_000_000:
+            arr = np.asarray(value)
+            group.create_array(f"{base}/{name}", shape=arr.shape, dtype=arr.dtype,
+                               overwrite=True)[...] = arr
+    group.require_group(base).attrs.update({"val_acc": result.val_acc, "test_acc":
+                                            result.test_acc, "basis": result.basis_dataset,
+                                            "fit_hash": fit_hash})
+
+
+def stored_lambdas(weights_url: str, method: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """``{unit name: λ_u}`` saved by :func:`run_align` for ``method`` and ``seed``."""
+    group = zarr.open_group(zarr_target(weights_url), mode="r")
+    base = f"{slug(method)}/seed{seed}/lambda"
+    if base not in group:
+        raise ResidualError(f"no λ for {method} seed {seed} in {weights_url}")
+    sub = group[base]
+    return {name: sub[name][...] for name in sub.array_keys()}

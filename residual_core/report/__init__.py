@@ -1,0 +1,1 @@
+"""The Markdown report of a model's results (:mod:`.markdown`) and its figures (:mod:`.plots`)."""
