@@ -62,15 +62,9 @@ def run_stage(stage: str, inputs: StageInputs, params: StageParams, force: bool 
     if force:
         spec.discard(inputs, params)
     result = spec.run(inputs, params, _interactive())
-    _log().info("%s: %s", stage, result.model_dump_json(include=_SUMMARY[stage]))
+    _log().info("%s: %s", stage, result.model_dump_json(include=set(spec.summary) or None))
     return result
 
-
-_SUMMARY = {"pretrain": {"checkpoint"},
-            "extract": {"url", "computed_chunks", "total_chunks", "rows_computed", "seconds"},
-            "spectral": {"url", "computed", "seconds"}, "align": {"weights_url", "seconds"},
-            "similarity": {"rows"}}
-"""The fields of each stage's result that its log line shows."""
 
 
 def _read_record(path: Path, schema: type[StageResult]) -> StageResult | None:

@@ -1,7 +1,6 @@
 """Dataset registry, local loading and splits, on small folders in the torchvision layouts."""
 
 import json
-import pickle
 from importlib import resources
 from pathlib import Path
 

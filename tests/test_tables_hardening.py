@@ -9,7 +9,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main

@@ -18,8 +18,6 @@ SEED = 42
 """Seed of every split."""
 
 
-
-
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 """Prompt templates of ``imagefolder:`` datasets."""
 
@@ -123,8 +121,6 @@ def validate_labels(labels: np.ndarray, info: DatasetInfo) -> None:
             f"dataset '{info.name}': labels {sorted(set(bad.tolist()))[:10]} are outside its "
             f"{info.num_classes} classes (0..{info.num_classes - 1})"
         )
-
-
 
 
 class FileListSource:

@@ -39,11 +39,8 @@ PAPER_DATASETS = (
 """The ten downstream datasets of the paper's grid (``imagenet`` is the default basis dataset)."""
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Sources
-
-
 
 
 class CifarSource:
@@ -449,8 +446,6 @@ def _positions_of_listed(paths: Sequence[str], list_file: Path) -> np.ndarray:
             f"{missing[:3]}"
         )
     return np.sort(np.asarray([by_name[n] for n in names], dtype=np.int64))
-
-
 
 
 def _register_paper_datasets() -> None:

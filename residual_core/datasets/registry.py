@@ -58,8 +58,6 @@ def register_dataset(
     _REGISTRY[key] = _Entry(factory, lambda: info)
 
 
-
-
 def list_datasets() -> list[str]:
     """Names of all registered datasets, sorted (``imagefolder:PATH`` is always available too)."""
     return sorted(_REGISTRY)

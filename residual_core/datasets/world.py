@@ -33,7 +33,6 @@ class WorldSource:
         return Image.fromarray(render(sample), mode="RGB"), sample
 
 
-
 def _factory(attribute: str):
     def factory(split, data_root, download):  # self-contained: data_root and download unused
         samples, ids = downstream_samples(split)

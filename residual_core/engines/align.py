@@ -35,8 +35,6 @@ ALIGN_VERSION = 2
 """Bumped when the align stage writes other results: 2: one global shuffle per epoch, head
 selection as the authors run it (heads-only kept sets, their keep counts, rankings, reference
 rows, test-split means)."""
-AlignResult = Result
-"""What :func:`run_align` returns (the align stage's result)."""
 
 
 def load_bases(spectral_url: str) -> SpectralBases:
@@ -137,7 +135,7 @@ def plan_align(train_url: str, val_url: str, test_url: str, basis_url: str,
 
 def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams | None = None, *,
               basis_url: str | None = None, tables_root: str | None = None,
-              data_root: str | None = None, progress: bool = True) -> AlignResult:
+              data_root: str | None = None, progress: bool = True) -> Result:
     """Fit ``params.methods`` × ``params.seeds`` on the task and write tables and weights.
 
     Each fit is one row of ``evaluations`` (see :class:`AlignPlan`), written as soon as it is
@@ -180,7 +178,7 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
                                                random_seeds=params.random_seeds)]
             write_rows(root, "head_selection", hs_rows, key=hs_key,
                        provenance={**provenance, "config_hash": hs_hash})
-    return AlignResult(rows=rows, weights_url=weights, basis_url=basis_url,
+    return Result(rows=rows, weights_url=weights, basis_url=basis_url,
                        seconds=time.perf_counter() - start, head_selection_rows=hs_rows)
 
 

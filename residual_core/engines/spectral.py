@@ -31,9 +31,6 @@ from residual_core.stages.spectral import Params as SpectralParams
 from residual_core.stages.spectral import Result
 from residual_core.tables import has_rows, write_rows
 
-SpectralResult = Result
-"""What :func:`run_spectral` returns (the spectral stage's result)."""
-
 
 def spectral_key(feature_config_hash: str, params: SpectralParams) -> str:
     """The config hash of the spectral store of a feature store (by its config hash) with these
@@ -94,12 +91,10 @@ def dask_client(address: str | None = None, n_workers: int | None = None,
     return client()
 
 
-
-
 def run_spectral(feature_url: str, params: SpectralParams | None = None, *,
                  address: str | None = None, n_workers: int | None = None,
                  memory_limit: str | None = None, tables_root: str | None = None,
-                 force: bool = False, progress: bool = True) -> SpectralResult:
+                 force: bool = False, progress: bool = True) -> Result:
     """Compute (or reuse) the spectral store of a feature store and write its Parquet tables.
 
     Args:
@@ -126,7 +121,7 @@ def run_spectral(feature_url: str, params: SpectralParams | None = None, *,
                 rewritten = not has_table_rows(existing, root)
                 if rewritten:
                     _write_table_rows(existing, feature_url, root)
-                return SpectralResult(url=url, feature_url=feature_url, computed=False,
+                return Result(url=url, feature_url=feature_url, computed=False,
                                       rows_rewritten=rewritten,
                                       seconds=time.perf_counter() - start)
 
@@ -136,7 +131,7 @@ def run_spectral(feature_url: str, params: SpectralParams | None = None, *,
         dims = _twonn_all(features, params, progress)
     _write_store(url, features, results, dims, key, params)
     _write_table_rows(SpectralStore.open(url), feature_url, root)
-    return SpectralResult(url=url, feature_url=feature_url, computed=True, rows_rewritten=True,
+    return Result(url=url, feature_url=feature_url, computed=True, rows_rewritten=True,
                           seconds=time.perf_counter() - start)
 
 
@@ -189,8 +184,6 @@ def _twonn_all(features: FeatureStore, params: SpectralParams, progress: bool) -
         out.append(twonn(rows, params.twonn_discard_fraction, params.twonn_max_samples,
                          params.seed))
     return out
-
-
 
 
 def similarity(spectral_a: str, spectral_b: str, evr_threshold: float = 0.9,

@@ -19,7 +19,6 @@ SPECTRAL_VERSION = 2  # 2: TwoNN is stored, so the tables can be rewritten from 
 FORMAT_NAME = "residual-spectral-store"
 
 
-
 class SpectralStore:
     """An open spectral store: per-unit mean, components and eigenvalues of a feature store."""
 
@@ -53,8 +52,6 @@ class SpectralStore:
     def twonn(self) -> np.ndarray:
         """TwoNN intrinsic dimension per unit, in unit order."""
         return self.group["twonn"][...]
-
-
 
 
 def _write_store(url: str, features: FeatureStore, results: list[PCAResult],

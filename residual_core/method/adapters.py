@@ -45,7 +45,6 @@ if TYPE_CHECKING:  # only for annotations: the store module pulls in zarr and da
 
 __all__ = [
     "ABLATIONS",
-    "KINDS",
     "LAMBDA_INITS",
     "LINEAR_INITS",
     "PRESETS",

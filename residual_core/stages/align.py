@@ -122,4 +122,4 @@ def discard(inputs: Inputs, params: Params) -> None:
 
 
 STAGE = Stage("align", 2, ("extract", "spectral"), Params, Inputs, Result, identity, is_current,
-              run, discard)
+              run, discard, summary=("weights_url", "seconds"))

@@ -90,6 +90,7 @@ class Stage(Generic[I, P, R]):
         run: ``(inputs, params, progress) -> Result``: make (or resume) the outputs.
         discard: ``(inputs, params) -> None``: delete the outputs (``force``), so that ``run``
             really recomputes.
+        summary: the fields of its ``Result`` that a run's log line shows.
     """
 
     name: str
@@ -102,6 +103,7 @@ class Stage(Generic[I, P, R]):
     is_current: Callable[[I, P], bool]
     run: Callable[[I, P, bool], R]
     discard: Callable[[I, P], None]
+    summary: tuple[str, ...] = ()
 
     def key(self, inputs: I, params: P) -> str:
         """The stage's key on these inputs: equal keys mean equal outputs."""

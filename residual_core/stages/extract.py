@@ -118,4 +118,5 @@ def discard(inputs: Inputs, params: Params) -> None:
 
 
 STAGE = Stage("extract", 1, ("pretrain",), Params, Inputs, Result, identity, is_current, run,
-              discard)
+              discard, summary=("url", "computed_chunks", "total_chunks", "rows_computed",
+                                 "seconds"))

@@ -61,4 +61,5 @@ def discard(inputs: Inputs, params: Params) -> None:
     checkpoint(inputs, params).unlink(missing_ok=True)
 
 
-STAGE = Stage("pretrain", 1, (), Params, Inputs, Result, identity, is_current, run, discard)
+STAGE = Stage("pretrain", 1, (), Params, Inputs, Result, identity, is_current, run, discard,
+              summary=("checkpoint",))

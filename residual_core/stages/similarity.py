@@ -70,4 +70,4 @@ def discard(inputs: Inputs, params: Params) -> None:
 
 
 STAGE = Stage("similarity", 1, ("spectral",), Params, Inputs, Result, identity, is_current, run,
-              discard)
+              discard, summary=("rows",))

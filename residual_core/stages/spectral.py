@@ -100,4 +100,4 @@ def discard(inputs: Inputs, params: Params) -> None:
 
 
 STAGE = Stage("spectral", 1, ("extract",), Params, Inputs, Result, identity, is_current, run,
-              discard)
+              discard, summary=("url", "computed", "seconds"))
