@@ -18,6 +18,7 @@ from residual_core.formats.tables import TABLES
 from residual_core.identity import RANDOM_WEIGHTS
 from residual_core.stages import StageParams
 from residual_core.stages import align as align_stage
+from residual_core.stages import explain as explain_stage
 from residual_core.stages import extract as extract_stage
 from residual_core.stages import spectral as spectral_stage
 from residual_core.stages.base import ParamsError
@@ -70,12 +71,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 def _cmd_spectral(args: argparse.Namespace) -> int:
     from residual_core.engines.spectral import run_spectral
-    from residual_core.identity import parse_weights
-    from residual_core.layout import Layout
 
-    url = Layout.of(args.store_root).feature_store(parse_weights(args.model, args.pretrained),
-                                                   args.dataset, args.split, args.feature_dtype)
-    result = run_spectral(url, _params(spectral_stage.Params, args), address=args.address,
+    result = run_spectral(_feature_url(args), _params(spectral_stage.Params, args), address=args.address,
                           n_workers=args.workers, memory_limit=args.memory_limit, force=args.force,
                           progress=not args.quiet)
     state = ("computed" if result.computed else
@@ -105,6 +102,47 @@ def _cmd_align(args: argparse.Namespace) -> int:
           end="")
     print(f"bases: {result.basis_url}; {len(result.rows)} fits in {result.seconds:.1f} s "
           "(fits already in the tables are reused)")
+    return 0
+
+
+def _feature_url(args: argparse.Namespace) -> str:
+    """The feature store that ``--model/--pretrained/--dataset/--split/--feature-dtype`` name."""
+    from residual_core.identity import parse_weights
+    from residual_core.layout import Layout
+
+    return Layout.of(args.store_root).feature_store(parse_weights(args.model, args.pretrained),
+                                                   args.dataset, args.split, args.feature_dtype)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from residual_core.engines.explain import run_explain
+    from residual_core.layout import Layout
+    from residual_core.tables import read_table
+
+    params = _params(explain_stage.Params, args)
+    url = _feature_url(args)
+    root = Layout.of(args.store_root).root
+    result = run_explain(url, params, tables_root=root, progress=not args.quiet)
+    rows = [r for r in read_table(root, "head_texts", model=args.model, dataset=args.dataset,
+                                  filters={"split": args.split, "method": params.method,
+                                           "dictionary": params.dictionary}).to_pylist()
+            if r["rank"] < min(3, params.texts_per_head)]
+    shown = [{"unit": r["unit"], "rank": r["rank"], "text": r["text"],
+              "explained_variance": r["explained_variance"]}
+             for r in sorted(rows, key=lambda r: (r["layer"], r["head"], r["rank"]))]
+    print(_render(_arrow(shown), "table", args.limit), end="")
+    state = "computed" if result.computed else "up to date, nothing computed"
+    print(f"{result.heads} heads, {result.rows} rows in head_texts: {state} in "
+          f"{result.seconds:.1f} s")
+    return 0
+
+
+def _cmd_heads(args: argparse.Namespace) -> int:
+    from residual_core.engines.explain import concept_heads
+
+    rows = concept_heads(_feature_url(args), args.concept, progress=not args.quiet)
+    best = [r for c in args.concept for r in [x for x in rows if x["concept"] == c][:args.top]]
+    print(_render(_arrow(best), "table", 0), end="")
     return 0
 
 
@@ -469,6 +507,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(p, align_stage.Params)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_align)
+
+    p = sub.add_parser("explain", help="describe every head of a feature store in text",
+                       description="Explain every attention head of an extracted feature store "
+                       "in text: TextSpan or SOMP over a dictionary embedded by the model's own "
+                       "text tower (cached). Writes the head_texts table and prints each head's "
+                       "top descriptions. Rerunning with the same store, dictionary and settings "
+                       "computes nothing.")
+    _add_model_arguments(p)
+    p.add_argument("--dataset", required=True, help="dataset name (as extracted)")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    _add_store_dtype(p)
+    p.add_argument("--store-root", default=None, help="store root folder or URL (default data)")
+    _add_params(p, explain_stage.Params)
+    p.add_argument("--limit", type=int, default=60, help="rows to print (0: all; default 60)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("heads", help="rank the heads by how much of a concept they carry",
+                       description="Rank every attention head by the variance of its "
+                       "contributions along a text's direction (the model's text tower embeds "
+                       "it), e.g. --concept 'a red digit'.")
+    _add_model_arguments(p)
+    p.add_argument("--dataset", required=True, help="dataset name (as extracted)")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    _add_store_dtype(p)
+    p.add_argument("--store-root", default=None, help="store root folder or URL (default data)")
+    p.add_argument("--concept", action="append", required=True, metavar="TEXT",
+                   help="a text whose direction is scored (repeatable)")
+    p.add_argument("--top", type=int, default=10, help="heads shown per concept (default 10)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_heads)
 
     p = sub.add_parser("run", help="run an experiment grid incrementally (Prefect flows)",
                        description="Run an experiment grid: every (model, dataset) cell through "

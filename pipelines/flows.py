@@ -30,6 +30,8 @@ from residual_core.identity import WORLD_WEIGHTS, parse_weights
 from residual_core.layout import SPLITS, Layout
 from residual_core.stages.align import Inputs as AlignInputs
 from residual_core.stages.align import Params as AlignParams
+from residual_core.stages.explain import Inputs as ExplainInputs
+from residual_core.stages.explain import Params as ExplainParams
 from residual_core.stages.extract import Inputs as ExtractInputs
 from residual_core.stages.extract import Params as ExtractParams
 from residual_core.stages.pretrain import Inputs as PretrainInputs
@@ -120,6 +122,11 @@ def _similarity(runner: Runner, spectral_url: str, basis_url: str, evr_threshold
                       SimilarityParams(evr_threshold=evr_threshold)).rows
 
 
+def _explain(runner: Runner, feature_url: str, params: ExplainParams, target: str) -> int:
+    inputs = ExplainInputs(feature_url=feature_url, tables_root=runner.store_root)
+    return runner.run("explain", target, inputs, params).rows
+
+
 @flow(name="extract")
 def extract_flow(model: ModelSpec, dataset: str, splits: list[Split] = list(SPLITS),
                  settings: ExtractParams = ExtractParams(),
@@ -179,6 +186,8 @@ def _run_cell(runner: Runner, cell: Cell, settings: Settings,
         bases = _spectral_of(runner, model, cell.basis_dataset, "train", settings.extract,
                              settings.spectral, stores["train"] if cell.basis is None else None)
     evaluations = _align(runner, stores, bases, settings.align, f"{model.label} {cell.dataset}")
+    if settings.explain is not None:
+        _explain(runner, stores["train"], settings.explain, f"{model.label} {cell.dataset} train")
     if settings.similarity_evr is not None and cell.basis is not None:
         own = _spectral_of(runner, model, cell.dataset, "train", settings.extract,
                            settings.spectral, stores["train"])

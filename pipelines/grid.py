@@ -41,6 +41,7 @@ from residual_core.errors import ResidualError
 from residual_core.identity import EMBEDDED_MODEL, WORLD_WEIGHTS, WeightsId
 from residual_core.stages import STAGES
 from residual_core.stages.align import Params as AlignParams
+from residual_core.stages.explain import Params as ExplainParams
 from residual_core.stages.extract import Params as ExtractParams
 from residual_core.stages.extract import Split
 from residual_core.stages.pretrain import Params as PretrainParams
@@ -131,6 +132,8 @@ class Settings(_Frozen):
     extract: ExtractParams = ExtractParams()
     spectral: SpectralParams = SpectralParams()
     pretrain: PretrainParams = PretrainParams()
+    explain: ExplainParams | None = None
+    """When set, every cell's train store is explained in text (table ``head_texts``)."""
     similarity_evr: float | None = Field(None, gt=0, le=1)
     """When set, the bases of each cell's own train split are compared with those of its sweep's
     basis dataset (basis similarity at this EVR truncation, table ``basis_similarity``); cells

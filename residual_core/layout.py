@@ -147,6 +147,12 @@ class Layout:
         return self._join("features", component(weights.model, "model"), weights.slug,
                           component(dataset, "dataset"), _store_name(split, dtype))
 
+    def text_embeddings(self, weights: WeightsId, dictionary_sha1: str) -> str:
+        """The cached text embeddings of a dictionary (by content) under some weights:
+        ``<root>/text/<model>/<weights>/<sha1[:16]>.zarr``."""
+        return self._join("text", component(weights.model, "model"), weights.slug,
+                          f"{dictionary_sha1[:16]}.zarr")
+
     def task_folder(self, weights: WeightsId, dataset: str) -> str:
         """The folder of a task's stores (``.../<model>/<weights>/<dataset>``)."""
         return self.feature_store(weights, dataset, "train").rsplit("/", 1)[0]

@@ -1,4 +1,4 @@
-"""Tests of residual_core.explain (TextSpan, SOMP, concept scores) and its text dictionaries.
+"""Tests of residual_core.method.explain (TextSpan, SOMP, concept scores) and its text dictionaries.
 
 The references below are written independently of the module, straight from the authors' code
 (clip_text_span's replace_with_iterative_removal, ResiDual's somp), in plain float64 loops.
@@ -10,9 +10,9 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from residual_core import explain
 from residual_core.errors import ResidualError, ShapeError
-from residual_core.explain import ExplainInputError, concept_scores, somp, textspan
+from residual_core.method import explain
+from residual_core.method.explain import ExplainInputError, concept_scores, somp, textspan
 
 
 @pytest.fixture(params=["one-chunk", "tiny-chunks"])
@@ -327,7 +327,7 @@ def _resource_lines(name):
 
 
 def test_world_descriptions_name_every_class_and_some_distractors():
-    from residual_core.world import CLASSNAMES
+    from residual_core.world.rendering import CLASSNAMES
 
     lines = _resource_lines("world_descriptions.txt")
     assert len(lines) == len(set(lines)) and all(line.strip() == line and line for line in lines)

@@ -292,3 +292,30 @@ def test_residual_recovers_the_gap_with_few_parameters(report, aligned):
         linear_params = fits["linear"].trainable_parameters
         assert fits["residual-full"].trainable_parameters * 5 <= linear_params
         assert fits["residual-star"].trainable_parameters * 20 <= linear_params
+
+
+
+# ------------------------------------------------------------------------ heads explained in text
+
+
+@pytest.fixture(scope="module")
+def color_store(pretrained, tmp_path_factory):
+    """The pretrained model's world/color train store."""
+    from residual_core.engines.extract import extract
+    from residual_core.stages.extract import Params as ExtractParams
+
+    return extract(EMBEDDED_MODEL, pretrained.pretrained, "world/color", "train",
+                   ExtractParams(num_workers=0), store_root=tmp_path_factory.mktemp("explain"),
+                   loaded=pretrained, progress=False).url
+
+
+@pytest.mark.slow
+def test_concept_query_ranks_a_colour_head_first(report, color_store):
+    """"a red digit" is carried most by one of the three heads best at colour on their own (S)."""
+    from residual_core.engines.explain import concept_heads
+
+    ranked = concept_heads(color_store, ["a red digit"])
+    scores = report.head_zero_shot["world/color"]
+    n_heads = scores.shape[1]
+    colour_heads = {f"L{i // n_heads}H{i % n_heads}" for i in np.argsort(-scores.ravel())[:3]}
+    assert ranked[0]["unit"] in colour_heads, (ranked[:5], colour_heads, report.format())

@@ -163,6 +163,25 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
                   ("k_a", _INT, "components kept of the first basis"),
                   ("k_b", _INT, "components kept of the other"),
               ) + _PROVENANCE),
+    TableSpec("head_texts", "one row per head and picked description: heads explained in "
+              "text (TextSpan or SOMP over a dictionary)", "explain", _WHO + _columns(
+                  ("split", _STR, "the split whose feature store the contributions come from"),
+                  ("feature_config_hash", _STR, "config hash of that feature store"),
+                  ("unit", _STR, "the head: L{l}H{h}"),
+                  ("layer", _INT, "layer of the head"),
+                  ("head", _INT, "head index within its layer"),
+                  ("method", _STR, "textspan or somp"),
+                  ("dictionary", _STR, "the dictionary as given: textspan, world or a file"),
+                  ("dictionary_sha1", _STR, "SHA-1 of the dictionary's descriptions"),
+                  ("rank", _INT, "pick order (0 first)"),
+                  ("text_index", _INT, "line of the description in the dictionary"),
+                  ("text", _STR, "the description"),
+                  ("score", _FLOAT, "textspan: std of the head's (deflated) data along the "
+                   "text's projection when picked; somp: the atom's weight (L2 norm of its "
+                   "coefficients)"),
+                  ("explained_variance", _FLOAT, "fraction of the head's variance this pick "
+                   "explains (somp: gain of the refit's explained variance)"),
+              ) + _PROVENANCE),
 )}
 """Every result table, by name."""
 

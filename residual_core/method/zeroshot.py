@@ -49,16 +49,27 @@ def text_classifier(
     if not hasattr(model, "encode_text"):
         raise ResidualError("this model has no text tower; use class prototypes instead")
     prompts = [t.format(c) for c in classnames for t in templates]
-    device = next(model.parameters()).device
-    chunks = []
-    for start in range(0, len(prompts), batch_size):
-        tokens = tokenizer(prompts[start:start + batch_size]).to(device)
-        chunks.append(model.encode_text(tokens).float())
-    emb = torch.cat(chunks).reshape(len(classnames), len(templates), -1)
-    emb = emb / emb.norm(dim=-1, keepdim=True)
+    emb = encode_texts(model, tokenizer, prompts, batch_size)
+    emb = emb.reshape(len(classnames), len(templates), -1)
     weights = emb.mean(1)
     weights = weights / weights.norm(dim=-1, keepdim=True)
     return TextClassifier(list(classnames), list(templates), emb.cpu(), weights.cpu())
+
+
+@torch.no_grad()
+def encode_texts(model: torch.nn.Module, tokenizer, texts: Sequence[str],
+                 batch_size: int = 256) -> torch.Tensor:
+    """``[len(texts), E]`` float32 unit-norm text embeddings (on the CPU) by the model's text
+    tower, in batches of ``batch_size``."""
+    if not hasattr(model, "encode_text"):
+        raise ResidualError("this model has no text tower")
+    device = next(model.parameters()).device
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
+        chunks.append(model.encode_text(tokens).float())
+    emb = torch.cat(chunks)
+    return (emb / emb.norm(dim=-1, keepdim=True)).cpu()
 
 
 def accuracy(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> float:

@@ -91,6 +91,7 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
         top = int(np.argmax(s))
         lines.append(f"- `{t}`: L{top // n_heads}H{top % n_heads} ({s[top]:.3f})")
     lines += ["", "![per-head zero-shot accuracy](head_zero_shot.png)", ""]
+    lines += _head_texts(store_root, model, weights, scores, n_heads)
 
     try:
         selection = [r for r in read_table(store_root, "head_selection", model=model).to_pylist()
@@ -147,6 +148,54 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return Report(path, table)
+
+
+def _unit_order(unit: str) -> tuple[int, int]:
+    layer, head = unit[1:].split("H")
+    return int(layer), int(head)
+
+
+def _head_texts(store_root, model: str, weights: str, scores: dict[str, np.ndarray],
+                n_heads: int) -> list[str]:
+    """The "heads in text" section: the top descriptions of each task's best heads (by S), and
+    every head's top 3 (once for tasks whose train images are the same); none without rows."""
+    try:
+        rows = [r for r in read_table(store_root, "head_texts", model=model).to_pylist()
+                if r["dataset"] in scores and _weights_label(r.get("pretrained")) == weights]
+    except ResidualError:  # the explain stage was not run
+        return []
+    if not rows:
+        return []
+    method = "textspan" if any(r["method"] == "textspan" for r in rows) else rows[0]["method"]
+    rows = [r for r in rows if r["method"] == method]
+    texts: dict[tuple[str, str], list[tuple[int, str, float]]] = {}
+    for r in rows:
+        texts.setdefault((r["dataset"], r["unit"]), []).append(
+            (r["rank"], r["text"], r["explained_variance"]))
+    dictionaries = ", ".join(sorted({f"`{r['dictionary']}`" for r in rows}))
+    lines = ["## Heads in text", "",
+             f"Each head's top descriptions ({method} over {dictionaries}; in brackets the "
+             "share of the head's variance each explains), for the three heads with the best "
+             "zero-shot accuracy (S) on each task:", ""]
+    for t, s in scores.items():
+        for i in np.argsort(-s, kind="stable")[:3]:
+            unit = f"L{i // n_heads}H{i % n_heads}"
+            picks = sorted(texts.get((t, unit), []))[:3]
+            if picks:
+                lines.append(f"- `{t}` {unit} (S {s[i]:.3f}): "
+                             + "; ".join(f"{text} ({ev:.0%})" for _, text, ev in picks))
+    groups: dict[tuple, list[str]] = {}
+    for t in scores:
+        per = tuple(sorted(((u, tuple(x[1] for x in sorted(v)[:3]))
+                            for (d, u), v in texts.items() if d == t),
+                           key=lambda p: _unit_order(p[0])))
+        if per:
+            groups.setdefault(per, []).append(t)
+    for per, tasks in groups.items():
+        lines += ["", f"Every head's top 3 on {', '.join(f'`{t}`' for t in tasks)}:", "",
+                  "| head | descriptions |", "|---|---|"]
+        lines += [f"| {u} | {'; '.join(ts)} |" for u, ts in per]
+    return lines + [""]
 
 
 def _weights_label(pretrained: str | None) -> str:

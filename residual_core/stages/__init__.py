@@ -10,6 +10,7 @@ spectral    :mod:`.spectral` (``run_spectral``)          spectral store, ``spect
 align       :mod:`.align` (``run_align``)                ``evaluations``, ``head_selection``
                                                          rows, ``align.zarr``
 similarity  :mod:`.similarity` (``similarity``)          ``basis_similarity`` rows
+explain     :mod:`.explain` (``run_explain``)            ``head_texts`` rows
 =========== ============================================ =====================================
 
 Each module declares ``Params`` (one schema for the core, the grid files and the CLI),
@@ -22,14 +23,15 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from residual_core.stages import align, extract, pretrain, similarity, spectral
+from residual_core.stages import align, explain, extract, pretrain, similarity, spectral
 from residual_core.stages.base import RUN_ONLY, Stage, StageInputs, StageParams, StageResult
 
 __all__ = ["RUN_ONLY", "STAGES", "Stage", "StageInputs", "StageParams", "StageResult",
            "downstream"]
 
 STAGES: dict[str, Stage] = {s.name: s for s in (pretrain.STAGE, extract.STAGE, spectral.STAGE,
-                                                align.STAGE, similarity.STAGE)}
+                                                align.STAGE, similarity.STAGE,
+                                                explain.STAGE)}
 """Every stage by name, in an order where each comes after the stages it reads."""
 
 
