@@ -20,8 +20,13 @@ from residual_core.errors import ResidualError
 from residual_core.method.spectral import (
     PCAResult,
     SpectralInputError,
+    authors_k,
     basis_similarity,
     basis_similarity_table,
+    cross_model_correlations,
+    evr_counts,
+    head_statistics,
+    normalized_spectral_cosine,
     pca,
     pca_units,
     sample_rows,
@@ -293,7 +298,173 @@ def test_similarity_table_and_zero_variance_units(basis):
     assert [r["unit"] for r in rows] == ["L0H0", "emb"]
     assert rows[0]["similarity"] == pytest.approx(1)
     assert rows[0]["similarity_greedy"] == pytest.approx(1)
+    assert rows[0]["authors"] == pytest.approx(1) and math.isnan(rows[1]["authors"])
     assert (rows[0]["k_a"], rows[0]["k_b"]) == (5, 5)
     assert math.isnan(rows[1]["similarity"]) and rows[1]["k_a"] == 0
     with pytest.raises(SpectralInputError, match="as many"):
         basis_similarity_table(results, results[:1], ["L0H0", "emb"])
+
+
+# ------------------------------------------------------------- the authors' spectral cosine
+
+
+def reference_authors_similarity(components_a, eigenvalues_a, components_b, eigenvalues_b,
+                                 threshold):
+    """A straightforward reimplementation of the ResiDual authors' measure (their
+    ``get_k`` + ``get_weights`` + ``normalized_spectral_cosine``), in loops and float64."""
+
+    def k_of(lam):
+        total = sum(float(v) for v in lam)
+        cumulative = 0.0
+        for i, v in enumerate(lam):
+            cumulative += float(v) / total
+            if cumulative > threshold:  # strictly: theirs is argmax(evr > threshold) + 1
+                return i + 1
+        return 1
+
+    ka, kb = k_of(eigenvalues_a), k_of(eigenvalues_b)
+    w = [float(v) for v in eigenvalues_a[:ka]]
+    v = [float(x) for x in eigenvalues_b[:kb]]
+    diag = math.sqrt(sum((w[i] * v[i]) ** 2 for i in range(min(ka, kb))))
+    c = [[abs(sum(float(p) * float(q) for p, q in zip(components_a[i], components_b[j])))
+          * w[i] * v[j] / diag for j in range(kb)] for i in range(ka)]
+    rows, cols, picked = set(), set(), []
+    for _ in range(min(ka, kb)):
+        best = None
+        for i in range(ka):
+            for j in range(kb):
+                if i not in rows and j not in cols and (best is None or c[i][j] > best[0]):
+                    best = (c[i][j], i, j)
+        picked.append(best[0])
+        rows.add(best[1])
+        cols.add(best[2])
+    return math.sqrt(sum(p * p for p in picked))
+
+
+def decaying(rng, dim, rate):
+    return np.sort(rng.exponential(1.0, dim) * np.exp(-rate * np.arange(dim)))[::-1]
+
+
+def test_authors_similarity_of_one_span_with_itself_under_other_weights_is_1(basis):
+    other = np.array([9.0, 3.0, 1.0, 0.5, 0.2] + [0.05] * (DIM - 5))  # kept: 3 vs 5 rows
+    flipped = basis * np.where(np.arange(DIM) % 2, -1.0, 1.0)[:, None]  # signs do not count
+    for eigenvalues_b in (EIGENVALUES, other, EIGENVALUES[::-1].cumsum()[::-1]):
+        assert basis_similarity(basis, EIGENVALUES, flipped, eigenvalues_b,
+                                method="authors") == pytest.approx(1, abs=1e-12)
+    # ours is stricter: other weights, or a nested basis, score below 1
+    assert basis_similarity(basis, EIGENVALUES, basis, other, method="greedy") < 0.99
+
+
+def test_authors_similarity_of_orthogonal_spans_is_0(basis):
+    assert basis_similarity(basis, EIGENVALUES, np.roll(basis, -8, axis=0), EIGENVALUES,
+                            method="authors") == pytest.approx(0, abs=1e-12)
+
+
+def test_authors_similarity_equals_a_loop_reimplementation_on_random_bases():
+    rng = np.random.default_rng(5)
+    scores = []
+    for trial in range(12):
+        dim = int(rng.integers(6, 20))
+        a = special_ortho_group.rvs(dim, random_state=rng)
+        # half the trials: b shares a's leading directions, mixed, so scores spread over (0, 1)
+        b = special_ortho_group.rvs(dim, random_state=rng)
+        if trial % 2:
+            mix = special_ortho_group.rvs(4, random_state=rng)
+            b[:4] = 0.7 * (mix @ a[:4]) + 0.3 * b[:4]
+            b = np.linalg.qr(b.T)[0].T
+        lam_a, lam_b = decaying(rng, dim, 0.3), decaying(rng, dim, rng.uniform(0.05, 0.6))
+        for threshold in (0.5, 0.9):
+            ours = basis_similarity(a, lam_a, b, lam_b, threshold, method="authors")
+            ref = reference_authors_similarity(a, lam_a, b, lam_b, threshold)
+            assert ours == pytest.approx(ref, rel=1e-12, abs=1e-15)
+            # symmetric in a, b; bounded by 1 (eigenvalue weights are sorted)
+            assert basis_similarity(b, lam_b, a, lam_a, threshold, method="authors") == \
+                pytest.approx(ours, rel=1e-12, abs=1e-15)
+            assert 0 <= ours <= 1 + 1e-12
+            scores.append(ours)
+    assert min(scores) < 0.5 < max(scores) < 1  # the cases are not all trivial
+
+
+def test_authors_truncation_is_strictly_above_the_threshold():
+    # cumulative EVR 0.5, 0.75, 0.875, 0.9375, 1 (exact in binary)
+    lam = np.array([8.0, 4.0, 2.0, 1.0, 1.0, 0.0])
+    assert authors_k(lam, 0.875) == 4 and unit_stats(lam)["k90"] == 4
+    fit = PCAResult(np.zeros(6), np.eye(6), lam, 10)
+    (row,) = basis_similarity_table([fit], [fit], ["L0H0"], 0.875)
+    assert row["k_a"] == 3  # ours reaches 0.875 at 3 components
+    assert [authors_k(lam, t) for t in (0.4, 0.5, 0.6, 0.9, 0.95)] == [1, 2, 2, 4, 5]
+    assert authors_k(np.zeros(4), 0.9) == 0
+    # the 4th component counts for the authors at 0.875, not for ours: replace it by a
+    # direction orthogonal to a's kept ones
+    a = np.eye(6)
+    b = a[[0, 1, 2, 5, 4, 3]]
+    score = basis_similarity(a, lam, b, lam, 0.875, method="authors")
+    assert score == pytest.approx(math.sqrt((64**2 + 16**2 + 4**2) / (64**2 + 16**2 + 4**2 + 1)),
+                                  rel=1e-14)
+    assert basis_similarity(a, lam, b, lam, 0.875, method="greedy") == pytest.approx(1)
+
+
+def test_normalized_spectral_cosine_without_weights_compares_components_by_rank():
+    a = np.eye(4)[:3]
+    b = np.eye(4)[[1, 0, 2]]  # same span, first two swapped
+    assert normalized_spectral_cosine(a, a) == pytest.approx(1)
+    assert normalized_spectral_cosine(a, b) == pytest.approx(math.sqrt(1 / 3))  # only (2, 2)
+    assert normalized_spectral_cosine(a, b, [3, 2, 1], [3, 2, 1]) == pytest.approx(
+        math.sqrt((6**2 + 6**2 + 1) / (9**2 + 4**2 + 1)))
+    with pytest.raises(SpectralInputError, match="both"):
+        normalized_spectral_cosine(a, b, [1, 1, 1])
+
+
+def test_authors_weights_singular_and_zero_variance(basis):
+    singular = basis_similarity(basis, EIGENVALUES, np.roll(basis, -3, axis=0), EIGENVALUES,
+                                method="authors", weights="singular")
+    eigen = basis_similarity(basis, EIGENVALUES, np.roll(basis, -3, axis=0), EIGENVALUES,
+                             method="authors")
+    assert 0 < eigen < singular < 1  # square roots weigh the shared tail rows more
+    # their unweighted variant compares components by rank: rows 0..4 vs 3..7 share none
+    unweighted = basis_similarity(basis, EIGENVALUES, np.roll(basis, -3, axis=0), EIGENVALUES,
+                                  method="authors", weights="none")
+    assert unweighted == pytest.approx(0, abs=1e-12)
+    swapped = basis[[1, 0] + list(range(2, DIM))]
+    assert basis_similarity(basis, EIGENVALUES, swapped, EIGENVALUES, method="authors",
+                            weights="none") == pytest.approx(math.sqrt(3 / 5))
+    assert math.isnan(basis_similarity(basis, np.zeros(DIM), basis, EIGENVALUES,
+                                       method="authors"))
+    with pytest.raises(SpectralInputError, match="method"):
+        basis_similarity(basis, EIGENVALUES, basis, EIGENVALUES, method="paper")
+
+
+def test_cross_model_correlations_match_heads_by_name():
+    rng = np.random.default_rng(0)
+    lam = {f"L{l}H{h}": decaying(rng, 8, 0.4) for l in range(3) for h in range(2)}
+    dims = {name: float(rng.uniform(2, 6)) for name in lam}
+    stats_a = head_statistics(lam, dims, evr_counts(8))
+    assert evr_counts(8) == (1, 2, 4) and evr_counts(64) == (1, 2, 4, 8, 16, 32)
+    other = {name: lam[name] * rng.uniform(0.5, 2.0, 8) for name in list(lam)[1:]}
+    other["L9H9"] = decaying(rng, 8, 0.1)
+    stats_b = head_statistics({n: np.sort(v)[::-1] for n, v in other.items()},
+                              {n: dims.get(n, 1.0) + rng.normal(0, 0.3) for n in other},
+                              evr_counts(8))
+    result = cross_model_correlations(stats_a, stats_b)
+    assert result["only_a"] == ["L0H0"] and result["only_b"] == ["L9H9"]
+    heads = result["heads"]
+    assert heads == list(lam)[1:]
+    from scipy.stats import pearsonr, spearmanr
+
+    for name in ("k90", "twonn"):
+        x = [stats_a[name][h] for h in heads]
+        y = [stats_b[name][h] for h in heads]
+        got = result["statistics"][name]
+        if np.ptp(x) and np.ptp(y):
+            assert got["pearson"] == pytest.approx(pearsonr(x, y)[0], rel=1e-12)
+            assert got["spearman"] == pytest.approx(spearmanr(x, y)[0], rel=1e-12)
+        assert got["n_heads"] == 5 and got["n_values"] == 5
+    curves = result["statistics"]["cumulative_evr"]
+    x = np.concatenate([stats_a["cumulative_evr"][h] for h in heads])
+    y = np.concatenate([stats_b["cumulative_evr"][h] for h in heads])
+    assert curves["pearson"] == pytest.approx(pearsonr(x, y)[0], rel=1e-12)
+    assert curves["n_values"] == 15
+    constant = cross_model_correlations({"k90": {"a": 3, "b": 3}}, {"k90": {"a": 1, "b": 2}})
+    assert math.isnan(constant["statistics"]["k90"]["pearson"])
+    with pytest.raises(SpectralInputError, match="counts"):
+        head_statistics(lam, dims, (1, 9))

@@ -1,7 +1,8 @@
 """The spectral stage's engine: per-unit PCA of a feature store (out of core, on Dask), written to
 a spectral store (:mod:`residual_core.formats.spectral_store`) and to the Parquet tables
-``spectra`` (one row per unit and component) and ``unit_stats`` (one per unit); and the basis
-similarity of two spectral stores.
+``spectra`` (one row per unit and component) and ``unit_stats`` (one per unit); the basis
+similarity of two spectral stores (two datasets, or two models of one width: ``basis_similarity``);
+and the correlation of per-head spectral statistics across two models (``cross_model``).
 
 A rerun with the same feature store and parameters returns the stored result without computing;
 a changed feature store or parameter recomputes.
@@ -10,8 +11,9 @@ a changed feature store or parameter recomputes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
@@ -22,6 +24,9 @@ from residual_core.identity import WeightsId, config_hash
 from residual_core.layout import Layout
 from residual_core.method.spectral import (
     basis_similarity_table,
+    cross_model_correlations,
+    evr_counts,
+    head_statistics,
     pca_units,
     sample_rows,
     twonn,
@@ -186,18 +191,59 @@ def _twonn_all(features: FeatureStore, params: SpectralParams, progress: bool) -
     return out
 
 
+def _comparable(a: SpectralStore, b: SpectralStore) -> None:
+    """Refuse, in one line, two spectral stores whose bases live in output spaces of different
+    widths (nothing to compare)."""
+    ea, eb = (int(s.group["components"].shape[-1]) for s in (a, b))
+    if ea != eb:
+        raise StoreError(f"cannot compare {_label(a)} (width {ea}) with {_label(b)} (width {eb}): "
+                         "their principal bases live in output spaces of different widths")
+
+
+def _label(store: SpectralStore) -> str:
+    a = store.attrs
+    return f"{WeightsId.from_attrs(a).label} {a.get('dataset')}/{a.get('split')}"
+
+
+def _common(names_a: list[str], names_b: list[str], what: str, a: SpectralStore,
+            b: SpectralStore) -> list[str]:
+    """The names both have (in ``a``'s order); a warning names those left out, an error when
+    none are shared."""
+    in_b, in_a = set(names_b), set(names_a)
+    common = [n for n in names_a if n in in_b]
+    if not common:
+        raise StoreError(f"{_label(a)} and {_label(b)} have no {what} in common")
+    only_a = [n for n in names_a if n not in in_b]
+    only_b = [n for n in names_b if n not in in_a]
+    if only_a or only_b:
+        logging.getLogger(__name__).warning(
+            "comparing the %d %s both have; left out: %d only in %s (%s), %d only in %s (%s)",
+            len(common), what, len(only_a), _label(a), ", ".join(only_a) or "-", len(only_b),
+            _label(b), ", ".join(only_b) or "-")
+    return common
+
+
 def similarity(spectral_a: str, spectral_b: str, evr_threshold: float = 0.9,
                tables_root: str | None = None) -> list[dict]:
-    """Basis similarity of every unit between two spectral stores of the same model; the rows
-    are also written to the ``basis_similarity`` Parquet table."""
+    """Basis similarity of every unit between two spectral stores (two datasets or splits of one
+    model, or two models of one output width); the rows are also written to the
+    ``basis_similarity`` Parquet table (partition: the first store's model and dataset).
+
+    Units are matched by name; when the unit tables differ (other depth or head count), only
+    the units both have are compared and a warning names the others. Stores of different
+    output widths are refused (:class:`StoreError`, one line).
+    """
     a, b = SpectralStore.open(spectral_a), SpectralStore.open(spectral_b)
-    wa, wb = WeightsId.from_attrs(a.attrs), WeightsId.from_attrs(b.attrs)
-    if wa != wb:
-        raise StoreError("basis similarity compares one model's units across datasets; got "
-                         f"{wa} and {wb}")
-    rows = basis_similarity_table(a.results(), b.results(), [u.name for u in a.units],
-                                  evr_threshold)
+    _comparable(a, b)
+    names_a, names_b = [u.name for u in a.units], [u.name for u in b.units]
+    common = _common(names_a, names_b, "units", a, b)
+    res_a, res_b = a.results(), b.results()
+    index_a = {n: i for i, n in enumerate(names_a)}
+    index_b = {n: i for i, n in enumerate(names_b)}
+    rows = basis_similarity_table([res_a[index_a[n]] for n in common],
+                                  [res_b[index_b[n]] for n in common], common, evr_threshold)
     extra = {"model": a.attrs["model"], "dataset": a.attrs["dataset"],
+             "other_model": b.attrs["model"], "other_pretrained": b.attrs.get("pretrained"),
              "other_dataset": b.attrs["dataset"], "split": a.attrs["split"],
              "other_split": b.attrs["split"], "evr_threshold": evr_threshold}
     rows = [{**extra, **r} for r in rows]
@@ -210,6 +256,68 @@ def similarity(spectral_a: str, spectral_b: str, evr_threshold: float = 0.9,
     return rows
 
 
+# 2: the rows gained the authors' score and the other model's columns (older rows lack them).
+_SIMILARITY_VERSION = 2
+
+
 def similarity_key(a_config_hash: str, b_config_hash: str, evr_threshold: float) -> str:
     """The key of the basis-similarity rows of two spectral stores (by their config hashes)."""
-    return config_hash({"a": a_config_hash, "b": b_config_hash, "t": evr_threshold})
+    return config_hash({"a": a_config_hash, "b": b_config_hash, "t": evr_threshold,
+                        "v": _SIMILARITY_VERSION})
+
+
+def cross_model_spectra(spectral_a: str, spectral_b: str, counts: Sequence[int] | None = None,
+                        tables_root: str | None = None) -> dict:
+    """Correlate per-head spectral statistics of two models on one dataset (the paper's
+    cross-model finding): Pearson and Spearman correlation of the heads' ``k90``, TwoNN, and
+    cumulative EVR curves (read after each of ``counts`` components, default
+    :func:`~residual_core.method.spectral.evr_counts` of the width, concatenated over heads).
+
+    Heads are matched by name (``L{l}H{h}``); only the heads both models have count, and a
+    warning names the others. The rows (one per statistic) are written to the ``cross_model``
+    table (partition: the first store's model and dataset).
+
+    Args:
+        spectral_a, spectral_b: spectral stores of one dataset and split, of two models (or
+            weights) of one output width.
+        counts: component counts of the EVR curves, each in ``1..width``.
+        tables_root: root of the Parquet tables (default: the first store's root).
+
+    Returns:
+        ``heads``, ``only_a``, ``only_b`` (names), ``statistics`` (statistic -> ``pearson``,
+        ``spearman``, ``n_heads``, ``n_values``), ``counts``, ``stats_a`` / ``stats_b``
+        (statistic -> head -> value, for :func:`residual_core.report.plots.plot_cross_model`)
+        and ``rows`` (as written).
+
+    Raises:
+        StoreError: different widths, datasets or splits, or no heads in common (one line).
+    """
+    a, b = SpectralStore.open(spectral_a), SpectralStore.open(spectral_b)
+    _comparable(a, b)
+    for field in ("dataset", "split"):
+        if a.attrs.get(field) != b.attrs.get(field):
+            raise StoreError(f"cross-model spectra compare two models on one dataset and split; "
+                             f"got {_label(a)} and {_label(b)}")
+    width = int(a.group["components"].shape[-1])
+    counts = tuple(int(c) for c in (evr_counts(width) if counts is None else counts))
+    stats = []
+    for store in (a, b):
+        heads = [u for u in store.units if u.kind == "head"]
+        eig, dims = store.group["eigenvalues"], store.twonn()
+        stats.append(head_statistics({u.name: eig[u.index] for u in heads},
+                                     {u.name: float(dims[u.index]) for u in heads}, counts))
+    stats_a, stats_b = stats
+    _common(list(stats_a["k90"]), list(stats_b["k90"]), "heads", a, b)
+    result = cross_model_correlations(stats_a, stats_b)
+    base = {"model": a.attrs["model"], "dataset": a.attrs["dataset"], "split": a.attrs["split"],
+            "other_model": b.attrs["model"], "other_pretrained": b.attrs.get("pretrained")}
+    rows = [{**base, "statistic": name, "pearson": s["pearson"], "spearman": s["spearman"],
+             "n_heads": s["n_heads"]} for name, s in result["statistics"].items()]
+    key = config_hash({"a": a.attrs["config_hash"], "b": b.attrs["config_hash"],
+                       "counts": list(counts), "v": 1})
+    rows_key = "cross-model-" + config_hash({"a": Layout.location(spectral_a),
+                                             "b": Layout.location(spectral_b)})
+    write_rows(tables_root or Layout.of_store(a.attrs["feature_store"]).root, "cross_model",
+               rows, key=rows_key, provenance={"pretrained": a.attrs.get("pretrained"),
+                                               "config_hash": key})
+    return {**result, "counts": counts, "stats_a": stats_a, "stats_b": stats_b, "rows": rows}

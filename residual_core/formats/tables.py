@@ -152,7 +152,11 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
                   ("n_samples", _INT, "rows the PCA used"),
               ) + _PROVENANCE),
     TableSpec("basis_similarity", "one row per unit: similarity of its principal bases on two "
-              "datasets (or splits)", "similarity", _WHO + _columns(
+              "datasets (or splits), or in two models of one output width", "similarity",
+              _WHO + _columns(
+                  ("other_model", _STR, "architecture of the other spectral store"),
+                  ("other_pretrained", _STR, "weights of the other spectral store (as "
+                   "pretrained)", RANDOM_WEIGHTS),
                   ("other_dataset", _STR, "the dataset compared with"),
                   ("split", _STR, "split of the first spectral store"),
                   ("other_split", _STR, "split of the other"),
@@ -160,6 +164,10 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
                   ("unit", _STR, "residual unit"),
                   ("similarity", _FLOAT, "subspace score (eigenvalue-weighted)"),
                   ("similarity_greedy", _FLOAT, "METHOD's greedy one-to-one score"),
+                  ("authors", _FLOAT, "the paper's score, the ResiDual authors' "
+                   "normalized_spectral_cosine: bases cut where cumulative EVR exceeds the "
+                   "threshold, eigenvalue weights, greedy one-to-one matching, normalised by "
+                   "||(w_i v_i)_i||"),
                   ("k_a", _INT, "components kept of the first basis"),
                   ("k_b", _INT, "components kept of the other"),
               ) + _PROVENANCE),
@@ -181,6 +189,21 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
                    "coefficients)"),
                   ("explained_variance", _FLOAT, "fraction of the head's variance this pick "
                    "explains (somp: gain of the refit's explained variance)"),
+              ) + _PROVENANCE),
+    TableSpec("cross_model", "one row per statistic: correlation across heads of a per-head "
+              "spectral statistic between two models on one dataset", "similarity",
+              _WHO + _columns(
+                  ("split", _STR, "split of both spectral stores"),
+                  ("other_model", _STR, "architecture of the other model"),
+                  ("other_pretrained", _STR, "weights of the other model (as pretrained)",
+                   RANDOM_WEIGHTS),
+                  ("statistic", _STR, "k90, twonn, or cumulative_evr (each head's cumulative "
+                   "EVR at 1, 2, 4, ... components, powers of two below the width, "
+                   "concatenated over heads)"),
+                  ("pearson", _FLOAT, "Pearson correlation of the statistic across heads"),
+                  ("spearman", _FLOAT, "Spearman rank correlation of the statistic across "
+                   "heads"),
+                  ("n_heads", _INT, "heads matched by name (only those both models have)"),
               ) + _PROVENANCE),
 )}
 """Every result table, by name."""

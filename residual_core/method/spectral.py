@@ -1,5 +1,6 @@
 """Spectral analysis of residual units (METHOD.md §2): per-unit PCA, spectrum statistics, TwoNN
-intrinsic dimension and basis similarity.
+intrinsic dimension, basis similarity (ours and the ResiDual authors'), and the correlation of
+per-head spectral statistics across models.
 
 Inputs are per-unit contributions in the output space: a dask array ``y`` of shape ``[N, U, E]``
 (``N`` samples, ``U`` units, ``E`` output dimensions) or one unit's ``[N, E]`` slice. The PCA is
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import dask
 import dask.array as da
@@ -35,8 +36,14 @@ __all__ = [
     "unit_stats",
     "twonn",
     "sample_rows",
+    "authors_k",
+    "normalized_spectral_cosine",
     "basis_similarity",
     "basis_similarity_table",
+    "evr_counts",
+    "head_statistics",
+    "correlation",
+    "cross_model_correlations",
 ]
 
 # Upper bound for one task's float64 scatter matrices ([u, E, E]); units are split into groups
@@ -397,17 +404,93 @@ def _k_at(eigenvalues, evr_threshold: float) -> int:
     return _n_components_for(unit_stats(eigenvalues)["cumulative_evr"], evr_threshold)
 
 
-def _truncated_basis(components, eigenvalues, evr_threshold: float):
-    """Rows of ``components`` up to ``k`` at ``evr_threshold`` and their normalised weights."""
+def authors_k(eigenvalues, evr_threshold: float = 0.9) -> int:
+    """The ResiDual authors' truncation of a basis (``get_k`` / ``threshold_pruning`` in their
+    ``unit_distance.py``): ``argmax(cumulative_evr > evr_threshold) + 1``.
+
+    That is the smallest ``k`` whose cumulative EVR EXCEEDS the threshold (strictly, no
+    tolerance), where :func:`unit_stats`' ``k90`` is the smallest ``k`` that REACHES it: on a
+    spectrum whose cumulative EVR equals the threshold exactly at ``k``, this keeps ``k + 1``.
+    Kept as theirs: when no component exceeds the threshold (only possible at
+    ``evr_threshold >= 1``, then decided by float rounding of the last cumulative value), the
+    argmax of an all-false mask is 0 and one component is kept. A zero-variance unit has no
+    basis: 0 (their code gets NaN ratios there).
+    """
+    cumulative = unit_stats(eigenvalues)["cumulative_evr"]
+    if cumulative.size == 0 or cumulative[-1] == 0:
+        return 0
+    return int(np.argmax(cumulative > evr_threshold)) + 1
+
+
+def normalized_spectral_cosine(x, y, weights_x=None, weights_y=None) -> float:
+    """The ResiDual authors' ``normalized_spectral_cosine`` (``unit_distance.py``), in float64.
+
+    ``C = |x yᵀ|`` (absolute cosines of the rows); ``W = outer(weights_x, weights_y)``
+    normalised by ``||diag(W)||₂ = ||(wx_i wy_i)_{i < min(kx, ky)}||₂`` (the weights of
+    components of equal rank); ``C ∘ W`` is matched greedily one to one ``min(kx, ky)`` times
+    (the largest remaining entry, ties to the first in row-major order as their
+    ``torch.max``/``argmax``; its row and column are then excluded) and the result is the L2
+    norm of the matched values. (Their final division by ``||diag(W)||₂`` happens after ``W``
+    was normalised, so it divides by 1.) With weights sorted decreasingly, as eigenvalues are,
+    the rearrangement inequality bounds the result by 1; it is 1 for the same directions with
+    ANY weights (also nested, ``kx != ky``) and symmetric in ``x, y`` up to ties.
+
+    Without weights their ``W`` is ``eye(kx, ky) / sqrt(min(kx, ky))``, which zeroes every pair
+    but ``(i, i)``: the result is ``sqrt(mean_i cos²(x_i, y_i))``, components compared by rank
+    only (the greedy matching has nothing left to choose). Kept as theirs.
+
+    Args:
+        x: ``[kx, E]`` rows (orthonormal principal directions).
+        y: ``[ky, E]`` rows.
+        weights_x, weights_y: ``[kx]`` and ``[ky]`` weights, both or neither.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise SpectralInputError(f"need x [kx, E] and y [ky, E] of one E, got {x.shape}, {y.shape}")
+    if (weights_x is None) != (weights_y is None):
+        raise SpectralInputError("pass both weight vectors or neither")
+    c = np.abs(x @ y.T)
+    if weights_x is None:
+        w = np.eye(*c.shape)
+    else:
+        w = np.outer(np.asarray(weights_x, dtype=np.float64), np.asarray(weights_y, np.float64))
+        if w.shape != c.shape:
+            raise SpectralInputError(f"weights of shapes {w.shape} for {c.shape} cosines")
+    w = w / np.linalg.norm(np.diagonal(w))
+    c = c * w
+    picked = np.empty(min(c.shape))
+    for i in range(picked.size):
+        r, col = np.unravel_index(np.argmax(c), c.shape)
+        picked[i] = c[r, col]
+        c[r, :] = -np.inf
+        c[:, col] = -np.inf
+    return float(np.linalg.norm(picked))
+
+
+def _weights(eigenvalues, k: int, weights: str) -> np.ndarray:
+    lam = np.clip(np.asarray(eigenvalues, dtype=np.float64)[:k], 0.0, None)
+    if weights == "none":
+        return np.ones_like(lam)
+    return np.sqrt(lam) if weights == "singular" else lam
+
+
+def _truncated_basis(components, eigenvalues, evr_threshold: float, k: int | None = None,
+                     weights: str = "eigenvalues"):
+    """Rows of ``components`` up to ``k`` (default: reaching ``evr_threshold``) and their
+    weights normalised to sum 1."""
     components = np.asarray(components, dtype=np.float64)
-    k = _k_at(eigenvalues, evr_threshold)
+    k = _k_at(eigenvalues, evr_threshold) if k is None else k
     if components.ndim != 2 or components.shape[0] < k:
         raise SpectralInputError(
             f"need components [K, E] with K >= {k} rows (k at {evr_threshold:g} EVR), "
             f"got shape {components.shape}"
         )
-    weights = np.clip(np.asarray(eigenvalues, dtype=np.float64)[:k], 0.0, None)
-    return components[:k], weights / weights.sum() if k else weights
+    w = _weights(eigenvalues, k, weights)
+    return components[:k], w / w.sum() if k else w
+
+
+_METHODS = ("subspace", "greedy", "authors")
 
 
 def basis_similarity(
@@ -416,18 +499,39 @@ def basis_similarity(
     components_b,
     eigenvalues_b,
     evr_threshold: float = 0.9,
-    method: Literal["subspace", "greedy"] = "subspace",
+    method: Literal["subspace", "greedy", "authors"] = "subspace",
+    weights: Literal["eigenvalues", "singular", "none"] = "eigenvalues",
 ) -> float:
     """Similarity in [0, 1] of two units' principal bases (METHOD.md §2).
 
-    Both bases are truncated at ``evr_threshold`` cumulative explained variance (``k90`` rows
-    by default) and weighted by their eigenvalues normalised to sum 1 over the kept rows (the
-    score is invariant to any rescaling of either weight vector, so normalising over all
-    eigenvalues would give the same number). With ``C_ij = cos(φ_i, ψ_j) · w_i · v_j``:
+    ``method="authors"`` is the paper's measure, the authors' code exactly; ``"subspace"`` (the
+    default, unchanged for existing callers) and ``"greedy"`` are ours. All three weight each
+    kept component by its eigenvalue (``weights="singular"``: by its square root, the
+    authors' ``get_weights`` mode ``"singular"``; their modes ``"eigs"`` and
+    ``"explained_variance"`` are proportional to eigenvalues, and every score here is invariant
+    to rescaling either weight vector, so those are ``"eigenvalues"``).
 
-    - ``method="greedy"`` is METHOD's formula literally: match pairs greedily one to one
-      (largest ``|C_ij|`` first), ``raw = ||matched |C_ij| values||₂``.
-    - ``method="subspace"`` (default) uses ``raw = ||C||_F``, the L2 norm of all pair values,
+    - ``method="authors"``: each basis truncated with :func:`authors_k` (cumulative EVR strictly
+      above ``evr_threshold``), then :func:`normalized_spectral_cosine` with the kept
+      eigenvalues as weights: ``C_ij = |cos(φ_i, ψ_j)| w_i v_j``, greedy one-to-one matching
+      (largest first), ``score = ||matched C_ij||₂ / ||(w_i v_i)_{i < min(ka, kb)}||₂``.
+      Symmetric in a, b (up to ties). It scores 1 for the same directions whatever their
+      weights, and for nested bases (a basis and its first components). Which weighting their
+      head-to-head experiment ran with is set in a gin file they did not publish
+      (``compute_spectral_distances`` defaults to no weights); their own call sites pass
+      eigenvalues, hence the default. ``weights="none"`` is their unweighted variant
+      (components compared by rank only, see :func:`normalized_spectral_cosine`). Checked against their torch code on PCA fits of random
+      data: equal to 1e-14 for every ``get_weights`` mode.
+
+    For ``"subspace"`` and ``"greedy"`` both bases are truncated at the number of components
+    that REACH ``evr_threshold`` (``k90`` by default, as in the ``unit_stats`` table) and
+    weighted by their eigenvalues normalised to sum 1 over the kept rows. With
+    ``C_ij = cos(φ_i, ψ_j) · w_i · v_j``:
+
+    - ``method="greedy"`` is METHOD's formula literally: the authors' matching (largest
+      ``|C_ij|`` first, one to one), ``raw = ||matched |C_ij| values||₂``, with our
+      normalisation below instead of theirs.
+    - ``method="subspace"`` uses ``raw = ||C||_F``, the L2 norm of all pair values,
       equivalently of the singular values of ``C`` (the values a one-to-one matching gives after
       rotating each basis to the singular directions). When the bases are aligned (each
       direction of either basis is orthogonal to all but at most one direction of the other),
@@ -438,13 +542,13 @@ def basis_similarity(
       ``||C||_F² = tr(Φᵀ W² Φ · Ψᵀ V² Ψ)`` only sees the weighted projectors, so a copy rotated
       within such a block scores exactly 1, where the greedy score drops below 1.
 
-    Normalisation: ``score = raw / sqrt(raw_aa · raw_bb)`` with ``raw_aa = ||w²||₂`` and
+    Normalisation of ours: ``score = raw / sqrt(raw_aa · raw_bb)`` with ``raw_aa = ||w²||₂`` and
     ``raw_bb = ||v²||₂``, the raw scores of each basis with itself. By Cauchy–Schwarz the score is
     in [0, 1]: 1 for a basis with itself, 0 for orthogonal subspaces. The subspace score is the
     square root of the cosine similarity of the weighted projectors ``Φᵀ W² Φ`` and ``Ψᵀ V² Ψ``;
-    it is 1 exactly when they are proportional (same span, same normalised weights). (The
-    authors' code divides instead by ``||(w_i v_i)_i||₂``, which also scores 1 for aligned
-    directions with different weight profiles and for nested subspaces; ours is stricter there.)
+    it is 1 exactly when they are proportional (same span, same normalised weights). The
+    authors' ``||(w_i v_i)_i||₂`` also scores 1 for aligned directions with different weight
+    profiles and for nested subspaces; ours is stricter there.
 
     Truncation caveat: if the ``evr_threshold`` cut falls inside a block of equal eigenvalues,
     which vectors of that block are kept is arbitrary, and so is the score.
@@ -454,21 +558,35 @@ def basis_similarity(
         eigenvalues_a: ``[Ka]`` its eigenvalues (all of them, for the right EVR).
         components_b, eigenvalues_b: the same for the other unit (same ``E``).
         evr_threshold: cumulative EVR at which each basis is truncated, in (0, 1].
-        method: ``"subspace"`` or ``"greedy"``.
+        method: ``"subspace"``, ``"greedy"`` or ``"authors"`` (the paper's).
+        weights: ``"eigenvalues"``, ``"singular"`` (their square roots) or ``"none"``
+            (``"authors"``: their unweighted variant; ours: equal weights).
 
     Returns:
         The similarity, or NaN when either unit has zero variance (no basis to compare).
     """
     if not 0 < evr_threshold <= 1:
         raise SpectralInputError(f"evr_threshold must be in (0, 1], got {evr_threshold}")
-    if method not in ("subspace", "greedy"):
-        raise SpectralInputError(f"method must be 'subspace' or 'greedy', got {method!r}")
-    phi, w = _truncated_basis(components_a, eigenvalues_a, evr_threshold)
-    psi, v = _truncated_basis(components_b, eigenvalues_b, evr_threshold)
+    if method not in _METHODS:
+        raise SpectralInputError(f"method must be one of {', '.join(_METHODS)}, got {method!r}")
+    if weights not in ("eigenvalues", "singular", "none"):
+        raise SpectralInputError(f"weights must be 'eigenvalues', 'singular' or 'none', got "
+                                 f"{weights!r}")
+    if method == "authors":
+        ka, kb = authors_k(eigenvalues_a, evr_threshold), authors_k(eigenvalues_b, evr_threshold)
+        phi, w = _truncated_basis(components_a, eigenvalues_a, evr_threshold, ka, weights)
+        psi, v = _truncated_basis(components_b, eigenvalues_b, evr_threshold, kb, weights)
+    else:
+        phi, w = _truncated_basis(components_a, eigenvalues_a, evr_threshold, weights=weights)
+        psi, v = _truncated_basis(components_b, eigenvalues_b, evr_threshold, weights=weights)
     if phi.shape[1] != psi.shape[1]:
         raise SpectralInputError(f"bases of different sizes: E={phi.shape[1]} vs {psi.shape[1]}")
     if w.size == 0 or v.size == 0:
         return math.nan
+    if method == "authors":
+        if weights == "none":
+            return normalized_spectral_cosine(phi, psi)
+        return normalized_spectral_cosine(phi, psi, w, v)
     weighted = np.abs(phi @ psi.T) * w[:, None] * v[None, :]
     if method == "subspace":
         raw = float(np.linalg.norm(weighted))
@@ -490,7 +608,8 @@ def basis_similarity_table(
     unit_names: Sequence[str],
     evr_threshold: float = 0.9,
 ) -> list[dict]:
-    """Per-unit basis similarity between two PCA fits of the same units (e.g. two datasets).
+    """Per-unit basis similarity between two PCA fits of the same units (e.g. two datasets, or
+    two models of one output width).
 
     Args:
         results_a, results_b: one :class:`PCAResult` per unit, in the same unit order.
@@ -499,8 +618,10 @@ def basis_similarity_table(
 
     Returns:
         One dict per unit: ``unit``, ``similarity`` (subspace score), ``similarity_greedy``
-        (METHOD's literal greedy score), ``k_a``, ``k_b`` (kept components). A list of dicts;
-        ``pyarrow.Table.from_pylist`` turns it into a table.
+        (METHOD's literal greedy score), ``authors`` (the paper's score, the authors' code),
+        ``k_a``, ``k_b`` (components reaching the threshold, kept by the first two; the
+        authors' truncation keeps one more where the cumulative EVR equals it exactly). A list
+        of dicts; ``pyarrow.Table.from_pylist`` turns it into a table.
     """
     if not len(results_a) == len(results_b) == len(unit_names):
         raise SpectralInputError(
@@ -515,8 +636,86 @@ def basis_similarity_table(
                 "unit": name,
                 "similarity": basis_similarity(*args, method="subspace"),
                 "similarity_greedy": basis_similarity(*args, method="greedy"),
+                "authors": basis_similarity(*args, method="authors"),
                 "k_a": _k_at(a.eigenvalues, evr_threshold),
                 "k_b": _k_at(b.eigenvalues, evr_threshold),
             }
         )
     return rows
+
+
+# ------------------------------------------------------------------ spectra across models
+
+
+def evr_counts(width: int) -> tuple[int, ...]:
+    """The default component counts at which the cross-model comparison reads each head's
+    cumulative EVR curve (:func:`head_statistics`): the powers of two below ``width`` (1, 2, 4,
+    ..., 32 for 64), log-spaced like the curves' plots; beyond the heads' K_90 every curve is
+    close to 1, so a dense grid would mostly correlate saturated values."""
+    return tuple(2**i for i in range(max(int(width - 1).bit_length(), 1)))
+
+
+def head_statistics(eigenvalues: dict[str, np.ndarray], twonn_dims: dict[str, float],
+                    counts: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """Per-head spectral statistics, by statistic then head name: ``k90`` (components reaching
+    90% EVR, as in ``unit_stats``), ``twonn`` (as given) and ``cumulative_evr`` (the cumulative
+    EVR after each of ``counts`` components, ``[len(counts)]``).
+
+    Args:
+        eigenvalues: head name -> its ``[E]`` eigenvalues (all of them).
+        twonn_dims: head name -> its TwoNN dimension (same names).
+        counts: component counts, each in ``1..E``.
+    """
+    counts = [int(c) for c in counts]
+    out: dict[str, dict[str, Any]] = {"k90": {}, "twonn": {}, "cumulative_evr": {}}
+    for name, lam in eigenvalues.items():
+        stats = unit_stats(lam)
+        if not counts or min(counts) < 1 or max(counts) > stats["cumulative_evr"].size:
+            raise SpectralInputError(f"component counts must be in 1..{stats['evr'].size}, "
+                                     f"got {counts}")
+        out["k90"][name] = stats["k90"]
+        out["twonn"][name] = float(twonn_dims[name])
+        out["cumulative_evr"][name] = stats["cumulative_evr"][np.asarray(counts) - 1]
+    return out
+
+
+def correlation(x, y) -> dict:
+    """Pearson and Spearman correlation of paired values (``scipy.stats``): ``pearson``,
+    ``spearman`` and ``n``; NaN (without a warning) for fewer than 2 pairs or a constant
+    side."""
+    from scipy import stats as st
+
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise SpectralInputError(f"need paired values, got {x.size} and {y.size}")
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"pearson": math.nan, "spearman": math.nan, "n": int(x.size)}
+    return {"pearson": float(st.pearsonr(x, y)[0]), "spearman": float(st.spearmanr(x, y)[0]),
+            "n": int(x.size)}
+
+
+def cross_model_correlations(stats_a: dict[str, dict[str, Any]],
+                             stats_b: dict[str, dict[str, Any]]) -> dict:
+    """Correlate per-head statistics of two models (:func:`head_statistics` of each), heads
+    matched by name; only the heads both have count.
+
+    Returns:
+        ``heads`` (the matched names, in ``stats_a``'s order), ``only_a``, ``only_b`` (names
+        left out), and ``statistics``: statistic -> ``pearson``, ``spearman``, ``n_heads``,
+        ``n_values`` (pairs correlated: heads, or heads × counts for ``cumulative_evr``, whose
+        per-head vectors are concatenated in head order).
+    """
+    names_a = list(next(iter(stats_a.values())))
+    names_b = list(next(iter(stats_b.values())))
+    in_b = set(names_b)
+    heads = [n for n in names_a if n in in_b]
+    result = {"heads": heads, "only_a": [n for n in names_a if n not in in_b],
+              "only_b": [n for n in names_b if n not in set(names_a)], "statistics": {}}
+    for name in stats_a:
+        x = np.concatenate([np.atleast_1d(stats_a[name][h]) for h in heads]) if heads else []
+        y = np.concatenate([np.atleast_1d(stats_b[name][h]) for h in heads]) if heads else []
+        corr = correlation(x, y)
+        result["statistics"][name] = {"pearson": corr["pearson"], "spearman": corr["spearman"],
+                                      "n_heads": len(heads), "n_values": corr["n"]}
+    return result

@@ -1,4 +1,5 @@
-"""PNG plots of spectra, λ, per-head zero-shot accuracy and accuracy against parameters."""
+"""PNG plots of spectra, λ, per-head zero-shot accuracy, accuracy against parameters, and
+per-head spectral statistics across models."""
 
 from __future__ import annotations
 
@@ -165,3 +166,57 @@ def plot_head_selection(rows: Sequence[dict], path: str | Path, ablation: str = 
                frameon=False)  # outside the data
     fig.suptitle("head selection: heads ranked on val, the rest (and emb, MLPs) ablated")
     return _save(fig, path)
+
+
+def plot_cross_model(stats_a: Mapping[str, Mapping[str, float]],
+                     stats_b: Mapping[str, Mapping[str, float]], path: str | Path,
+                     label_a: str = "model A", label_b: str = "model B") -> Path:
+    """Per-head K_90 and TwoNN of model A against model B (heads matched by name, colour =
+    layer), the y = x diagonal dashed, the Pearson and Spearman correlation in each title.
+
+    Args:
+        stats_a, stats_b: statistic -> head name -> value, with at least ``k90`` and
+            ``twonn`` (``stats_a`` / ``stats_b`` of
+            :func:`residual_core.engines.spectral.cross_model_spectra`).
+        label_a, label_b: the models' names on the axes.
+    """
+    import re
+
+    from residual_core.method.spectral import correlation
+
+    heads = [h for h in stats_a["k90"] if h in stats_b["k90"]]
+    layers = np.array([int(m.group(1)) if (m := re.match(r"L(\d+)H\d+$", h)) else 0
+                       for h in heads])
+    n_layers = int(layers.max(initial=0)) + 1
+    norm = matplotlib.colors.BoundaryNorm(np.arange(-0.5, n_layers), plt.get_cmap("viridis").N)
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 4.2), layout="constrained")
+    panels = (("k90", "K_90", "components"), ("twonn", "TwoNN", "intrinsic dimension"))
+    for ax, (key, name, unit) in zip(axes, panels):
+        x = np.array([stats_a[key][h] for h in heads], dtype=float)
+        y = np.array([stats_b[key][h] for h in heads], dtype=float)
+        # heads with equal (integer) K_90 overlap: a count is written next to stacked markers
+        sc = ax.scatter(x, y, c=layers, cmap="viridis", norm=norm, s=28, alpha=0.8,
+                        edgecolors="white", linewidths=0.5)
+        stacked: dict[tuple[float, float], int] = {}
+        for point in zip(x, y):
+            stacked[point] = stacked.get(point, 0) + 1
+        for (px, py), count in stacked.items():
+            if count > 1:
+                ax.annotate(f"×{count}", (px, py), xytext=(4, 3), textcoords="offset points",
+                            fontsize=7)
+        if x.size:
+            lo, hi = min(x.min(), y.min()), max(x.max(), y.max())
+            pad = 0.05 * (hi - lo or 1)
+            ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="gray", ls="--", lw=0.8)
+        corr = correlation(x, y)
+        ax.set_title(f"{name}: Pearson r = {corr['pearson']:.3f}, "
+                     f"Spearman ρ = {corr['spearman']:.3f}\n({len(heads)} heads)", fontsize=9)
+        ax.set_xlabel(f"{name} of {label_a} ({unit})")
+        ax.set_ylabel(f"{name} of {label_b} ({unit})")
+    fig.colorbar(sc, ax=axes, label="layer", ticks=range(n_layers))
+    fig.suptitle("per-head spectral structure across models")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # constrained layout (shared colorbar)
+    plt.close(fig)
+    return path

@@ -20,7 +20,8 @@ class Params(StageParams):
 
 
 class Inputs(StageInputs):
-    """The two spectral stores (same model) and the root of the tables."""
+    """The two spectral stores (of one model, or of two models of one output width) and the
+    root of the tables."""
 
     spectral_url: str
     basis_url: str
