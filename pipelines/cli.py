@@ -448,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "command resumes an interrupted run and does nothing for a complete store.")
     _add_model_arguments(p)
     p.add_argument("--dataset", required=True,
-                   help="registered dataset (e.g. cifar10) or imagefolder:PATH")
+                   help="registered dataset (e.g. cifar10), imagefolder:PATH, or "
+                   "hf-dataset:NAMESPACE/NAME|PATH[?image=COL&label=COL] (README: Datasets)")
     p.add_argument("--split", required=True, choices=["train", "val", "test"])
     p.add_argument("--data-root", default=None, help="dataset root (default data/datasets)")
     p.add_argument("--store-root", default=None, help="store root folder or URL (default data)")

@@ -3,8 +3,9 @@
 - :class:`WeightsId` names a model's weights (architecture, pretrained tag or checkpoint path,
   checkpoint content hash); :func:`parse_weights` makes one from the user's ``--model`` /
   ``--pretrained`` pair, hashing a checkpoint file once (memoised on path, size and mtime).
-- :class:`DatasetRef` names a dataset: a registered name (``cifar10``, ``world/color``) or
-  ``imagefolder:PATH``; :func:`parse_dataset` is the one place that prefix is parsed, and
+- :class:`DatasetRef` names a dataset: a registered name (``cifar10``, ``world/color``),
+  ``imagefolder:PATH`` or ``hf-dataset:SOURCE[?OPTIONS]`` (:class:`HfSource`);
+  :func:`parse_dataset` is the one place those prefixes are parsed, and
   :meth:`DatasetRef.content_identity` fingerprints the files of a dataset given as files.
 - :func:`config_hash` is the stable short hash of a JSON-able configuration; :func:`slug` makes
   a name path-safe.
@@ -21,11 +22,14 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
-__all__ = ["EMBEDDED_MODEL", "FEATURE_DTYPES", "IMAGEFOLDER_PREFIX", "RANDOM_WEIGHTS", "WORLD_WEIGHTS", "DatasetRef", "WeightsId",
-           "config_hash", "file_sha256", "looks_like_path", "parse_dataset", "parse_weights",
-           "slug"]
+from residual_core.errors import ResidualError
+
+__all__ = ["EMBEDDED_MODEL", "FEATURE_DTYPES", "HF_DATASET_OPTIONS", "HF_DATASET_PREFIX",
+           "IMAGEFOLDER_PREFIX", "RANDOM_WEIGHTS", "WORLD_WEIGHTS", "DatasetRef", "HfSource",
+           "WeightsId", "config_hash", "file_sha256", "files_identity", "looks_like_path",
+           "parse_dataset", "parse_weights", "slug"]
 
 EMBEDDED_MODEL = "residual-tiny"
 """The embedded default architecture (its open_clip config ships in ``model_configs``)."""
@@ -35,6 +39,19 @@ IMAGEFOLDER_PREFIX = "imagefolder:"
 current directory, not to the data root) holds one folder of images per class, or ``train/`` and
 ``test/`` (and optionally ``val/``) folders of that form; class names are the sorted folder names
 (of ``train/``), used verbatim in the prompts."""
+
+HF_DATASET_PREFIX = "hf-dataset:"
+"""Prefix of a Hugging Face ``datasets`` dataset: ``hf-dataset:SOURCE[?KEY=VALUE&...]``.
+``SOURCE`` is a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` when it
+starts with ``/``, ``.`` or ``~`` or has two ``/`` or more (relative to the current directory),
+else a Hub id (``NAME`` or ``NAMESPACE/NAME``) read from the local ``datasets`` cache, offline.
+Options (:data:`HF_DATASET_OPTIONS`): ``image=COLUMN``, ``label=COLUMN`` (default: the only
+``Image`` and the only ``ClassLabel`` column), ``config=NAME`` (a Hub dataset's configuration)
+and ``templates=NAME|default`` (whose prompt templates; default: those of the paper dataset the
+last component of ``SOURCE`` names, e.g. ``tanganke/eurosat``, else ``a photo of a {}.``)."""
+
+HF_DATASET_OPTIONS = ("image", "label", "config", "templates")
+"""The options an ``hf-dataset:`` name may carry after ``?``."""
 
 WORLD_WEIGHTS = "world"
 """``pretrained`` value of the embedded model meaning "pretrained on the synthetic world" (the
@@ -134,39 +151,90 @@ def parse_weights(model: str, pretrained: str | os.PathLike | None) -> WeightsId
 
 
 @dataclass(frozen=True)
+class HfSource:
+    """What ``hf-dataset:SOURCE[?OPTIONS]`` names (see :data:`HF_DATASET_PREFIX`).
+
+    ``source``: the Hub id or the folder as written; ``path``: that folder (``~`` expanded), or
+    ``None`` for a Hub id; the options are ``None`` where not given.
+    """
+
+    source: str
+    path: Path | None = None
+    image: str | None = None
+    label: str | None = None
+    config: str | None = None
+    templates: str | None = None
+
+    @property
+    def short_name(self) -> str:
+        """The last component of the source, lower case, ``-`` as ``_`` (``tanganke/eurosat``:
+        ``eurosat``): what the prompt file's templates are looked up by."""
+        last = self.source.rstrip("/").rsplit("/", 1)[-1]
+        return last.lower().replace("-", "_")
+
+
+@dataclass(frozen=True)
 class DatasetRef:
-    """A dataset as the user names it: a registered name, or ``imagefolder:PATH`` (``path``)."""
+    """A dataset as the user names it: a registered name, ``imagefolder:PATH`` (``path``), or
+    ``hf-dataset:SOURCE`` (``hf``; ``path`` is its folder when ``SOURCE`` is a folder)."""
 
     name: str
     path: Path | None = None
+    hf: HfSource | None = None
 
     @property
     def is_files(self) -> bool:
-        """A dataset given as files (its content, not its name, is its identity)."""
-        return self.path is not None
+        """A dataset given as files (its content, not its name, is its identity): an
+        ``imagefolder:`` folder, or any ``hf-dataset:`` (a saved folder or cached Hub files)."""
+        return self.path is not None or self.hf is not None
+
+    @property
+    def manifest_key(self) -> str | None:
+        """What names the cached content manifest of a dataset given as files."""
+        if self.hf is not None:
+            return f"{HF_DATASET_PREFIX}{self.path if self.path is not None else self.hf.source}"
+        return None if self.path is None else str(self.path)
 
     def content_identity(self, cache: str | os.PathLike | None = None) -> dict[str, Any] | None:
         """For a dataset given as files: a digest of its manifest (every file's relative path,
         size and content hash), so that an edited, added or removed image changes it; ``None``
         for a registered dataset (its name and split indices identify it).
 
+        ``hf-dataset:``: the fingerprint and the content hash of the files of each split it
+        reads (:func:`residual_core.datasets.hf.content_identity`).
+
         ``cache``: a JSON file of the hashes already computed, reused for files whose size and
         mtime did not change (a large folder is hashed once, then incrementally).
         """
+        if self.hf is not None:
+            from residual_core.datasets.hf import content_identity  # imports Hugging Face
+
+            return content_identity(self, cache)
         if self.path is None:
             return None
-        known = _read_manifest(cache)
-        manifest: dict[str, list] = {}
-        digest = hashlib.sha256()
-        for path in sorted(p for p in self.path.rglob("*") if p.is_file()):
-            rel, st = path.relative_to(self.path).as_posix(), path.stat()
-            old = known.get(rel)
-            sha = old[2] if old and old[:2] == [st.st_size, st.st_mtime_ns] else file_sha256(path)
-            manifest[rel] = [st.st_size, st.st_mtime_ns, sha]
-            digest.update(f"{rel}\0{st.st_size}\0{sha}\n".encode())
-        if cache is not None and manifest != known:
-            _write_manifest(cache, manifest)
-        return {"files": len(manifest), "sha256": digest.hexdigest()}
+        files = ((path.relative_to(self.path).as_posix(), path)
+                 for path in sorted(p for p in self.path.rglob("*") if p.is_file()))
+        return files_identity(files, cache)
+
+
+def files_identity(files: Iterable[tuple[str, Path]], cache: str | os.PathLike | None = None,
+                   ) -> dict[str, Any]:
+    """``{"files": n, "sha256": digest}`` of ``(name, path)`` pairs: the digest covers each
+    name, size and content hash, in the order given; hashes are reused from the manifest
+    ``cache`` for files whose size and mtime did not change, and the manifest is rewritten with
+    these files (a JSON ``{name: [size, mtime_ns, sha256]}``)."""
+    known = _read_manifest(cache)
+    manifest: dict[str, list] = {}
+    digest = hashlib.sha256()
+    for rel, path in files:
+        st = path.stat()
+        old = known.get(rel)
+        sha = old[2] if old and old[:2] == [st.st_size, st.st_mtime_ns] else file_sha256(path)
+        manifest[rel] = [st.st_size, st.st_mtime_ns, sha]
+        digest.update(f"{rel}\0{st.st_size}\0{sha}\n".encode())
+    if cache is not None and manifest != known:
+        _write_manifest(cache, manifest)
+    return {"files": len(manifest), "sha256": digest.hexdigest()}
 
 
 def _read_manifest(cache: str | os.PathLike | None) -> dict[str, list]:
@@ -185,7 +253,49 @@ def _write_manifest(cache: str | os.PathLike, manifest: dict[str, list]) -> None
 
 
 def parse_dataset(name: str) -> DatasetRef:
-    """The :class:`DatasetRef` of a dataset name (``imagefolder:`` paths are ``~``-expanded)."""
+    """The :class:`DatasetRef` of a dataset name (``imagefolder:`` and ``hf-dataset:`` folders
+    are ``~``-expanded).
+
+    Raises:
+        ResidualError: an ``hf-dataset:`` name that is malformed (empty source, unknown or
+            repeated option, an option without a value), in one line naming the fix.
+    """
     if name.startswith(IMAGEFOLDER_PREFIX):
         return DatasetRef(name, Path(name[len(IMAGEFOLDER_PREFIX):]).expanduser())
+    if name.startswith(HF_DATASET_PREFIX):
+        hf = _parse_hf(name)
+        return DatasetRef(name, hf.path, hf)
     return DatasetRef(name)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+_HF_SYNTAX = (f"{HF_DATASET_PREFIX}NAMESPACE/NAME or {HF_DATASET_PREFIX}/path/to/saved_dataset, "
+              f"optionally followed by ?{'=...&'.join(HF_DATASET_OPTIONS)}=...")
+
+
+def _parse_hf(name: str) -> HfSource:
+    source, has_query, query = name[len(HF_DATASET_PREFIX):].partition("?")
+    source = source.strip()
+    if not source:
+        raise ResidualError(f"dataset {name!r} names no dataset: write {_HF_SYNTAX}")
+    options: dict[str, str] = {}
+    for item in query.split("&") if has_query else ():
+        key, has_value, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if key not in HF_DATASET_OPTIONS:
+            raise ResidualError(f"dataset {name!r}: unknown option {key!r}; the options are "
+                                f"{', '.join(HF_DATASET_OPTIONS)} (as in {_HF_SYNTAX})")
+        if not has_value or not value:
+            raise ResidualError(f"dataset {name!r}: option {key!r} needs a value ({key}=...)")
+        if key in options:
+            raise ResidualError(f"dataset {name!r}: option {key!r} is given twice; keep one")
+        options[key] = value
+    is_path = source.startswith(("/", ".", "~")) or source.count("/") >= 2
+    if not is_path and not _HUB_ID.fullmatch(source):
+        raise ResidualError(
+            f"dataset {name!r}: {source!r} is neither a Hub id (NAME or NAMESPACE/NAME) nor a "
+            f"folder (start a path with /, ./ or ~/): write {_HF_SYNTAX}")
+    if is_path and "config" in options:
+        raise ResidualError(f"dataset {name!r}: config= selects a configuration of a Hub "
+                            "dataset; a saved folder has none: remove it")
+    return HfSource(source, Path(source).expanduser() if is_path else None, **options)

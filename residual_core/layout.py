@@ -256,8 +256,9 @@ class Layout:
         return self.local_root / "reports" / component(name, "report")
 
     def manifest(self, dataset: DatasetRef) -> Path:
-        """The cached content manifest of a dataset given as files."""
-        return self.local_root / "cache" / "manifests" / f"{slug(str(dataset.path))}.json"
+        """The cached content manifest of a dataset given as files (an ``imagefolder:``
+        folder, an ``hf-dataset:`` folder or Hub id)."""
+        return self.local_root / "cache" / "manifests" / f"{slug(str(dataset.manifest_key))}.json"
 
     @property
     def datasets(self) -> Path:

@@ -2,7 +2,9 @@
 
 Every dataset is read from a local *data root* (``data_root`` argument, else
 ``$RESIDUAL_DATA_ROOT/datasets``, else ``./data/datasets``). Nothing is ever downloaded unless
-``download=True`` is passed, and then only through torchvision's own downloaders. Expected layout
+``download=True`` is passed (``residual extract --download``, grid ``extract.download``), and
+then only through torchvision's own downloaders, for the datasets they can download (not
+stanford_cars, resisc45, imagenet, ``imagefolder:`` or ``hf-dataset:``). Expected layout
 under the data root (torchvision's conventions wherever a torchvision class exists):
 
 ============== ================================================================================
@@ -41,20 +43,26 @@ Splits (METHOD §4), all stratified with seed 42 and deterministic across runs a
   image of the folders a split is drawn from is decoded once first: a file PIL cannot decode
   is an error naming it, or with ``skip_bad_images`` is left out before the split is drawn
   (:attr:`SplitDataset.skipped`), so that the split never depends on when a file failed.
+- ``hf-dataset:SOURCE`` (:mod:`.hf`; ``SOURCE`` a ``save_to_disk`` folder or a Hub id read from
+  the local ``datasets`` cache, offline): the dataset's own ``train`` and ``test`` (and
+  ``validation`` or ``val`` if present, else 10% of train); a dataset with a single split is
+  drawn 80/10/10. Columns: the only ``Image`` and ``ClassLabel`` ones, or ``?image=COL&label=COL``.
 
 Labels are indices into :attr:`DatasetInfo.classnames`, the prompt-file order (EuroSAT, RESISC45,
 DTD and SUN397 classes are mapped to it by name). :attr:`SplitDataset.indices` are positions in
 the source dataset of that official part (official train for ``train``/``val``, official test
 for ``test``; the whole set where there is no official split; DTD's train1 then val1 lists):
-the stable sample ids that feature stores keep.
+the stable sample ids that feature stores keep (``hf-dataset:``: row positions within its
+source split).
 
 Trust: CIFAR batches are Python pickles, unpickled as torchvision does (``pickle.load``), and
 unpickling can run code, so read only dataset folders you trust (downloaded through
 torchvision, which checks their md5, or from a source you trust).
 
 Modules: :mod:`.base` (what a dataset is), :mod:`.splits`, :mod:`.paper` (the paper's layouts),
-:mod:`.imagefolder`, :mod:`.world` (the embedded world's tasks), :mod:`.registry` (the entry
-points re-exported here). Importing the package registers the paper's datasets and the world's.
+:mod:`.imagefolder`, :mod:`.hf` (Hugging Face datasets), :mod:`.world` (the embedded world's
+tasks), :mod:`.registry` (the entry points re-exported here). Importing the package registers
+the paper's datasets and the world's.
 """
 
 from residual_core.datasets import world as _world  # noqa: F401  (registers world/*)
@@ -76,7 +84,7 @@ from residual_core.datasets.registry import (
                                          register_dataset,
 )
 from residual_core.datasets.splits import split_80_10_10, stratified_split
-from residual_core.identity import IMAGEFOLDER_PREFIX
+from residual_core.identity import HF_DATASET_PREFIX, IMAGEFOLDER_PREFIX
 from residual_core.layout import SPLITS
 
-__all__ = ['DEFAULT_TEMPLATES', 'IMAGEFOLDER_PREFIX', 'PAPER_DATASETS', 'SEED', 'SPLITS', 'CifarSource', 'DatasetInfo', 'Factory', 'FileListSource', 'SplitDataset', 'SplitSource', 'SvhnSource', 'dataset_info', 'list_datasets', 'load_dataset', 'register_dataset', 'split_80_10_10', 'stratified_split', 'validate_labels']
+__all__ = ['DEFAULT_TEMPLATES', 'HF_DATASET_PREFIX', 'IMAGEFOLDER_PREFIX', 'PAPER_DATASETS', 'SEED', 'SPLITS', 'CifarSource', 'DatasetInfo', 'Factory', 'FileListSource', 'SplitDataset', 'SplitSource', 'SvhnSource', 'dataset_info', 'list_datasets', 'load_dataset', 'register_dataset', 'split_80_10_10', 'stratified_split', 'validate_labels']

@@ -187,7 +187,8 @@ class _Layout:
 def _torchvision_how(cls: str, root_hint: str = "DATA_ROOT") -> str:
     return (
         f"download it with torchvision.datasets.{cls}({root_hint!r}, download=True), "
-        "or pass download=True to residual_core.datasets.load_dataset (the CLI never downloads)"
+        "or run residual extract with --download (grid: extract.download; "
+        "residual_core.datasets.load_dataset(..., download=True))"
     )
 
 
@@ -243,14 +244,35 @@ _LAYOUTS: dict[str, _Layout] = {
 }
 
 
+def _download_failed(e: BaseException) -> bool:
+    """Whether an error raised while torchvision downloads is the download failing: no network
+    (``URLError``, ``ConnectionError``, a timeout: ``OSError``s), MNIST's "Error downloading"
+    after its mirrors, or a download that is not what its md5 says (a proxy's error page)."""
+    if isinstance(e, OSError):
+        return not isinstance(e, FileNotFoundError)
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("download" in text or "corrupted" in text)
+
+
 @contextmanager
-def _missing_data(name: str, data_root: Path) -> Iterator[None]:
-    """Turn torchvision's 'Dataset not found' errors into a :class:`DatasetNotFoundError`."""
+def _missing_data(name: str, data_root: Path, download: bool = False) -> Iterator[None]:
+    """Turn torchvision's 'Dataset not found' errors into a :class:`DatasetNotFoundError`, and
+    (``download``) a failed download into one that says where to put the files instead."""
     try:
         yield
-    except (RuntimeError, FileNotFoundError) as e:
+    except (RuntimeError, OSError) as e:
         layout = _LAYOUTS[name]
         detail = " ".join(str(e).split())  # one line, whatever torchvision's message looks like
+        if download and _download_failed(e):
+            raise DatasetNotFoundError(
+                f"dataset '{name}' could not be downloaded by torchvision (no network access?): "
+                f"place it yourself in {data_root / layout.folder} ({layout.expected}; data root "
+                f"{data_root}), e.g. copied from a machine with network access (there: "
+                f"{layout.how.replace('DATA_ROOT', str(data_root)).split(', or ')[0]}). "
+                f"[{type(e).__name__}: {detail}]"
+            ) from e
+        if not isinstance(e, (RuntimeError, FileNotFoundError)):
+            raise
         raise DatasetNotFoundError(
             f"dataset '{name}' not found: expected {layout.expected} in "
             f"{data_root / layout.folder} (data root {data_root}). To get it: "
@@ -273,7 +295,7 @@ def _torchvision_source(name: str, ds: Any) -> tuple[Any, np.ndarray]:
 def _open_cifar(tv_class: type[tvd.CIFAR10], name: str) -> _Opener:
     def opener(root: Path, part: str, download: bool):
         train = part == "train"
-        with _missing_data(name, root):
+        with _missing_data(name, root, download):
             if download:  # fetch and md5-verify through torchvision, then read as usual
                 tv_class(str(root), train=train, download=True)
             return _torchvision_source(name, CifarSource(root, tv_class, train))
@@ -285,14 +307,14 @@ def _open_simple(name: str, build: Callable[[Path, str, bool], Any]) -> _Opener:
     """Opener around ``build(data_root, part, download) -> torchvision dataset``."""
 
     def opener(root: Path, part: str, download: bool):
-        with _missing_data(name, root):
+        with _missing_data(name, root, download):
             return _torchvision_source(name, build(root, part, download))
 
     return opener
 
 
 def _open_eurosat(root: Path, part: str, download: bool):
-    with _missing_data("eurosat", root):
+    with _missing_data("eurosat", root, download):
         ds = tvd.EuroSAT(str(root), download=download)
     ds, labels = _torchvision_source("eurosat", ds)
     # torchvision numbers the folders alphabetically; the prompt file has its own order
@@ -302,7 +324,7 @@ def _open_eurosat(root: Path, part: str, download: bool):
 
 def _open_svhn(root: Path, part: str, download: bool):
     folder = root / "svhn"
-    with _missing_data("svhn", root):
+    with _missing_data("svhn", root, download):
         if download:  # fetch and md5-verify through torchvision, then read as usual
             tvd.SVHN(str(folder), split=part, download=True)
         return _torchvision_source("svhn", SvhnSource(folder, part))
@@ -312,7 +334,7 @@ def _open_dtd(root: Path, part: str, download: bool):
     """DTD partition 1: ``test`` is test1.txt; ``train`` is the pool train1.txt + val1.txt, from
     which the factory carves the 20% val (the ResiDual authors' protocol: DTD's own val1 is part
     of the training pool, not the validation split)."""
-    with _missing_data("dtd", root):
+    with _missing_data("dtd", root, download):
         parts = [tvd.DTD(str(root), split=s, partition=1, download=download)
                  for s in (["test"] if part == "test" else ["train", "val"])]
     classnames = dataset_info("dtd").classnames
@@ -328,7 +350,7 @@ def _open_dtd(root: Path, part: str, download: bool):
 
 
 def _open_sun397(root: Path, part: str, download: bool):
-    with _missing_data("sun397", root):
+    with _missing_data("sun397", root, download):
         try:
             ds = tvd.SUN397(str(root), download=download)
         except KeyError as e:  # an image folder that ClassName.txt does not list
@@ -353,9 +375,13 @@ def _open_sun397(root: Path, part: str, download: bool):
 
 def _refuse_download(name: str, root: Path, download: bool) -> None:
     """Datasets torchvision cannot download: say so instead of failing deep inside."""
-    if download and not (root / _LAYOUTS[name].folder).exists():
-        with _missing_data(name, root):
-            raise FileNotFoundError(f"'{name}' cannot be downloaded automatically")
+    layout = _LAYOUTS[name]
+    if download and not (root / layout.folder).exists():
+        raise DatasetNotFoundError(
+            f"dataset '{name}' cannot be downloaded by torchvision: place it in "
+            f"{root / layout.folder} ({layout.expected}; data root {root}). To get it: "
+            f"{layout.how}"
+        )
 
 
 def _build_cars(root: Path, part: str, download: bool) -> Any:

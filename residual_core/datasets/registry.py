@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from residual_core.datasets.base import DatasetInfo, Factory, SplitDataset, validate_labels
+from residual_core.datasets.hf import _hf_dataset, _hf_info
 from residual_core.datasets.imagefolder import _imagefolder, _imagefolder_info
 from residual_core.errors import DatasetNotFoundError, ResidualError
-from residual_core.identity import IMAGEFOLDER_PREFIX
+from residual_core.identity import HF_DATASET_PREFIX, IMAGEFOLDER_PREFIX, parse_dataset
 from residual_core.layout import SPLITS, Layout
 
 # ----------------------------------------------------------------------------------------------
@@ -49,8 +50,9 @@ def register_dataset(
     :class:`DatasetNotFoundError` saying where it was expected and how to get it.
     """
     key = name.strip().lower()
-    if not key or key.startswith(IMAGEFOLDER_PREFIX):
-        raise ResidualError(f"invalid dataset name {name!r} ('{IMAGEFOLDER_PREFIX}' is reserved)")
+    if not key or key.startswith((IMAGEFOLDER_PREFIX, HF_DATASET_PREFIX)):
+        raise ResidualError(f"invalid dataset name {name!r} ('{IMAGEFOLDER_PREFIX}' and "
+                            f"'{HF_DATASET_PREFIX}' are reserved)")
     if key in _REGISTRY and not overwrite:
         raise ResidualError(f"dataset '{key}' is already registered (pass overwrite=True)")
     if info.name != key:
@@ -59,13 +61,17 @@ def register_dataset(
 
 
 def list_datasets() -> list[str]:
-    """Names of all registered datasets, sorted (``imagefolder:PATH`` is always available too)."""
+    """Names of all registered datasets, sorted (``imagefolder:PATH`` and
+    ``hf-dataset:SOURCE`` are always available too)."""
     return sorted(_REGISTRY)
 
 
 def _entry(name: str, skip_bad_images: bool = False) -> tuple[str, _Entry]:
     if name.startswith(IMAGEFOLDER_PREFIX):
         return name, _Entry(_imagefolder(name, skip_bad_images), lambda: _imagefolder_info(name))
+    if name.startswith(HF_DATASET_PREFIX):
+        parse_dataset(name)  # a malformed name fails here, before anything is read
+        return name, _Entry(_hf_dataset(name), lambda: _hf_info(name))
     key = name.strip().lower()
     if key in _REGISTRY:
         return key, _REGISTRY[key]
@@ -73,14 +79,17 @@ def _entry(name: str, skip_bad_images: bool = False) -> tuple[str, _Entry]:
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise DatasetNotFoundError(
         f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(list_datasets())}; "
-        f"or use '{IMAGEFOLDER_PREFIX}PATH' for a folder of class subfolders."
+        f"or use '{IMAGEFOLDER_PREFIX}PATH' for a folder of class subfolders, "
+        f"'{HF_DATASET_PREFIX}NAMESPACE/NAME' for a Hugging Face dataset in the local cache or "
+        f"'{HF_DATASET_PREFIX}PATH' for one written by save_to_disk."
     )
 
 
 def dataset_info(name: str) -> DatasetInfo:
     """Class names and templates of a dataset, without reading its data.
 
-    (``imagefolder:PATH`` lists the class folders of ``PATH``, but reads no image.)
+    (``imagefolder:PATH`` lists the class folders of ``PATH``, ``hf-dataset:`` opens the
+    dataset's metadata; neither reads an image.)
     """
     return _entry(name)[1].info()
 
@@ -96,7 +105,9 @@ def load_dataset(
     """One split (``"train"``, ``"val"`` or ``"test"``) of a dataset, read from ``data_root``.
 
     ``data_root`` defaults to ``Layout.of().datasets``; ``download=True`` lets torchvision fetch
-    a missing dataset that it can download (nothing is downloaded otherwise).
+    a missing dataset that it can download (nothing is downloaded otherwise; for the others,
+    ``imagefolder:`` and ``hf-dataset:`` included, a missing dataset is an error that says it
+    cannot be downloaded, and where to put it).
     ``skip_bad_images``: an ``imagefolder:`` dataset leaves out the files PIL cannot decode
     (listed in :attr:`SplitDataset.skipped`) instead of refusing them; other datasets ignore it.
 
@@ -111,9 +122,16 @@ def load_dataset(
         raise ResidualError(
             f"unknown split {split!r} for dataset '{key}': expected one of {', '.join(SPLITS)}"
         )
-    info = entry.info()
     root = Path(data_root).expanduser() if data_root is not None else Layout.of().datasets
-    source, labels, indices = entry.factory(split, root, download)
+    try:
+        info = entry.info()
+        source, labels, indices = entry.factory(split, root, download)
+    except DatasetNotFoundError as e:
+        if download and parse_dataset(key).is_files and "never download" not in str(e):
+            raise DatasetNotFoundError(
+                f"{e} (download: '{IMAGEFOLDER_PREFIX}' and '{HF_DATASET_PREFIX}' datasets are "
+                "local files and are never downloaded)") from e
+        raise
     validate_labels(labels, info)
     return SplitDataset(source, labels, indices, info, split, transform,
                         skipped=getattr(source, "skipped", ()))

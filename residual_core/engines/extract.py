@@ -75,8 +75,9 @@ def store_config(weights: WeightsId, dataset: str, split: str, indices: np.ndarr
     serving old labels.
 
     ``dataset_content``: the content identity of a dataset given as files
-    (:meth:`~residual_core.identity.DatasetRef.content_identity`), so that an edited image makes
-    the store stale; registered datasets are named by their name and split indices.
+    (:meth:`~residual_core.identity.DatasetRef.content_identity`), so that an edited image (or
+    an ``hf-dataset:`` saved again) makes the store stale; registered datasets are named by
+    their name and split indices.
     """
     extra = {} if dataset_content is None else {"dataset_content": dataset_content}
     # Only where it can change what is read (a dataset given as files), and only when set, so
@@ -112,7 +113,7 @@ def store_config_hash(weights: WeightsId, dataset: str, split: str, params: Extr
     model (the dataset's listing gives the split's sample ids; an ``imagefolder:`` dataset's
     images are decoded once per process to find unreadable ones)."""
     layout = Layout.of(store_root).check_root()
-    data = load_dataset(dataset, split, data_root=data_root,
+    data = load_dataset(dataset, split, data_root=data_root, download=params.download,
                         skip_bad_images=params.skip_bad_images)
     return config_hash(_config(weights, dataset, split, data, params, layout))
 
@@ -147,9 +148,11 @@ def extract(
 
     Args:
         model, pretrained: open_clip name and tag / checkpoint path / None (random weights).
-        dataset, split: a registered dataset name (or ``imagefolder:PATH``) and ``train|val|test``.
+        dataset, split: a registered dataset name (or ``imagefolder:PATH``,
+            ``hf-dataset:SOURCE``) and ``train|val|test``.
         params: batch size, storage dtype, rows per chunk, unreadable images left out or
-            refused, DataLoader workers, device (:class:`residual_core.stages.extract.Params`).
+            refused, whether torchvision may download the dataset, DataLoader workers, device
+            (:class:`residual_core.stages.extract.Params`).
         data_root: where datasets live (default ``Layout.of().datasets``).
         store_root: local folder or fsspec URL under which stores live (default ``data/``).
         verify: check every array first: recompute damaged row chunks (decoded, labels and
@@ -167,7 +170,7 @@ def extract(
     if loaded is None:
         loaded = load_model(model, pretrained, device=params.device or default_device())
     data = load_dataset(dataset, split, data_root=data_root, transform=loaded.preprocess,
-                        skip_bad_images=params.skip_bad_images)
+                        download=params.download, skip_bad_images=params.skip_bad_images)
     config = _config(loaded.weights, dataset, split, data, params, layout)
     chash = config_hash(config)
     rows_per_chunk, feature_dtype = params.rows_per_chunk, params.feature_dtype

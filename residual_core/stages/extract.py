@@ -23,7 +23,7 @@ Split = Literal["train", "val", "test"]
 
 class Params(StageParams):
     """Extraction settings; only ``feature_dtype``, ``rows_per_chunk`` and ``skip_bad_images``
-    change what a store holds."""
+    change what a store holds (``download`` only lets a missing dataset be fetched first)."""
 
     batch_size: int = Field(64, ge=1, json_schema_extra=RUN_ONLY,
                             description="images per forward pass (batches never cross row chunks)")
@@ -35,6 +35,11 @@ class Params(StageParams):
     skip_bad_images: bool = Field(
         False, description="leave out the images of an imagefolder: dataset that cannot be "
         "decoded (listed in the store's skipped_images) instead of refusing the dataset")
+    download: bool = Field(
+        False, json_schema_extra=RUN_ONLY,
+        description="let torchvision download a dataset missing from the data root (cifar10, "
+        "cifar100, mnist, svhn, gtsrb, dtd, eurosat, sun397); for any other a missing dataset "
+        "stays an error saying where to put it")
     num_workers: int | None = Field(None, ge=0, json_schema_extra=RUN_ONLY,
                                     description="DataLoader worker processes "
                                     "(default min(4, CPUs - 1))")
