@@ -14,12 +14,17 @@ from pathlib import Path
 import torch
 
 from residual_core.datasets import load_dataset
-from residual_core.identity import EMBEDDED_MODEL
+from residual_core.identity import EMBEDDED_MODEL, WORLD_WEIGHTS
 from residual_core.layout import Layout
 from residual_core.method.decompose import decompose
 from residual_core.method.models import load_model
 from residual_core.report.markdown import model_report
 from residual_core.world.rendering import TASKS
+
+
+COMPARE_TASK = TASKS[1]
+"""The task whose train split the two embedded models are compared on (all five tasks share the
+same images)."""
 
 
 def exactness_check(checkpoint: str, task: str, n: int = 64) -> float:
@@ -35,14 +40,22 @@ def exactness_check(checkpoint: str, task: str, n: int = 64) -> float:
 
 def run_demo(store_root: str | None = None, force: list[str] | None = None) -> int:
     """Run the ``demo`` grid through :func:`pipelines.flows.experiment_flow`; print and report."""
-    from pipelines.flows import count_stage_runs, experiment_flow
+    from pipelines.flows import compare_flow, count_stage_runs, experiment_flow
+    from pipelines.grid import ModelSpec
+    from residual_core.stages.pretrain import Params as PretrainParams
 
     layout = Layout.of(store_root)
     root = Path(layout.root)
     start = time.perf_counter()
     result = experiment_flow(grid="demo", force=force, store_root=str(root))
+    # a second embedded model (pretraining seed 1) for the analyses across models
+    world = ModelSpec(name=EMBEDDED_MODEL, pretrained=WORLD_WEIGHTS)
+    compared = compare_flow(world, world, COMPARE_TASK, other_pretrain=PretrainParams(seed=1),
+                            store_root=str(root), force=force)
     seconds = time.perf_counter() - start
     n_runs, computed = count_stage_runs(result)
+    n_runs += len(compared["runs"])
+    computed += sum(r["state"] != "Cached" for r in compared["runs"])
     (model,) = result["models"]
     checkpoint = model["pretrained"]
     report = model_report(root, EMBEDDED_MODEL, checkpoint, datasets=TASKS,

@@ -44,8 +44,8 @@ from residual_core.stages.spectral import Params as SpectralParams
 from .grid import Cell, Grid, ModelSpec, Settings, Split, Stage, load_grid
 from .tasks import Runner, RunOptions
 
-__all__ = ["CELL_DEPLOYMENT", "GridRunError", "align_flow", "cell_flow", "experiment_flow",
-           "extract_flow", "spectral_flow"]
+__all__ = ["CELL_DEPLOYMENT", "GridRunError", "align_flow", "cell_flow", "compare_flow",
+           "experiment_flow", "extract_flow", "spectral_flow"]
 
 CELL_DEPLOYMENT = "cell/residual-cell"
 """The deployment (in ``prefect.yaml``) that ``experiment_flow(distribute=True)`` runs cells on."""
@@ -120,6 +120,28 @@ def _similarity(runner: Runner, spectral_url: str, basis_url: str, evr_threshold
                                tables_root=runner.store_root)
     return runner.run("similarity", target, inputs,
                       SimilarityParams(evr_threshold=evr_threshold)).rows
+
+
+@flow(name="compare")
+def compare_flow(model: ModelSpec, other: ModelSpec, dataset: str, split: Split = "train",
+                 pretrain: PretrainParams = PretrainParams(),
+                 other_pretrain: PretrainParams | None = None,
+                 extract: ExtractParams = ExtractParams(),
+                 spectral: SpectralParams = SpectralParams(), evr_threshold: float = 0.9,
+                 store_root: str | None = None, data_root: str | None = None,
+                 force: list[Stage] | None = None) -> dict[str, Any]:
+    """Two models (or two weights of one) on one dataset split: the principal bases of every
+    unit compared (``basis_similarity``, the authors' score included) and, for different
+    weights, the per-head spectral statistics correlated across the models (``cross_model``).
+    ``other_pretrain``: the other model's world pretraining (default ``pretrain``; another
+    seed gives a second embedded model). Returns both spectral stores and the stage runs."""
+    runner = Runner(_options(store_root, data_root, force))
+    first = _weights(runner, model, pretrain)
+    second = _weights(runner, other, other_pretrain or pretrain)
+    a, b = (_spectral_of(runner, m, dataset, split, extract, spectral) for m in (first, second))
+    _similarity(runner, a, b, evr_threshold, f"{first.label} vs {second.label} {dataset}")
+    return {"spectral": [a, b], "weights": [first.pretrained, second.pretrained],
+            "runs": runner.runs}
 
 
 def _explain(runner: Runner, feature_url: str, params: ExplainParams, target: str) -> int:

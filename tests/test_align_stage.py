@@ -155,6 +155,53 @@ def test_report_from_tables(task, tmp_path):
     for png in ("accuracy_vs_parameters.png", "head_zero_shot.png", "head_selection.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000 and png in text
     assert list((tmp_path / "rep").glob("lambda_*.png")) and "K_90 median" in text
+    assert "## Heads in text" not in text and "## Across models" not in text
+    # with the heads explained: each task's three best heads with their top descriptions
+    from residual_core.engines.explain import run_explain
+    from residual_core.stages.explain import Params as ExplainParams
+
+    words = tmp_path / "words.txt"
+    words.write_text("\n".join(["a red thing", "a blue thing", "stripes", "dots", "a cat"]))
+    run_explain(urls[0], ExplainParams(dictionary=str(words), texts_per_head=2, rank=4),
+                tables_root=str(root / "st"))
+    text = write_report(root / "st", EMBEDDED_MODEL, {dataset: tuple(urls)},
+                        tmp_path / "rep").path.read_text()
+    section = text.split("## Heads in text")[1].split("\n## ")[0]
+    assert section.count(f"- `{dataset}` L") == 3 and section.count("| L") == 16
+
+
+def test_report_across_models_from_the_tables(task, tmp_path):
+    """The "across models" section reads cross_model, unit_stats and basis_similarity rows."""
+    from residual_core.report.markdown import write_report
+    from residual_core.tables import write_rows
+
+    root, urls = task
+    store_root = tmp_path / "st"
+    shutil.copytree(root / "st" / "tables", store_root / "tables")
+    dataset = read_table(store_root, "evaluations").column("dataset")[0].as_py()
+    compared = "cifar10"  # the models were compared on another dataset than the task's
+    other = str(tmp_path / "other.pt")
+    heads = [f"L{l}H{h}" for l in range(4) for h in range(4)]
+    for weights, shift in (("random", 0), (other, 1)):
+        write_rows(store_root, "unit_stats", [
+            {"model": EMBEDDED_MODEL, "dataset": compared, "split": "train", "unit": u,
+             "kind": "head", "k90": 3 + i % 4 + shift, "twonn": 5.0 + i / 4}
+            for i, u in enumerate(heads)], key=f"stats-{shift}", provenance={"pretrained": weights})
+    write_rows(store_root, "cross_model", [
+        {"model": EMBEDDED_MODEL, "dataset": compared, "split": "train",
+         "other_model": EMBEDDED_MODEL, "other_pretrained": other, "statistic": s,
+         "pearson": 0.9, "spearman": 0.8, "n_heads": 16} for s in ("k90", "twonn")],
+        key="cross", provenance={"pretrained": "random"})
+    write_rows(store_root, "basis_similarity", [
+        {"model": EMBEDDED_MODEL, "dataset": compared, "other_dataset": compared, "split": "train",
+         "other_split": "train", "other_model": EMBEDDED_MODEL, "other_pretrained": other,
+         "unit": u, "authors": 0.25 + i / 100} for i, u in enumerate(heads)],
+        key="sim", provenance={"pretrained": "random"})
+    text = write_report(store_root, EMBEDDED_MODEL, {dataset: tuple(urls)},
+                        tmp_path / "rep").path.read_text()
+    section = text.split("## Across models")[1].split("\n## ")[0]
+    assert "on `cifar10` (train)" in section and "| k90 | 0.900 | 0.800 | 16 |" in section and "mean 0.325" in section
+    assert (tmp_path / "rep" / "cross_model_0.png").stat().st_size > 1000
 
 
 def test_finetune_reads_the_images_from_the_given_data_root(tmp_path, monkeypatch):

@@ -219,6 +219,41 @@ def test_world_weights_and_a_basis_dataset(world, calls):
     assert calls == {"extract": 4, "spectral": 2, "align": 1}  # all in the first run
 
 
+def test_compare_flow_compares_two_embedded_models(world, calls):
+    """Two pretraining seeds of the embedded model on one split: basis similarity with the
+    authors' score and the cross-model correlations, both cached on a rerun; deleting the
+    cross_model table makes the similarity stage run again."""
+    from pipelines.flows import compare_flow
+    from pipelines.grid import ModelSpec
+    from residual_core.stages.pretrain import Params as PretrainParams
+
+    dataset = world["grid"]["sweeps"][0]["datasets"][0]
+    store = world["root"] / "store-compare"
+    model = ModelSpec(name=EMBEDDED_MODEL, pretrained="world")
+    kw = dict(pretrain=PretrainParams(steps=2, batch_size=8),
+              other_pretrain=PretrainParams(seed=1, steps=2, batch_size=8),
+              store_root=str(store))
+    result = compare_flow(model, model, dataset, **kw)
+    first, second = result["weights"]
+    assert first != second and "seed1" in os.path.basename(second)
+    assert [(r["stage"], r["state"]) for r in result["runs"]] == (
+        [("pretrain", "Completed"), ("pretrain", "Completed")]
+        + [("extract", "Completed"), ("spectral", "Completed")] * 2
+        + [("similarity", "Completed")])
+    similarity = read_table(store, "basis_similarity").to_pylist()
+    assert len(similarity) == 21 and {r["other_pretrained"] for r in similarity} == {second}
+    assert all(0 <= r["authors"] <= 1 + 1e-9 for r in similarity)
+    cross = read_table(store, "cross_model").to_pylist()
+    assert {r["statistic"] for r in cross} == {"k90", "twonn", "cumulative_evr"}
+    assert {r["n_heads"] for r in cross} == {16}
+    again = compare_flow(model, model, dataset, **kw)
+    assert {r["state"] for r in again["runs"]} == {"Cached"}
+    shutil.rmtree(store / "tables" / "cross_model")
+    third = compare_flow(model, model, dataset, **kw)
+    assert [r["stage"] for r in third["runs"] if r["state"] != "Cached"] == ["similarity"]
+    assert read_table(store, "cross_model").num_rows == 3
+
+
 def _train_store(world) -> str:
     return Layout.of(world["store"]).feature_store(
         WeightsId(EMBEDDED_MODEL), world["grid"]["sweeps"][0]["datasets"][0], "train")

@@ -266,6 +266,14 @@ def similarity_key(a_config_hash: str, b_config_hash: str, evr_threshold: float)
                         "v": _SIMILARITY_VERSION})
 
 
+def cross_model_key(a_config_hash: str, b_config_hash: str,
+                    counts: Sequence[int] | None = None) -> str:
+    """The key of the cross-model rows of two spectral stores (by their config hashes);
+    ``counts`` ``None``: the default EVR counts (recorded as such)."""
+    return config_hash({"a": a_config_hash, "b": b_config_hash,
+                        "counts": None if counts is None else list(counts), "v": 1})
+
+
 def cross_model_spectra(spectral_a: str, spectral_b: str, counts: Sequence[int] | None = None,
                         tables_root: str | None = None) -> dict:
     """Correlate per-head spectral statistics of two models on one dataset (the paper's
@@ -299,6 +307,7 @@ def cross_model_spectra(spectral_a: str, spectral_b: str, counts: Sequence[int] 
             raise StoreError(f"cross-model spectra compare two models on one dataset and split; "
                              f"got {_label(a)} and {_label(b)}")
     width = int(a.group["components"].shape[-1])
+    key = cross_model_key(a.attrs["config_hash"], b.attrs["config_hash"], counts)
     counts = tuple(int(c) for c in (evr_counts(width) if counts is None else counts))
     stats = []
     for store in (a, b):
@@ -313,8 +322,6 @@ def cross_model_spectra(spectral_a: str, spectral_b: str, counts: Sequence[int] 
             "other_model": b.attrs["model"], "other_pretrained": b.attrs.get("pretrained")}
     rows = [{**base, "statistic": name, "pearson": s["pearson"], "spearman": s["spearman"],
              "n_heads": s["n_heads"]} for name, s in result["statistics"].items()]
-    key = config_hash({"a": a.attrs["config_hash"], "b": b.attrs["config_hash"],
-                       "counts": list(counts), "v": 1})
     rows_key = "cross-model-" + config_hash({"a": Layout.location(spectral_a),
                                              "b": Layout.location(spectral_b)})
     write_rows(tables_root or Layout.of_store(a.attrs["feature_store"]).root, "cross_model",

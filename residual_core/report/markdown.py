@@ -18,6 +18,7 @@ from residual_core.report.plots import (
     plot_accuracy_vs_parameters,
     plot_head_selection,
     plot_head_zero_shot,
+    plot_cross_model,
     plot_lambda_heatmap,
     plot_spectra,
 )
@@ -135,6 +136,7 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
                   f"{np.median(k90):.0f} (max {max(k90)}), TwoNN median {np.median(twonn):.1f}, "
                   f"of dh = {dh}: ![spectra]({name})"]
     lines.append("")
+    lines += _across_models(store_root, model, weights, out)
 
     lines += ["## Learned λ (residual-star, seed 0)", ""]
     for t, urls in task_stores.items():
@@ -148,6 +150,57 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return Report(path, table)
+
+
+def _rows(store_root, table: str, model: str, weights: str, **filters) -> list[dict]:
+    """``table``'s rows of ``model`` with these weights (none when the table does not exist)."""
+    try:
+        rows = read_table(store_root, table, model=model,
+                          filters=filters or None).to_pylist()
+    except ResidualError:
+        return []
+    return [r for r in rows if _weights_label(r.get("pretrained")) == weights]
+
+
+def _across_models(store_root, model: str, weights: str, out: Path) -> list[str]:
+    """The "across models" section: per-head spectral statistics of these weights against each
+    other model they were compared with (table ``cross_model``), with a scatter plot and the
+    authors' basis similarity; none without ``cross_model`` rows."""
+    pairs: dict[tuple, list[dict]] = {}
+    for r in _rows(store_root, "cross_model", model, weights):
+        pairs.setdefault((r["other_model"], r["other_pretrained"], r["dataset"], r["split"]),
+                         []).append(r)
+    if not pairs:
+        return []
+    lines = ["## Across models", "",
+             "Per-head spectral statistics of this model against another one on the same "
+             "images (heads matched by name); the paper reports correlations of about 0.97 "
+             "between CLIP models.", ""]
+    for k, ((other, other_weights, dataset, split), rows) in enumerate(sorted(pairs.items())):
+        label = f"{other} ({Path(str(other_weights)).name})"
+        lines += [f"Against {label} on `{dataset}` ({split}):", "", "| statistic | Pearson | "
+                  "Spearman | heads |", "|---|---|---|---|"]
+        lines += [f"| {r['statistic']} | {r['pearson']:.3f} | {r['spearman']:.3f} | "
+                  f"{r['n_heads']} |" for r in sorted(rows, key=lambda r: r["statistic"])]
+        sims = [r["authors"] for r in _rows(store_root, "basis_similarity", model, weights,
+                                            dataset=dataset, split=split)
+                if r.get("other_pretrained") == other_weights and r.get("authors") is not None
+                and r["unit"].startswith("L") and "H" in r["unit"]]
+        if sims:
+            lines += ["", f"Basis similarity of each head with its namesake (the authors' "
+                      f"normalised spectral cosine, 90% EVR): mean {np.mean(sims):.3f}, "
+                      f"min {np.min(sims):.3f}, max {np.max(sims):.3f} over {len(sims)} heads."]
+        stats = []
+        for w, m in ((weights, model), (_weights_label(other_weights), other)):
+            heads = [r for r in _rows(store_root, "unit_stats", m, w, dataset=dataset,
+                                      split=split) if r["kind"] == "head"]
+            stats.append({s: {r["unit"]: r[s] for r in heads} for s in ("k90", "twonn")})
+        if all(s["k90"] for s in stats):
+            name = f"cross_model_{k}.png"
+            plot_cross_model(*stats, out / name, label_a="this model", label_b="the other")
+            lines += ["", f"![across models]({name})"]
+        lines.append("")
+    return lines
 
 
 def _unit_order(unit: str) -> tuple[int, int]:

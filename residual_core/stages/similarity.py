@@ -30,6 +30,7 @@ class Inputs(StageInputs):
 
 class Result(StageResult):
     rows: int
+    cross_model_rows: int = 0
 
 
 def _hashes(inputs: Inputs) -> tuple[str, str]:
@@ -46,29 +47,49 @@ def identity(inputs: Inputs, params: Params) -> dict[str, Any]:
             "tables_root": inputs.tables_root}
 
 
+def _across_models(inputs: Inputs) -> bool:
+    """Whether the two stores are of different weights (then the per-head spectral statistics
+    are correlated across the models too, table ``cross_model``)."""
+    from residual_core.formats.spectral_store import SpectralStore
+    from residual_core.identity import WeightsId
+
+    a, b = (WeightsId.from_attrs(SpectralStore.open(u).attrs)
+            for u in (inputs.spectral_url, inputs.basis_url))
+    return a != b
+
+
 def is_current(inputs: Inputs, params: Params) -> bool:
+    from residual_core.engines.spectral import cross_model_key
     from residual_core.formats.spectral_store import SpectralStore
     from residual_core.tables import has_rows
 
     try:
         attrs = SpectralStore.open(inputs.spectral_url).attrs
         key = identity(inputs, params)["rows"]
+        across = _across_models(inputs)
     except StoreError:
         return False
-    return has_rows(inputs.tables_root, "basis_similarity", attrs["model"], attrs["dataset"],
-                    config_hash=key)
+    who = (inputs.tables_root, attrs["model"], attrs["dataset"])
+    if not has_rows(who[0], "basis_similarity", *who[1:], config_hash=key):
+        return False
+    return not across or has_rows(who[0], "cross_model", *who[1:],
+                                  config_hash=cross_model_key(*_hashes(inputs)))
 
 
 def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
-    from residual_core.engines.spectral import similarity
+    from residual_core.engines.spectral import cross_model_spectra, similarity
 
-    return Result(rows=len(similarity(inputs.spectral_url, inputs.basis_url,
-                                      params.evr_threshold, tables_root=inputs.tables_root)))
+    rows = similarity(inputs.spectral_url, inputs.basis_url, params.evr_threshold,
+                      tables_root=inputs.tables_root)
+    cross = (cross_model_spectra(inputs.spectral_url, inputs.basis_url,
+                                 tables_root=inputs.tables_root)["rows"]
+             if _across_models(inputs) else [])
+    return Result(rows=len(rows), cross_model_rows=len(cross))
 
 
 def discard(inputs: Inputs, params: Params) -> None:
     """Nothing to delete: a rerun replaces its rows (same key)."""
 
 
-STAGE = Stage("similarity", 1, ("spectral",), Params, Inputs, Result, identity, is_current, run,
-              discard, summary=("rows",))
+STAGE = Stage("similarity", 2, ("spectral",), Params, Inputs, Result, identity, is_current, run,
+              discard, summary=("rows", "cross_model_rows"))
