@@ -3,6 +3,7 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from builders import write_image_folder
@@ -277,3 +278,31 @@ def test_a_changed_preset_recomputes_only_its_fits(task, monkeypatch):
     assert after["zero-shot", 0] == before["zero-shot", 0]
     key, content = after["linear", 0]
     assert key == before["linear", 0][0] and content != before["linear", 0][1]  # row replaced
+
+
+def test_stores_open_with_xarray(task):
+    """Feature, spectral and align stores carry Zarr dimension_names: xarray opens them as they
+    are, with the axes named and sized as the store's own reader says."""
+    import xarray as xr
+
+    from residual_core.engines.align import load_bases
+    from residual_core.engines.spectral import run_spectral
+    from residual_core.formats.feature_store import FeatureStore
+    from residual_core.layout import Layout
+
+    root, urls = task
+    store = FeatureStore.open(urls[0])
+    features = xr.open_zarr(urls[0], consolidated=False)
+    assert features["heads"].dims == ("n", "layer", "head", "head_dim")
+    assert features.sizes["n"] == store.dims.n and features.sizes["layer"] == store.dims.layer
+    np.testing.assert_array_equal(features["labels"].values, store.labels)
+    spectral_url = run_spectral(urls[0], tables_root=str(root / "st"), progress=False).url
+    spectral = xr.open_zarr(spectral_url, consolidated=False)
+    assert spectral["components"].dims == ("unit", "component", "embed")
+    bases = load_bases(spectral_url)
+    np.testing.assert_allclose(spectral["eigenvalues"].values[1], bases.eigenvalues[1])
+    run_align(*urls, AlignParams(methods=("residual-star",), epochs=1, head_selection=False),
+              progress=False)
+    lam = xr.open_zarr(Layout.align_weights(urls[0]), group="residual-star/seed0/lambda",
+                       consolidated=False)
+    assert lam.data_vars and all(v.ndim == 1 for v in lam.data_vars.values())

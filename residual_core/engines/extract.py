@@ -192,8 +192,7 @@ def _fixed_content(loaded: LoadedModel, info) -> tuple[ReadoutMaps, dict[str, np
     """The read-out maps and the text classifier: the fixed arrays, derived from the model."""
     maps = readout_maps(loaded.model)
     classifier = text_classifier(loaded.model, loaded.tokenizer, info.classnames, info.templates)
-    return maps, {"template_embeddings": classifier.template_embeddings.numpy(),
-                  "class_weights": classifier.weights.numpy()}
+    return maps, {"class_weights": classifier.weights.numpy()}
 
 
 def _clear_interrupted_creation(url: str) -> None:

@@ -20,7 +20,9 @@ def _save_weights(group: zarr.Group, result: FitResult, fit_hash: str) -> None:
     for name, value in result.state.items():
         if name.startswith("lambda/") or value.size <= 1_000_000:
             arr = np.asarray(value)
+            leaf = name.rsplit("/", 1)[-1]  # axes named per array: their sizes differ
             group.create_array(f"{base}/{name}", shape=arr.shape, dtype=arr.dtype,
+                               dimension_names=[f"{leaf}_{i}" for i in range(arr.ndim)],
                                overwrite=True)[...] = arr
     group.require_group(base).attrs.update({"val_acc": result.val_acc, "test_acc":
                                             result.test_acc, "basis": result.basis_dataset,

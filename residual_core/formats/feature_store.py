@@ -35,7 +35,7 @@ from residual_core.layout import is_local, local_path, zarr_target
 from residual_core.method.decompose import ReadoutMaps, project_heads, project_residual
 from residual_core.method.units import Unit, unit_table
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: no text/template_embeddings (nothing read them); named dimensions
 DECOMPOSITION_VERSION = 1  # bump when decompose() changes what it computes
 FORMAT_NAME = "residual-feature-store"
 
@@ -68,8 +68,6 @@ SCHEMA: dict[str, ArraySpec] = {
     "maps/resid_map": ArraySpec(("width", "embed"), "float32", False),
     "maps/gamma_proj": ArraySpec(("embed",), "float32", False),
     "maps/beta_proj": ArraySpec(("embed",), "float32", False),
-    "text/template_embeddings": ArraySpec(("class", "template", "embed"), "float32", False,
-                                          doc="L2-normalised text embedding per class and template"),
     "text/class_weights": ArraySpec(("class", "embed"), "float32", False,
                                     doc="zero-shot classifier: averaged, renormalised"),
 }
@@ -203,10 +201,9 @@ class FeatureStore:
             fill = np.nan if np.dtype(dtype).kind == "f" else 0
             group.create_array(name, shape=shape, dtype=dtype, fill_value=fill,
                                compressors=compressor, attributes={"dims": list(spec.dims)},
-                               **kwargs)
+                               dimension_names=spec.dims, **kwargs)
         for key, value in maps.as_numpy().items():
             group[f"maps/{key}"][...] = value
-        group["text/template_embeddings"][...] = text["template_embeddings"]
         group["text/class_weights"][...] = text["class_weights"]
         group["labels"][...] = labels
         group["indices"][...] = indices

@@ -54,6 +54,11 @@ class SpectralStore:
         return self.group["twonn"][...]
 
 
+DIMENSIONS = {"mean": ("unit", "embed"), "components": ("unit", "component", "embed"),
+              "eigenvalues": ("unit", "component"), "twonn": ("unit",)}
+"""The named axes of each array (Zarr ``dimension_names``: xarray opens the store as is)."""
+
+
 def _write_store(url: str, features: FeatureStore, results: list[PCAResult],
                  dims: list[float], key: str, params: SpectralParams) -> None:
     group = zarr.open_group(zarr_target(url), mode="w")
@@ -66,7 +71,8 @@ def _write_store(url: str, features: FeatureStore, results: list[PCAResult],
     }
     for name, value in arrays.items():
         chunks = (1,) + value.shape[1:]
-        group.create_array(name, shape=value.shape, chunks=chunks, dtype="float64")[...] = value
+        group.create_array(name, shape=value.shape, chunks=chunks, dtype="float64",
+                           dimension_names=DIMENSIONS[name])[...] = value
     group.attrs.update({
         "format": FORMAT_NAME, "spectral_version": SPECTRAL_VERSION, "config_hash": key,
         "params": params.model_dump(), "feature_store": features.url,
