@@ -422,6 +422,15 @@ def _add_store_dtype(p: argparse.ArgumentParser) -> None:
                    help=f"dtype the stores were extracted in (default {field.default})")
 
 
+def _add_feature_store_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that name one feature store (read by :func:`_feature_url`)."""
+    _add_model_arguments(p)
+    p.add_argument("--dataset", required=True, help="dataset name (as extracted)")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    _add_store_dtype(p)
+    p.add_argument("--store-root", default=None, help="store root folder or URL (default data)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``residual`` command (exposed for docs and tests)."""
     parser = argparse.ArgumentParser(
@@ -463,11 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Per-unit PCA (out of core, Dask), spectra statistics and TwoNN "
                        "intrinsic dimension of an extracted feature store; writes a spectral Zarr "
                        "store next to it and the Parquet tables spectra and unit_stats.")
-    _add_model_arguments(p)
-    p.add_argument("--dataset", required=True, help="dataset name (as extracted)")
-    p.add_argument("--split", default="train", choices=["train", "val", "test"])
-    _add_store_dtype(p)
-    p.add_argument("--store-root", default=None, help="store root folder or URL (default data)")
+    _add_feature_store_arguments(p)
     # --dask-*: the same names as `residual run` (extract's --num-workers are DataLoader workers)
     p.add_argument("--dask-address", dest="address", default=None,
                    help="dask.distributed scheduler address (must answer within 5 s)")
@@ -515,11 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "text tower (cached). Writes the head_texts table and prints each head's "
                        "top descriptions. Rerunning with the same store, dictionary and settings "
                        "computes nothing.")
-    _add_model_arguments(p)
-    p.add_argument("--dataset", required=True, help="dataset name (as extracted)")
-    p.add_argument("--split", default="train", choices=["train", "val", "test"])
-    _add_store_dtype(p)
-    p.add_argument("--store-root", default=None, help="store root folder or URL (default data)")
+    _add_feature_store_arguments(p)
     _add_params(p, explain_stage.Params)
     p.add_argument("--limit", type=int, default=60, help="rows to print (0: all; default 60)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -529,11 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Rank every attention head by the variance of its "
                        "contributions along a text's direction (the model's text tower embeds "
                        "it), e.g. --concept 'a red digit'.")
-    _add_model_arguments(p)
-    p.add_argument("--dataset", required=True, help="dataset name (as extracted)")
-    p.add_argument("--split", default="train", choices=["train", "val", "test"])
-    _add_store_dtype(p)
-    p.add_argument("--store-root", default=None, help="store root folder or URL (default data)")
+    _add_feature_store_arguments(p)
     p.add_argument("--concept", action="append", required=True, metavar="TEXT",
                    help="a text whose direction is scored (repeatable)")
     p.add_argument("--top", type=int, default=10, help="heads shown per concept (default 10)")
