@@ -45,6 +45,12 @@ def test_run_align_writes_tables_and_weights(task):
                 "basis_dataset", "config_hash", "code_version", "created_at"):
         assert col in evals.column_names, col
     assert set(evals.column("pretrained").to_pylist()) == {"random"}  # never null
+    from residual_core.formats.feature_store import FeatureStore
+
+    sizes = [FeatureStore.open(u).dims.n for u in urls]
+    assert sum(sizes) == 150  # 3 classes x 50 images, split 80/10/10
+    assert {(r["n_train"], r["n_val"], r["n_test"], r["n_classes"], r["checkpoint_sha256"])
+            for r in evals.to_pylist()} == {(*sizes, 3, None)}
     zs = [r for r in evals.to_pylist() if r["method"] == "zero-shot"]
     assert all(r["trainable_parameters"] == 0 for r in zs)
     coarse = [r for r in evals.to_pylist() if r["method"] == "coarse"]

@@ -155,6 +155,10 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
     weights = Layout.align_weights(train_url)
     group = zarr.open_group(zarr_target(weights), mode="a")
     provenance = {"pretrained": train.attrs.get("pretrained")}
+    sizes = {"n_train": train.dims.n, "n_val": FeatureStore.open(val_url).dims.n,
+             "n_test": FeatureStore.open(test_url).dims.n,
+             "n_classes": len(train.classnames),
+             "checkpoint_sha256": train.attrs.get("checkpoint_sha256")}
     bases = None
     rows = []
     for (method, seed), (key, fit_hash) in plan.fits.items():
@@ -164,7 +168,7 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
         bases = bases or load_bases(basis_url)
         result = _fit_one(method, seed, train_url, val_url, test_url, bases, params, data_root,
                           progress)
-        rows.append(_row(result, train))
+        rows.append({**_row(result, train), **sizes})
         _save_weights(group, result, fit_hash)
         write_rows(root, "evaluations", rows[-1:], key=key,
                    provenance={**provenance, "config_hash": fit_hash})

@@ -117,6 +117,12 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
                   ("seed", _INT, "seed of the fit"),
                   ("basis_dataset", _STR, "dataset whose principal bases the method used "
                    "(null: none)"),
+                  ("n_train", _INT, "rows of the train split (null in rows written before)"),
+                  ("n_val", _INT, "rows of the validation split"),
+                  ("n_test", _INT, "rows of the test split"),
+                  ("n_classes", _INT, "classes of the task"),
+                  ("checkpoint_sha256", _STR, "SHA-256 of the checkpoint file (null for a "
+                   "pretrained tag or random weights)"),
               ) + _PROVENANCE),
     TableSpec("head_selection", "test accuracy with only some heads kept (the others ablated)",
               "align", _WHO + _columns(
