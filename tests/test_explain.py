@@ -169,7 +169,7 @@ def test_textspan_directions_reconstruct_like_the_authors():
 
 
 def test_somp_single_signal_matches_sklearn_omp():
-    orthogonal_mp = pytest.importorskip("sklearn.linear_model").orthogonal_mp
+    from sklearn.linear_model import orthogonal_mp
     rng = np.random.default_rng(5)
     d, m, k = 40, 60, 8
     dictionary = _unit(rng.normal(size=(m, d)))

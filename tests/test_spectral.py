@@ -118,7 +118,7 @@ def test_pca_units_matches_numpy_per_unit_and_handles_a_constant_unit(dtype):
 
 
 def test_pca_out_of_core_on_a_local_cluster_with_small_memory_limit(tmp_path):
-    distributed = pytest.importorskip("dask.distributed")
+    import dask.distributed as distributed
     # 250 MB per worker: dask.array imports xarray when it is installed (+70 MB per process)
     n, units, dim, rows = 520_000, 8, 32, 20_000
     rng = np.random.default_rng(2)

@@ -140,9 +140,12 @@ def _open_cache(url: str, n: int, dictionary: Dictionary, weights: WeightsId) ->
 
 def explain_key(feature_url: str, params: Params) -> str:
     """The content identity of the rows :func:`run_explain` writes for these inputs."""
-    store = FeatureStore.open(feature_url)
+    return _key(FeatureStore.open(feature_url), load_dictionary(params.dictionary), params)
+
+
+def _key(store: FeatureStore, dictionary: Dictionary, params: Params) -> str:
     return "explain-" + config_hash({"features": store.attrs["config_hash"],
-                                     "dictionary": load_dictionary(params.dictionary).sha1,
+                                     "dictionary": dictionary.sha1,
                                      "params": params.identity(), "version": EXPLAIN_VERSION})
 
 
@@ -155,9 +158,13 @@ def _rows_key(feature_url: str, params: Params) -> str:
 
 def is_explained(feature_url: str, params: Params, tables_root: str) -> bool:
     """Whether ``head_texts`` holds the rows of exactly these inputs and parameters."""
-    attrs = FeatureStore.open(feature_url).attrs
-    return has_rows(tables_root, "head_texts", attrs["model"], attrs["dataset"],
-                    config_hash=explain_key(feature_url, params))
+    store = FeatureStore.open(feature_url)
+    return _explained(store, _key(store, load_dictionary(params.dictionary), params), tables_root)
+
+
+def _explained(store: FeatureStore, key: str, tables_root: str) -> bool:
+    return has_rows(tables_root, "head_texts", store.attrs["model"], store.attrs["dataset"],
+                    config_hash=key)
 
 
 def _heads(store: FeatureStore) -> list:
@@ -187,17 +194,17 @@ def run_explain(feature_url: str, params: Params | None = None, *, tables_root: 
     start = time.perf_counter()
     store = FeatureStore.open(feature_url)
     root = tables_root or Layout.of_store(feature_url).root
-    key = explain_key(feature_url, params)
-    heads = _heads(store)
-    if is_explained(feature_url, params, root):
-        return Result(rows=len(heads) * params.texts_per_head, heads=len(heads), computed=False,
-                      seconds=time.perf_counter() - start)
     dictionary = load_dictionary(params.dictionary)
-    weights = WeightsId.from_attrs(store.attrs)
-    texts = text_embeddings(_loaded(store), weights, dictionary, Layout.of(root), progress)
-    if params.texts_per_head > len(dictionary.texts):
+    if params.texts_per_head > len(dictionary.texts):  # before any text is embedded
         raise ResidualError(f"--texts-per-head {params.texts_per_head} exceeds the "
                             f"{len(dictionary.texts)} descriptions of {dictionary.name!r}")
+    key = _key(store, dictionary, params)
+    heads = _heads(store)
+    if _explained(store, key, root):
+        return Result(rows=len(heads) * params.texts_per_head, heads=len(heads), computed=False,
+                      seconds=time.perf_counter() - start)
+    weights = WeightsId.from_attrs(store.attrs)
+    texts = text_embeddings(_loaded(store), weights, dictionary, Layout.of(root), progress)
     rows = []
     for unit in tqdm(heads, desc=f"explain ({params.method})", unit="head",
                      disable=not progress):
