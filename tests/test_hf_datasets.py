@@ -105,6 +105,15 @@ def test_own_validation_split_and_a_single_split(tmp_path):
     assert set().union(*parts) == set(range(60)) and sum(map(len, parts)) == 60
 
 
+def test_val_carve_follows_the_authors_fraction_for_a_known_name(tmp_path):
+    """svhn, dtd and stanford_cars carve 20% of train as val (the authors' split), others 10%."""
+    for name, n_val in (("svhn", 12), ("stanford_cars", 12), ("cifar10", 6), ("mystuff", 6)):
+        folder = save(datasets.DatasetDict(train=make(60), test=make(6, 1)), tmp_path / name)
+        val, train = (load_dataset(f"hf-dataset:{folder}", s) for s in ("val", "train"))
+        assert (len(val), len(train)) == (n_val, 60 - n_val), name
+        assert np.bincount(val.labels).tolist() == [n_val // 3] * 3  # stratified
+
+
 def test_templates_follow_a_known_dataset_name(tmp_path, saved):
     eurosat = save(make(30), tmp_path / "eurosat")
     assert dataset_info(f"hf-dataset:{eurosat}").templates == _prompts()["eurosat"]["templates"]

@@ -45,8 +45,9 @@ Splits (METHOD §4), all stratified with seed 42 and deterministic across runs a
   (:attr:`SplitDataset.skipped`), so that the split never depends on when a file failed.
 - ``hf-dataset:SOURCE`` (:mod:`.hf`; ``SOURCE`` a ``save_to_disk`` folder or a Hub id read from
   the local ``datasets`` cache, offline): the dataset's own ``train`` and ``test`` (and
-  ``validation`` or ``val`` if present, else 10% of train); a dataset with a single split is
-  drawn 80/10/10. Columns: the only ``Image`` and ``ClassLabel`` ones, or ``?image=COL&label=COL``.
+  ``validation`` or ``val`` if present, else a carve of train: the fraction of the paper
+  dataset the source is named like, :data:`.paper.VAL_FRACTIONS`, else 10%); a dataset with a
+  single split is drawn 80/10/10. Columns: the only ``Image`` and ``ClassLabel`` ones, or ``?image=COL&label=COL``.
 
 Labels are indices into :attr:`DatasetInfo.classnames`, the prompt-file order (EuroSAT, RESISC45,
 DTD and SUN397 classes are mapped to it by name). :attr:`SplitDataset.indices` are positions in

@@ -7,8 +7,9 @@ is never asked: what ``HF_DATASETS_OFFLINE=1`` does, for these calls only).
   are the ``ClassLabel`` names; templates those of the paper dataset the source's last component
   names (``tanganke/eurosat``: eurosat's), or ``templates=NAME|default``.
 - Splits: the dataset's own ``train`` and ``test`` (and ``validation`` or ``val``, else a
-  stratified 10% of train, seed 42); a dataset with a single split (or a plain ``Dataset``) is
-  drawn 80/10/10. Sample ids are row positions within the source split.
+  stratified part of train, seed 42: 20% when the source is named like svhn, dtd, stanford_cars
+  or imagenet, as the authors carve those, else 10%; :func:`val_fraction`); a dataset with a
+  single split (or a plain ``Dataset``) is drawn 80/10/10, as the authors draw EuroSAT and SUN397. Sample ids are row positions within the source split.
 - Identity (:func:`content_identity`): each split's fingerprint and the content hash of the
   Arrow and metadata files it is read from, so that a dataset saved again (or re-downloaded)
   makes its feature stores stale.
@@ -280,6 +281,15 @@ class HfSplitSource:
         return image, int(self.labels[index])
 
 
+def val_fraction(ref: DatasetRef) -> float:
+    """The fraction of train carved as val: the paper dataset's the source is named like
+    (``ufldl-stanford/svhn``, ``tanganke/stanford_cars``, ``tanganke/dtd``: 20%, as the authors),
+    else 10%."""
+    from residual_core.datasets.paper import VAL_FRACTIONS
+
+    return VAL_FRACTIONS.get(ref.hf.short_name) or 0.1
+
+
 def _hf_info(name: str) -> DatasetInfo:
     return _Opened(name).info
 
@@ -294,12 +304,12 @@ def _hf_dataset(name: str) -> Factory:
         elif split == "test" or (split == "val" and parts["val"] is not None):
             source, labels = opened.part(parts[split])
             pos = np.arange(len(labels), dtype=np.int64)
-        else:  # train, or val carved from it (10%) when the dataset has no validation split
+        else:  # train, or val carved from it when the dataset has no validation split
             source, labels = opened.part(parts["train"])
             if parts["val"] is not None:
                 pos = np.arange(len(labels), dtype=np.int64)
             else:
-                pos = _carve_val(labels, split, 0.1)
+                pos = _carve_val(labels, split, val_fraction(opened.ref))
         return source, labels[pos], pos
 
     return factory
