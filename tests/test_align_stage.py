@@ -71,6 +71,34 @@ def test_run_align_writes_tables_and_weights(task):
     assert read_table(root / "st", "evaluations").num_rows == 6
 
 
+def test_centroid_classifier_is_the_train_class_means_and_sits_beside_text(task):
+    """classifier=centroid: every method and head selection score with the per-class means of
+    the train split's outputs (checked against numpy); its rows sit beside the text rows."""
+    root, urls = task
+    train, test = FeatureStore.open(urls[0]), FeatureStore.open(urls[2])
+    out = np.asarray(train.contributions().sum(axis=1).compute(), dtype=np.float64)
+    means = np.stack([out[train.labels == c].mean(0) for c in range(3)])
+    test_out = np.asarray(test.contributions().sum(axis=1).compute(), dtype=np.float64)
+    expected = {"centroid": means,
+                "centroid-l2": means / np.linalg.norm(means, axis=1, keepdims=True)}
+    for norm, name in (("none", "centroid"), ("l2", "centroid-l2")):
+        params = AlignParams(methods=("zero-shot", "coarse"), seeds=(0,), epochs=2, patience=1,
+                             random_seeds=1, classifier="centroid", centroid_norm=norm)
+        result = run_align(*urls, params, progress=False)
+        zs = [r for r in result.rows if r["method"] == "zero-shot"][0]
+        reference = float(((test_out @ expected[name].T).argmax(1) == test.labels).mean())
+        assert zs["classifier"] == name and zs["test_acc"] == pytest.approx(reference)
+        everything = [r for r in result.head_selection_rows if r["ranking"] == "all"][0]
+        assert everything["classifier"] == name
+        assert everything["test_acc"] == pytest.approx(reference)
+    evals = read_table(root / "st", "evaluations").to_pylist()
+    by = {(r["method"], r["seed"], r["classifier"]) for r in evals}
+    assert {("zero-shot", 0, "text"), ("zero-shot", 0, "centroid"),
+            ("zero-shot", 0, "centroid-l2"), ("coarse", 0, "centroid")} <= by
+    hs = {r["classifier"] for r in read_table(root / "st", "head_selection").to_pylist()}
+    assert {"text", "centroid", "centroid-l2"} <= hs
+
+
 def test_every_file_the_stages_write_has_its_tables_declared_schema(task):
     import pyarrow.parquet as pq
 

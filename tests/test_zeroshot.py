@@ -23,18 +23,22 @@ def test_text_classifier_averages_normalised_templates():
         text_classifier(loaded.model, loaded.tokenizer, ["cat"], ["no slot"])
 
 
-def test_prototypes_classify_separated_clusters():
+def test_prototypes_are_the_class_means_in_both_normalisations():
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(3, 16)) * 5
     labels = np.repeat(np.arange(3), 50)
     x = centres[labels] + rng.normal(size=(150, 16))
-    w = prototype_classifier(x, labels, 3)
-    assert w.shape == (3, 16)
-    assert torch.allclose(w.norm(dim=-1), torch.ones(3))
-    expected = centres / np.linalg.norm(centres, axis=1, keepdims=True)
-    assert np.abs(w.numpy() - expected).max() < 0.05
-    assert accuracy(torch.as_tensor(x, dtype=torch.float32) @ w.T, labels) > 0.9
+    means = np.stack([x[labels == c].mean(0) for c in range(3)])
+    w = prototype_classifier(x, labels, 3)  # the authors': plain means
+    assert w.shape == (3, 16) and w.dtype == torch.float32
+    np.testing.assert_allclose(w.numpy(), means, rtol=1e-6, atol=1e-6)
+    unit = prototype_classifier(x, labels, 3, normalize="l2")
+    np.testing.assert_allclose(unit.numpy(), means / np.linalg.norm(means, axis=1, keepdims=True),
+                               rtol=1e-6, atol=1e-6)
+    assert accuracy(torch.as_tensor(x, dtype=torch.float32) @ unit.T, labels) > 0.9
     with pytest.raises(ResidualError, match="labels must lie"):
         prototype_classifier(x, labels + 1, 3)
     with pytest.raises(ResidualError, match="no training sample"):
         prototype_classifier(x[:100], labels[:100], 3)
+    with pytest.raises(ResidualError, match="unknown prototype normalisation 'max'"):
+        prototype_classifier(x, labels, 3, normalize="max")

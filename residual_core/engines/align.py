@@ -25,6 +25,7 @@ from residual_core.formats.spectral_store import SpectralStore
 from residual_core.identity import WeightsId, config_hash
 from residual_core.layout import Layout, zarr_target
 from residual_core.method.adapters import SpectralBases
+from residual_core.method.batches import task_classifier
 from residual_core.method.head_selection import head_selection
 from residual_core.method.training import FitResult, finetune, fit
 from residual_core.stages.align import Params as AlignParams
@@ -69,6 +70,14 @@ def align_key(train_url: str, val_url: str, test_url: str, basis_url: str,
         "basis": SpectralStore.open(basis_url).attrs["config_hash"],
         "params": params.model_dump(mode="json"),
         "version": ALIGN_VERSION})
+
+
+def classifier_name(params: AlignParams) -> str:
+    """The classifier as the tables name it: ``text``, ``centroid`` (plain class means, the
+    authors') or ``centroid-l2``."""
+    if params.classifier == "text":
+        return "text"
+    return "centroid" if params.centroid_norm == "none" else f"centroid-{params.centroid_norm}"
 
 
 def _fit_settings(method: str, params: AlignParams) -> dict:
@@ -118,18 +127,22 @@ def plan_align(train_url: str, val_url: str, test_url: str, basis_url: str,
     basis = SpectralStore.open(basis_url).attrs["config_hash"]
     task, where_bases = Layout.location(train_url), Layout.location(basis_url)
     fits = {}
+    classifier = classifier_name(params)
     for method in params.methods:
         for seed in params.seeds:
             bases = _uses_bases(method)
-            what = {"method": method, "seed": seed, "settings": _fit_settings(method, params)}
+            what = {"method": method, "seed": seed, "settings": _fit_settings(method, params),
+                    "classifier": classifier}
             fits[method, seed] = (
                 "fit-" + config_hash({**what, "task": task,
                                       "basis": where_bases if bases else None}),
                 config_hash({**what, "stores": stores, "basis": basis if bases else None,
                              "preset": _preset_identity(method), "version": ALIGN_VERSION}))
-    hs = {"random_seeds": params.random_seeds}
+    hs = {"random_seeds": params.random_seeds, "classifier": classifier}
+    # val and test only (no bases) unless the prototypes come from train
+    used = stores if params.classifier == "centroid" else stores[1:]
     head = ("head-selection-" + config_hash({**hs, "task": task, "basis": where_bases}),
-            config_hash({**hs, "stores": stores[1:], "version": ALIGN_VERSION}))  # no bases
+            config_hash({**hs, "stores": used, "version": ALIGN_VERSION}))
     return AlignPlan(fits, head)
 
 
@@ -160,15 +173,19 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
              "n_classes": len(train.classnames),
              "checkpoint_sha256": train.attrs.get("checkpoint_sha256")}
     bases = None
+    weights_of_task = None  # the classifier, computed once when a fit or head selection runs
+    name = classifier_name(params)
     rows = []
     for (method, seed), (key, fit_hash) in plan.fits.items():
         if fit_hash in done:
             rows.append(done[fit_hash])
             continue
         bases = bases or load_bases(basis_url)
+        if weights_of_task is None:
+            weights_of_task = task_classifier(train, params.classifier, params.centroid_norm)
         result = _fit_one(method, seed, train_url, val_url, test_url, bases, params, data_root,
-                          progress)
-        rows.append({**_row(result, train), **sizes})
+                          progress, weights_of_task)
+        rows.append({**_row(result, train), **sizes, "classifier": name})
         _save_weights(group, result, fit_hash)
         write_rows(root, "evaluations", rows[-1:], key=key,
                    provenance={**provenance, "config_hash": fit_hash})
@@ -177,9 +194,12 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
     if params.head_selection:
         hs_rows = matching_rows(root, "head_selection", model, dataset, config_hash=hs_hash)
         if not hs_rows:  # mean ablation with the test split's means, as the authors
-            hs_rows = [{"model": model, "dataset": dataset, **r}
+            if weights_of_task is None:
+                weights_of_task = task_classifier(train, params.classifier, params.centroid_norm)
+            hs_rows = [{"model": model, "dataset": dataset, **r, "classifier": name}
                        for r in head_selection(val_url, test_url,
-                                               random_seeds=params.random_seeds)]
+                                               random_seeds=params.random_seeds,
+                                               class_weights=weights_of_task)]
             write_rows(root, "head_selection", hs_rows, key=hs_key,
                        provenance={**provenance, "config_hash": hs_hash})
     return Result(rows=rows, weights_url=weights, basis_url=basis_url,
@@ -187,14 +207,17 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
 
 
 def _fit_one(method, seed, train_url, val_url, test_url, bases, params, data_root,
-             progress) -> FitResult:
+             progress, class_weights) -> FitResult:
     if method == "finetune":
-        return _finetune(train_url, val_url, test_url, seed, params, data_root, progress)
+        return _finetune(train_url, val_url, test_url, seed, params, data_root, progress,
+                         class_weights)
     return fit(method, train_url, val_url, test_url, bases, seed=seed, epochs=params.epochs,
-               patience=params.patience, lambda_init=params.lambda_init, progress=progress)
+               patience=params.patience, lambda_init=params.lambda_init,
+               class_weights=class_weights, progress=progress)
 
 
-def _finetune(train_url, val_url, test_url, seed, params, data_root, progress) -> FitResult:
+def _finetune(train_url, val_url, test_url, seed, params, data_root, progress,
+              class_weights) -> FitResult:
     """Full fine-tuning runs the backbone online: reload the model and the datasets."""
     from residual_core.datasets import load_dataset
     from residual_core.method.models import load_model
@@ -210,7 +233,7 @@ def _finetune(train_url, val_url, test_url, seed, params, data_root, progress) -
                             skip_bad_images=skip)
             for s, u in (("train", train_url), ("val", val_url), ("test", test_url))}
     return finetune(loaded, data["train"], data["val"], data["test"],
-                    class_weights=train.class_weights, seed=seed, epochs=params.finetune_epochs,
+                    class_weights=class_weights, seed=seed, epochs=params.finetune_epochs,
                     patience=params.patience, progress=progress)
 
 

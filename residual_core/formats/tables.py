@@ -103,6 +103,10 @@ _UNIT = _columns(
     ("head", _INT, "head index within its layer (null unless a head)"),
 )
 
+_CLASSIFIER = ("the frozen classifier: text (zero-shot text classifier), centroid (plain class "
+               "means of the train encodings, the authors') or centroid-l2 (null in rows "
+               "written before: text)")
+
 TABLES: dict[str, TableSpec] = {t.name: t for t in (
     TableSpec("evaluations", "one row per fit: a method on a task with one seed", "align",
               _WHO + _columns(
@@ -123,6 +127,7 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
                   ("n_classes", _INT, "classes of the task"),
                   ("checkpoint_sha256", _STR, "SHA-256 of the checkpoint file (null for a "
                    "pretrained tag or random weights)"),
+                  ("classifier", _STR, _CLASSIFIER),
               ) + _PROVENANCE),
     TableSpec("head_selection", "test accuracy with only some heads kept (the others ablated)",
               "align", _WHO + _columns(
@@ -139,6 +144,7 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
                   ("statistic", _STR, "correlation statistic of the U rankings (pearson: the "
                    "authors'; pooled)"),
                   ("test_acc", _FLOAT, "zero-shot test accuracy with those units"),
+                  ("classifier", _STR, _CLASSIFIER),
               ) + _PROVENANCE),
     TableSpec("spectra", "one row per unit and principal component of a feature store",
               "spectral", _WHO + _UNIT + _columns(

@@ -149,6 +149,33 @@ class StoreFeatures:
 # ------------------------------------------------------------------------------ checks
 
 
+def task_classifier(train_store: FeatureStore | str | Path, classifier: str = "text",
+                    normalize: str = "none", *, cache_bytes: int = DEFAULT_CACHE_BYTES
+                    ) -> np.ndarray:
+    """The frozen ``[C, E]`` classifier of a task (:data:`.zeroshot.CLASSIFIERS`): the train
+    store's zero-shot text classifier (``text``), or the class prototypes of its encodings
+    (``centroid``: the per-class mean of ``Σ_u y_u``, the model's output, with ``normalize``
+    one of :data:`.zeroshot.CENTROID_NORMS`; read in row chunks, float64 sums)."""
+    from residual_core.method.zeroshot import CLASSIFIERS, class_sums, prototypes
+
+    if classifier not in CLASSIFIERS:
+        raise AlignInputError(f"unknown classifier {classifier!r}; use one of "
+                              f"{', '.join(CLASSIFIERS)}")
+    store = _open(train_store)
+    if classifier == "text":
+        return store.class_weights
+    _check_labels(store)
+    n_class = len(store.classnames)
+    sums = torch.zeros(n_class, store.dims.embed, dtype=torch.float64)
+    counts = torch.zeros(n_class, dtype=torch.long)
+    feats = StoreFeatures(store, range(len(store.units)), cache_bytes=cache_bytes)
+    for y, labels in feats.batches(EVAL_BATCH):
+        s, c = class_sums(y.double().sum(1), labels, n_class)
+        sums += s
+        counts += c
+    return prototypes(sums, counts, normalize).numpy()
+
+
 def _open(store: FeatureStore | str | Path) -> FeatureStore:
     return store if isinstance(store, FeatureStore) else FeatureStore.open(store)
 

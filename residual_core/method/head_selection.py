@@ -73,8 +73,8 @@ HEAD_SCORES = ("S", "U|T", "U", "U-out")
 
 
 def rank_heads(val_store: FeatureStore | str | Path, *, scores: Sequence[str] = HEAD_SCORES,
-               statistic: str = "pearson", cache_bytes: int = DEFAULT_CACHE_BYTES
-               ) -> dict[str, np.ndarray]:
+               statistic: str = "pearson", class_weights: np.ndarray | None = None,
+               cache_bytes: int = DEFAULT_CACHE_BYTES) -> dict[str, np.ndarray]:
     """Per-head scores on a (validation) store, as the authors' experiment 3 scores them.
 
     Returns ``{score: [L·H] float64}`` in head order (layer-major), higher ranks first:
@@ -98,6 +98,9 @@ def rank_heads(val_store: FeatureStore | str | Path, *, scores: Sequence[str] = 
     directions together, ``Σ_k cov_k / sqrt(Σ_k var(y_h·b_k) · Σ_k var(s·b_k))`` (the
     statistic this project used before; rotation-invariant, so ``U`` and ``U-out`` agree).
     Float64 sums, one pass over the store (two with ``U-out``: its basis needs the outputs).
+    ``class_weights`` is the task's classifier ``W`` (default the store's text classifier; class
+    prototypes for a tower without text, whose ``U|T`` is then in the prototypes' basis, as
+    the authors' ``property_enc=classifier.centroids.T``).
     """
     unknown = [s for s in scores if s not in HEAD_SCORES]
     if unknown:
@@ -107,10 +110,11 @@ def rank_heads(val_store: FeatureStore | str | Path, *, scores: Sequence[str] = 
                               f"{CORRELATION_STATISTICS}")
     (store,) = _stores(val=val_store).values()
     heads = [u.index for u in store.units if u.kind == "head"]
-    weights = torch.as_tensor(store.class_weights, dtype=torch.float32)
+    classifier = store.class_weights if class_weights is None else np.asarray(class_weights)
+    weights = torch.as_tensor(classifier, dtype=torch.float32)
     feats = StoreFeatures(store, range(len(store.units)), cache_bytes=cache_bytes)
     batch = 256  # rows per step: [b, H, E] projections stay small
-    bases = {"U": torch.eye(store.dims.embed), "U|T": _qr_basis(store.class_weights)}
+    bases = {"U": torch.eye(store.dims.embed), "U|T": _qr_basis(classifier)}
     if "U-out" in scores:
         with torch.no_grad():
             outputs = torch.cat([y.sum(1) for y, _ in feats.batches(EVAL_BATCH)])
@@ -179,6 +183,7 @@ def head_selection(val_store: FeatureStore | str | Path, test_store: FeatureStor
                    keep: Sequence[int | str] = HEAD_KEEP,
                    ablations: Sequence[str] = ("zero", "mean"), references: bool = True,
                    statistic: str = "pearson", random_seeds: int = 10, seed: int = 0,
+                   class_weights: np.ndarray | None = None,
                    cache_bytes: int = DEFAULT_CACHE_BYTES) -> list[dict[str, Any]]:
     """The specialisation-performance experiment (METHOD §2) as the authors run it
     (``experiments/experiment3.py``): keep the top heads of a ranking, ablate every other unit,
@@ -196,7 +201,8 @@ def head_selection(val_store: FeatureStore | str | Path, test_store: FeatureStor
     ``none``, the zero-shot model), and per layer ``l`` ``layer{l}`` (its heads) and
     ``upto_layer{l}`` (the heads of layers ``0..l``). Logits are linear in the units, so every
     setting is scored from per-unit logits of one read of the test store (two with ``mean``:
-    the means first).
+    the means first). ``class_weights``: the task's classifier for every score and ranking
+    (default the stores' text classifier; see :func:`.batches.task_classifier`).
 
     Returns:
         One row per setting and ablation: ``ranking`` (a ranking or a reference name),
@@ -220,7 +226,8 @@ def head_selection(val_store: FeatureStore | str | Path, test_store: FeatureStor
     n_heads = len(heads)
     counts = [(str(k), n_kept(k, n_heads)) for k in keep]  # refuse a bad rule before any work
     scores = rank_heads(stores["val"], scores=[r for r in rankings if r != "R"],
-                        statistic=statistic, cache_bytes=cache_bytes)
+                        statistic=statistic, class_weights=class_weights,
+                        cache_bytes=cache_bytes)
 
     # settings: (ranking, seed, keep, kept-unit mask over all units, ablations)
     settings: list[tuple[str, int | None, str | None, np.ndarray, tuple[str, ...]]] = []
@@ -239,7 +246,8 @@ def head_selection(val_store: FeatureStore | str | Path, test_store: FeatureStor
                                                     a == "none"))
                      for name, mask, abl in _reference_masks(units)]
 
-    weights = torch.as_tensor(test.class_weights, dtype=torch.float32)
+    weights = torch.as_tensor(test.class_weights if class_weights is None else class_weights,
+                              dtype=torch.float32)
     feats = StoreFeatures(test, range(len(units)), cache_bytes=cache_bytes)
     mean_source = None
     if "mean" in ablations:

@@ -146,6 +146,7 @@ def fit(method: str | Preset, train_store: FeatureStore | str | Path,
         patience: int = 5, lr: float | None = None, batch_size: int | None = None,
         lambda_init: str = "ones", ablation: str | None = None,
         adapt: Mapping[str, KRule] | None = None, add_mean: bool = False,
+        class_weights: np.ndarray | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES, buffer_chunks: int = 4,
         device: str | torch.device = "cpu", progress: bool = True) -> FitResult:
     """Train a method on cached features and evaluate it (METHOD §3).
@@ -162,6 +163,8 @@ def fit(method: str | Preset, train_store: FeatureStore | str | Path,
         lr, batch_size: default to the preset's (0.8 / 64 for ResiDual variants, 1e-3 / 128 and
             gradient clipping 1.0 for the linear adapter).
         lambda_init, ablation, adapt, add_mean: see :func:`residual.build_adapter`.
+        class_weights: the frozen ``[C, E]`` classifier (default: the train store's text
+            classifier; :func:`.batches.task_classifier` makes class prototypes).
         cache_bytes, buffer_chunks: see :class:`StoreFeatures` (memory only: the visiting
             order, one global permutation per epoch, depends on ``seed`` alone).
         device: where the module runs (features are read on the CPU and moved per batch);
@@ -184,7 +187,8 @@ def fit(method: str | Preset, train_store: FeatureStore | str | Path,
         bases.check_compatible(train)  # the other splits are of the same model
     start = time.perf_counter()
     torch.manual_seed(seed)
-    module = build_adapter(preset, train.units, train.class_weights, bases,
+    weights = train.class_weights if class_weights is None else class_weights
+    module = build_adapter(preset, train.units, weights, bases,
                            head_dim=train.dims.head_dim, ablation=ablation, adapt=adapt,
                            add_mean=add_mean, lambda_init=lambda_init, seed=seed).to(device)
     feats = {k: StoreFeatures(s, module.input_units, cache_bytes=cache_bytes,
@@ -221,11 +225,13 @@ def _weights(module: UnitAdapter) -> dict[str, np.ndarray]:
     return state
 
 
-def zero_shot(store: FeatureStore | str | Path, *,
+def zero_shot(store: FeatureStore | str | Path, *, class_weights: np.ndarray | None = None,
               cache_bytes: int = DEFAULT_CACHE_BYTES) -> float:
-    """Zero-shot accuracy of a store: ``argmax((Σ_u y_u) @ class_weights.T)`` against labels."""
+    """Zero-shot accuracy of a store: ``argmax((Σ_u y_u) @ class_weights.T)`` against labels
+    (``class_weights``: default the store's text classifier)."""
     (store,) = _stores(store=store).values()
-    module = build_adapter("zero-shot", store.units, store.class_weights)
+    weights = store.class_weights if class_weights is None else class_weights
+    module = build_adapter("zero-shot", store.units, weights)
     return evaluate(module, StoreFeatures(store, module.input_units, cache_bytes=cache_bytes))
 
 

@@ -81,13 +81,36 @@ def accuracy(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarra
     return float((pred == labels).mean()) if labels.size else float("nan")
 
 
-def prototype_classifier(features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
-                         n_classes: int) -> torch.Tensor:
-    """Class prototypes for towers without text (METHOD §4): ``[C, E]`` per-class mean of the
-    ``[N, E]`` train encodings, L2-normalised, used like a text classifier (``x @ W.T``).
+CLASSIFIERS = ("text", "centroid")
+"""Which frozen classifier a task uses: ``text`` (the zero-shot text classifier of the feature
+store) or ``centroid`` (class prototypes of the train split's encodings, the authors'
+``CentroidClassifier`` for towers without text)."""
 
-    Raises :class:`ResidualError` for labels outside ``[0, n_classes)`` or a class with no sample.
+CENTROID_NORMS = ("none", "l2")
+"""How class prototypes are normalised: ``none`` (the authors': the raw per-class means, logits
+``x @ C.T`` on unnormalised ``x``) or ``l2`` (each prototype L2-normalised, like the text
+classifier's class vectors, so that no class wins by the norm of its mean)."""
+
+
+def prototype_classifier(features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
+                         n_classes: int, normalize: str = "none") -> torch.Tensor:
+    """Class prototypes for towers without text (METHOD §4): ``[C, E]`` per-class mean of the
+    ``[N, E]`` train encodings (float64 sums), used like a text classifier (``x @ W.T``).
+
+    ``normalize``: ``none`` (the authors' ``build_vision_prototypical_classifier``: plain means)
+    or ``l2`` (unit-norm prototypes; see :data:`CENTROID_NORMS`).
+
+    Raises :class:`ResidualError` for labels outside ``[0, n_classes)``, a class with no sample
+    or an unknown ``normalize``.
     """
+    sums, counts = class_sums(features, labels, n_classes)
+    return prototypes(sums, counts, normalize)
+
+
+def class_sums(features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
+               n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class float64 sums ``[C, E]`` and counts ``[C]`` of ``[N, E]`` features (add the
+    results of several batches to stream a split)."""
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if x.ndim != 2 or y.shape != (x.shape[0],):
@@ -95,10 +118,19 @@ def prototype_classifier(features: torch.Tensor | np.ndarray, labels: torch.Tens
                             f"{tuple(y.shape)}")
     if y.numel() and (y.min() < 0 or y.max() >= n_classes):
         raise ResidualError(f"labels must lie in [0, {n_classes}), got {y.min()}..{y.max()}")
-    counts = torch.bincount(y, minlength=n_classes)
+    sums = torch.zeros(n_classes, x.shape[1], dtype=torch.float64).index_add_(0, y, x)
+    return sums, torch.bincount(y, minlength=n_classes)
+
+
+def prototypes(sums: torch.Tensor, counts: torch.Tensor, normalize: str = "none") -> torch.Tensor:
+    """``[C, E]`` float32 prototypes from :func:`class_sums`' sums and counts."""
+    if normalize not in CENTROID_NORMS:
+        raise ResidualError(f"unknown prototype normalisation {normalize!r}; use one of "
+                            f"{', '.join(CENTROID_NORMS)}")
     if (counts == 0).any():
         missing = torch.nonzero(counts == 0).flatten().tolist()
         raise ResidualError(f"classes {missing} have no training sample: no prototype")
-    sums = torch.zeros(n_classes, x.shape[1], dtype=torch.float64).index_add_(0, y, x)
     protos = sums / counts[:, None]
-    return (protos / protos.norm(dim=-1, keepdim=True)).float()
+    if normalize == "l2":
+        protos = protos / protos.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    return protos.float()

@@ -56,6 +56,16 @@ def results_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _classifier(row: dict) -> str:
+    return row.get("classifier") or "text"  # rows written before the column: text
+
+
+def _method_label(row: dict) -> str:
+    """``method``, or ``method@classifier`` for a fit with class prototypes."""
+    c = _classifier(row)
+    return row["method"] if c == "text" else f"{row['method']}@{c}"
+
+
 def _short(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e4 else str(int(n))
 
@@ -73,6 +83,7 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
     if not evals:
         raise ResidualError(f"no evaluations of {model} on {sorted(task_stores)} under "
                             f"{store_root}: run the align stage first")
+    evals = [{**r, "method": _method_label(r)} for r in evals]
     table = results_table(evals)
     n_layers, n_heads, dh = (first_train.dims.layer, first_train.dims.head,
                              first_train.dims.head_dim)
@@ -100,12 +111,15 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
                      and _weights_label(r.get("pretrained")) == weights]
     except ResidualError:  # head selection not run
         selection = []
-    if selection:
+    if selection:  # one classifier's curves: text where there are text rows
+        shown = "text" if any(_classifier(r) == "text" for r in selection) else \
+            _classifier(selection[0])
+        selection = [r for r in selection if _classifier(r) == shown]
         plot_head_selection(selection, out / "head_selection.png")
         lines += ["## Head selection", "",
                   "Test accuracy with only the top-ranked heads kept (rankings on val: S own "
-                  "accuracy, U|T / U / U-out correlations, R random), everything else ablated:",
-                  "", "![head selection](head_selection.png)", ""]
+                  "accuracy, U|T / U / U-out correlations, R random), everything else ablated "
+                  f"({shown} classifier):", "", "![head selection](head_selection.png)", ""]
 
     lines += ["## Spectra", ""]
     by_spectrum: dict[tuple, list[str]] = {}  # tasks whose train splits are the same images

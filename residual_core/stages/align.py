@@ -34,6 +34,13 @@ class Params(StageParams):
                           "better validation accuracy)")
     lambda_init: Literal["ones", "randn"] = Field("ones", description="initial λ")
     finetune_epochs: int = Field(30, ge=0, description="maximum epochs of finetune")
+    classifier: Literal["text", "centroid"] = Field(
+        "text", description="frozen classifier of every method: text (the zero-shot text "
+        "classifier) or centroid (per-class mean of the train encodings, the authors' "
+        "CentroidClassifier for towers without text)")
+    centroid_norm: Literal["none", "l2"] = Field(
+        "none", description="centroid classifier: none (the authors' plain class means) or l2 "
+        "(unit-norm prototypes)")
     head_selection: bool = Field(True, description="also run the head-selection experiment")
     random_seeds: int = Field(10, ge=1, description="seeds of the random head ranking (R)")
 
