@@ -341,10 +341,37 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from residual_core.layout import Layout
     from residual_core.report.markdown import model_report
 
+    if args.grid is not None:
+        return _grid_report(args)
+    if args.model is None:
+        raise ResidualError("report needs --model MODEL (one model's report) or --grid GRID "
+                            "(the specialisation report over a grid's cells)")
     report = model_report(Layout.of(args.store_root).root, args.model, args.pretrained,
                           datasets=args.dataset or None, out_dir=args.out,
                           feature_dtype=args.feature_dtype)
     print(report.results_table)
+    print(f"report: {report.path}")
+    return 0
+
+
+def _grid_report(args: argparse.Namespace) -> int:
+    """``report --grid``: the grid's cells (``pretrained: world`` as the checkpoint its
+    pretrain settings name) reported from the tables; nothing is computed."""
+    from pipelines.grid import load_grid
+    from residual_core.identity import WORLD_WEIGHTS
+    from residual_core.layout import Layout
+    from residual_core.report.grid import GridCell, grid_report
+    from residual_core.stages import pretrain
+
+    grid = load_grid(args.grid)
+    layout = Layout.of(args.store_root)
+    world = str(pretrain.checkpoint(pretrain.Inputs(out_dir=str(layout.checkpoints.resolve())),
+                                    grid.pretrain))
+    cells = [GridCell(c.model.name, world if c.model.pretrained == WORLD_WEIGHTS
+                      else c.model.pretrained, c.dataset) for c in grid.cells()]
+    out = args.out or layout.reports(f"grid-{grid.name}")
+    report = grid_report(layout.root, cells, out, title=f"Specialisation across grid {grid.name}")
+    print(report.table)
     print(f"report: {report.path}")
     return 0
 
@@ -617,7 +644,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="From the result tables: the task x method table, accuracy "
                        "against parameters, per-head zero-shot accuracy, head spectra and "
                        "K_90/TwoNN by layer, and λ heatmaps, as report.md and PNGs.")
-    p.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
+    p.add_argument("--model", default=None,
+                   help="open_clip architecture, e.g. ViT-B-16 (one model's report)")
+    p.add_argument("--grid", default=None, metavar="GRID",
+                   help="instead of --model: a named grid or grid file; writes the "
+                   "specialisation report over its cells (top heads' share of zero-shot "
+                   "accuracy, S vs R, and its correlation with the residual-star gain)")
     p.add_argument("--pretrained", default=None,
                    help="pretrained tag, checkpoint path or 'random' (default: the only weights "
                    "evaluated)")

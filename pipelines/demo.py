@@ -18,6 +18,7 @@ from residual_core.identity import EMBEDDED_MODEL, WORLD_WEIGHTS
 from residual_core.layout import Layout
 from residual_core.method.decompose import decompose
 from residual_core.method.models import load_model
+from residual_core.report.grid import GridCell, grid_report
 from residual_core.report.markdown import model_report
 from residual_core.world.rendering import TASKS
 
@@ -60,6 +61,8 @@ def run_demo(store_root: str | None = None, force: list[str] | None = None) -> i
     checkpoint = model["pretrained"]
     report = model_report(root, EMBEDDED_MODEL, checkpoint, datasets=TASKS,
                           out_dir=layout.reports("demo"), title="ResiDual on the embedded world")
+    across = grid_report(root, [GridCell(EMBEDDED_MODEL, checkpoint, t) for t in TASKS],
+                         layout.reports("demo"), title="Specialisation across the world's tasks")
     err = exactness_check(checkpoint, TASKS[0])
     print(f"\npipeline: {n_runs} stage runs, {computed} computed, {n_runs - computed} cached, "
           f"{seconds:.0f} s")
@@ -67,5 +70,8 @@ def run_demo(store_root: str | None = None, force: list[str] | None = None) -> i
     print(report.results_table)
     print(f"\nexactness on the trained model: max ||sum_u y_u - encode_image|| / ||encode_image||"
           f" = {err:.2e} ({'OK' if err < 1e-4 else 'FAILED'}, tolerance 1e-4)")
+    r = "n/a" if across.pearson is None else f"{across.pearson:.2f}"
+    print(f"specialisation vs residual-star gain across the {len(TASKS)} tasks: Pearson {r} "
+          f"({across.path})")
     print(f"report: {report.path}")
     return 0 if err < 1e-4 else 1

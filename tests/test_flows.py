@@ -4,6 +4,7 @@ and reruns recompute exactly the stages whose inputs, parameters or outputs chan
 Prefect runs in ephemeral mode with a temporary PREFECT_HOME (set for the session in conftest.py).
 """
 
+import csv
 import dataclasses
 import json
 import os
@@ -217,6 +218,17 @@ def test_world_weights_and_a_basis_dataset(world, calls):
     states = [r["state"] for r in again["runs"] + again["cells"][0]["runs"]]
     assert set(states) == {"Cached"} and len(states) == 9
     assert calls == {"extract": 4, "spectral": 2, "align": 1}  # all in the first run
+    # report --grid finds the cell's world checkpoint from the grid's pretrain settings
+    from pipelines.cli import main
+
+    path = world["root"] / "basis-grid.json"
+    path.write_text(json.dumps(grid))
+    assert main(["report", "--grid", str(path), "--store-root", str(store)]) == 0
+    written = store / "reports" / "grid-test"
+    assert (written / "grid_report.md").is_file() and (written / "specialisation.png").is_file()
+    (summary,) = list(csv.DictReader(open(written / "specialisation.csv")))
+    assert float(summary["zero_shot"]) == pytest.approx(row["test_acc"])  # 'all' = zero-shot
+    assert summary["gain"] == ""  # residual-star was not fitted
 
 
 def test_compare_flow_compares_two_embedded_models(world, calls):

@@ -9,7 +9,8 @@ is never asked: what ``HF_DATASETS_OFFLINE=1`` does, for these calls only).
 - Splits: the dataset's own ``train`` and ``test`` (and ``validation`` or ``val``, else a
   stratified part of train, seed 42: 20% when the source is named like svhn, dtd, stanford_cars
   or imagenet, as the authors carve those, else 10%; :func:`val_fraction`); a dataset with a
-  single split (or a plain ``Dataset``) is drawn 80/10/10, as the authors draw EuroSAT and SUN397. Sample ids are row positions within the source split.
+  single split (or a plain ``Dataset``) is drawn 80/10/10, as the authors draw EuroSAT and
+  SUN397. Sample ids are row positions within the source split.
 - Identity (:func:`content_identity`): each split's fingerprint and the content hash of the
   Arrow and metadata files it is read from, so that a dataset saved again (or re-downloaded)
   makes its feature stores stale.

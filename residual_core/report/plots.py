@@ -220,3 +220,40 @@ def plot_cross_model(stats_a: Mapping[str, Mapping[str, float]],
     fig.savefig(path, dpi=110, bbox_inches="tight")  # constrained layout (shared colorbar)
     plt.close(fig)
     return path
+
+
+def plot_specialisation(cells: Sequence, path: str | Path, pearson: float | None = None,
+                        gain_method: str = "residual-star") -> Path:
+    """The grid report's figure (:mod:`residual_core.report.grid`): left, per cell, the fraction
+    of its zero-shot accuracy the top heads carry against the fraction of heads kept (S solid,
+    R dashed, one colour per cell); right, each cell's specialisation against its gain."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    colours = plt.get_cmap("tab10")
+    for i, c in enumerate(cells):
+        colour = colours(i % 10)
+        for ranking, style in (("S", "-"), ("R", "--")):
+            rules = c.carried.get(ranking, {})
+            keeps = sorted(rules, key=lambda k: c.fractions[k])
+            if keeps:
+                left.plot([c.fractions[k] for k in keeps], [rules[k] for k in keeps], ls=style,
+                          marker="o", ms=3, color=colour,
+                          label=c.cell.label if ranking == "S" else None)
+    left.axhline(1.0, color="gray", lw=0.8, ls=":")
+    if any(np.isfinite(v) for c in cells for rules in c.carried.values() for v in rules.values()):
+        left.set_xscale("log")  # (a cell with zero-shot accuracy 0 has no finite share)
+    left.set_xlabel("fraction of heads kept (zero ablation)")
+    left.set_ylabel("accuracy / zero-shot accuracy")
+    left.set_title("top heads by S (solid) vs random (dashed)", fontsize=9)
+    left.legend(fontsize=6, frameon=False, loc="upper left")
+    with_gain = [c for c in cells if c.gain is not None and np.isfinite(c.specialisation)]
+    for i, c in enumerate(cells):
+        if c in with_gain:
+            right.scatter(c.specialisation, c.gain, color=colours(i % 10), s=18)
+            right.annotate(c.cell.dataset, (c.specialisation, c.gain), fontsize=6,
+                           xytext=(3, 3), textcoords="offset points")
+    right.axhline(0.0, color="gray", lw=0.8, ls=":")
+    right.set_xlabel("specialisation: mean (S - R) / zero-shot")
+    right.set_ylabel(f"{gain_method} - zero-shot test accuracy")
+    r = "n/a" if pearson is None else f"{pearson:.2f}"
+    right.set_title(f"specialisation vs gain (Pearson {r})", fontsize=9)
+    return _save(fig, path)
