@@ -63,7 +63,7 @@ def write_rows(root: str | Path, table: str, rows: Sequence[dict[str, Any]] | pa
     if missing:
         raise ResidualError(f"rows for table {table!r} lack the partition columns {missing}")
     extra = {"code_version": code_version(),
-             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "created_at": datetime.now(timezone.utc).replace(microsecond=0),
              **(provenance or {})}
     for name, value in extra.items():
         if name not in tbl.column_names:
@@ -138,6 +138,12 @@ def _load(root: str | Path, table: str, model: str | None = None,
     tables = _read_files(root, table, model, dataset)
     if not tables:
         return None
+    if table in TABLES:  # files of older versions: the declared columns and types
+        try:
+            tables = [TABLES[table].conform(t, strict=False) for t in tables]
+        except ResidualError as exc:
+            raise ResidualError(f"{exc}: rerun the {_writing_stage(table) or 'writing'} stage "
+                                "with --force") from None
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:

@@ -96,3 +96,27 @@ def test_describe_prints_every_column_of_a_table(capsys):
         rows = json.loads(out[out.index("\n") + 1:])
         assert [r["column"] for r in rows] == [c.name for c in spec.columns]
         assert all(r["description"] for r in rows)
+
+
+def test_created_at_is_a_timestamp_and_older_string_files_still_read(tmp_path):
+    from datetime import datetime, timezone
+
+    from residual_core.formats.tables import TABLES
+
+    row = {"model": "m", "dataset": "d", "method": "zero-shot", "seed": 0, "test_acc": 0.5}
+    write_rows(tmp_path, "evaluations", [row], key="new")
+    (path,) = table_files(tmp_path, "evaluations")
+    assert pq.read_schema(path).field("created_at").type == pa.timestamp("ms", tz="UTC")
+    # a file of an older version: created_at as ISO text, an undeclared column, one missing
+    old = TABLES["evaluations"].conform(pa.Table.from_pylist([{**row, "seed": 1}]))
+    old = old.drop_columns(["created_at", "n_train"]).append_column(
+        "created_at", pa.array(["2026-01-02T03:04:05+00:00"])).append_column(
+        "retired", pa.array(["x"]))
+    pq.write_table(old, path.with_name("part-old.parquet"))
+    got = sorted(read_table(tmp_path, "evaluations").to_pylist(), key=lambda r: r["seed"])
+    assert got[1]["created_at"] == datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    assert isinstance(got[0]["created_at"], datetime) and got[1]["n_train"] is None
+    assert "retired" not in got[0]
+    (count,) = sql(tmp_path, "SELECT count(*) AS n FROM evaluations WHERE created_at > "
+                   "TIMESTAMP '2026-01-01'").to_pylist()
+    assert count["n"] == 2

@@ -47,12 +47,15 @@ class TableSpec:
                          metadata={"residual.table": self.name,
                                    "description": self.description})
 
-    def conform(self, tbl: pa.Table) -> pa.Table:
+    def conform(self, tbl: pa.Table, strict: bool = True) -> pa.Table:
         """``tbl`` with the declared columns, in order and cast to their types (an absent one
-        is all null); an undeclared column is a :class:`ResidualError` naming it."""
+        is all null); an undeclared column is a :class:`ResidualError` naming it (``strict``,
+        for writing) or dropped (reading files written by an older version)."""
         declared = {c.name for c in self.columns}
         unknown = [n for n in tbl.column_names if n not in declared]
-        if unknown:
+        if unknown and not strict:
+            tbl = tbl.drop_columns(unknown)
+        elif unknown:
             raise ResidualError(
                 f"rows for table {self.name!r} have undeclared columns {unknown}: declare them "
                 "in residual_core/formats/tables.py")
@@ -80,6 +83,7 @@ def _columns(*spec: tuple) -> tuple[Column, ...]:
 
 
 _STR, _INT, _FLOAT = pa.string(), pa.int64(), pa.float64()
+_TIME = pa.timestamp("ms", tz="UTC")  # what Parquet stores (it has no seconds unit)
 
 _WHO = _columns(
     ("model", _STR, "architecture name (open_clip), a partition key"),
@@ -91,7 +95,7 @@ _PROVENANCE = _columns(
     ("config_hash", _STR, "content identity of what produced the row (inputs' config hashes "
      "and the parameters): a row with the same hash is the same result"),
     ("code_version", _STR, "package version and git commit that wrote the row"),
-    ("created_at", _STR, "when the row was written (UTC, ISO 8601)"),
+    ("created_at", _TIME, "when the row was written (a UTC timestamp, to the second)"),
 )
 _UNIT = _columns(
     ("split", _STR, "the split whose feature store the statistics come from"),
