@@ -416,6 +416,9 @@ def test_head_selection_as_the_authors(stores, bases):
             keep = np.zeros(len(units), bool)
             keep[heads[top]] = True
         assert row["n_heads"] == keep[heads].sum()
+        names = [units[i].name for i in (heads[top] if row["keep"] is not None else
+                                         heads[keep[heads]])]
+        assert row["heads"] == ",".join(names)  # the kept heads, best-ranked first
         assert row["mean_source"] == ("test" if row["ablation"] == "mean" else None)
         assert row["test_acc"] == pytest.approx(
             _direct_accuracy(y, weights, labels, keep, row["ablation"])), row

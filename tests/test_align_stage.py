@@ -64,6 +64,19 @@ def test_run_align_writes_tables_and_weights(task):
     kept = {(r["ranking"], r["keep"], r["n_heads"]) for r in hs.to_pylist()}
     assert {("S", "1", 1), ("S", "1%", 2), ("R", "75%", 12), ("heads", None, 16),
             ("layers", None, 0), ("all", None, 16)} <= kept
+    # head_scores: one row per head, the scores rank_heads gives on val
+    from residual_core.method.head_selection import rank_heads
+
+    scores = read_table(root / "st", "head_scores").to_pylist()
+    expected = rank_heads(urls[1])
+    assert [r["unit"] for r in scores] == [f"L{l}H{h}" for l in range(4) for h in range(4)]
+    for key in ("S", "U|T", "U", "U-out"):
+        assert [r[key] for r in scores] == pytest.approx(list(expected[key]))
+    assert {r["split"] for r in scores} == {"val"} and {r["classifier"] for r in scores} == {
+        "text"}
+    top = max(scores, key=lambda r: r["S"])["unit"]
+    assert next(r for r in hs.to_pylist() if (r["ranking"], r["keep"]) == ("S", "1"))[
+        "heads"] == top
     # A run of a subset reuses its fits and keeps every other fit's row.
     again = run_align(*urls, AlignParams(methods=("zero-shot",), head_selection=False),
                       progress=False)

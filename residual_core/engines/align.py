@@ -26,7 +26,7 @@ from residual_core.identity import WeightsId, config_hash
 from residual_core.layout import Layout, zarr_target
 from residual_core.method.adapters import SpectralBases
 from residual_core.method.batches import task_classifier
-from residual_core.method.head_selection import head_selection
+from residual_core.method.head_selection import head_selection, rank_heads
 from residual_core.method.training import FitResult, finetune, fit
 from residual_core.stages.align import Params as AlignParams
 from residual_core.stages.align import Result
@@ -193,17 +193,33 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
     hs_key, hs_hash = plan.head_selection
     if params.head_selection:
         hs_rows = matching_rows(root, "head_selection", model, dataset, config_hash=hs_hash)
-        if not hs_rows:  # mean ablation with the test split's means, as the authors
+        if not hs_rows or not matching_rows(root, "head_scores", model, dataset,
+                                            config_hash=hs_hash):
+            # mean ablation with the test split's means, as the authors
             if weights_of_task is None:
                 weights_of_task = task_classifier(train, params.classifier, params.centroid_norm)
+            val = FeatureStore.open(val_url)
+            scores = rank_heads(val, class_weights=weights_of_task)
             hs_rows = [{"model": model, "dataset": dataset, **r, "classifier": name}
-                       for r in head_selection(val_url, test_url,
-                                               random_seeds=params.random_seeds,
-                                               class_weights=weights_of_task)]
+                       for r in head_selection(val, test_url, random_seeds=params.random_seeds,
+                                               class_weights=weights_of_task, scores=scores)]
+            write_rows(root, "head_scores", _score_rows(val, scores, name), key=hs_key,
+                       provenance={**provenance, "config_hash": hs_hash})
             write_rows(root, "head_selection", hs_rows, key=hs_key,
                        provenance={**provenance, "config_hash": hs_hash})
     return Result(rows=rows, weights_url=weights, basis_url=basis_url,
                        seconds=time.perf_counter() - start, head_selection_rows=hs_rows)
+
+
+def _score_rows(val: FeatureStore, scores: dict, classifier: str) -> list[dict]:
+    """``head_scores`` rows: one per head of the validation store, its scores as columns."""
+    heads = [u for u in val.units if u.kind == "head"]
+    return [{"model": val.attrs["model"], "dataset": val.attrs["dataset"],
+             "split": val.attrs.get("split"), "feature_config_hash": val.attrs["config_hash"],
+             "unit": u.name, "unit_index": u.index, "kind": u.kind, "layer": u.layer,
+             "head": u.head, **{k: float(v[i]) for k, v in scores.items()},
+             "statistic": "pearson", "classifier": classifier}
+            for i, u in enumerate(heads)]
 
 
 def _fit_one(method, seed, train_url, val_url, test_url, bases, params, data_root,

@@ -149,6 +149,19 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
                    "authors'; pooled)"),
                   ("test_acc", _FLOAT, "zero-shot test accuracy with those units"),
                   ("classifier", _STR, _CLASSIFIER),
+                  ("heads", _STR, "the kept heads, comma-separated (best-ranked first; "
+                   "references in head order; null in rows written before)"),
+              ) + _PROVENANCE),
+    TableSpec("head_scores", "one row per head: the head-selection scores it was ranked by "
+              "on the validation split", "align", _WHO + _UNIT + _columns(
+                  ("S", _FLOAT, "the head's own zero-shot accuracy"),
+                  ("U|T", _FLOAT, "correlation with the sum of the heads in the classifier's "
+                   "basis (class text embeddings or prototypes)"),
+                  ("U", _FLOAT, "correlation with the sum of the heads"),
+                  ("U-out", _FLOAT, "correlation with the sum of the heads in the full "
+                   "outputs' basis"),
+                  ("statistic", _STR, "correlation statistic (pearson: the authors'; pooled)"),
+                  ("classifier", _STR, _CLASSIFIER),
               ) + _PROVENANCE),
     TableSpec("spectra", "one row per unit and principal component of a feature store",
               "spectral", _WHO + _UNIT + _columns(

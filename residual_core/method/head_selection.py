@@ -184,6 +184,7 @@ def head_selection(val_store: FeatureStore | str | Path, test_store: FeatureStor
                    ablations: Sequence[str] = ("zero", "mean"), references: bool = True,
                    statistic: str = "pearson", random_seeds: int = 10, seed: int = 0,
                    class_weights: np.ndarray | None = None,
+                   scores: dict[str, np.ndarray] | None = None,
                    cache_bytes: int = DEFAULT_CACHE_BYTES) -> list[dict[str, Any]]:
     """The specialisation-performance experiment (METHOD §2) as the authors run it
     (``experiments/experiment3.py``): keep the top heads of a ranking, ablate every other unit,
@@ -202,14 +203,17 @@ def head_selection(val_store: FeatureStore | str | Path, test_store: FeatureStor
     ``upto_layer{l}`` (the heads of layers ``0..l``). Logits are linear in the units, so every
     setting is scored from per-unit logits of one read of the test store (two with ``mean``:
     the means first). ``class_weights``: the task's classifier for every score and ranking
-    (default the stores' text classifier; see :func:`.batches.task_classifier`).
+    (default the stores' text classifier; see :func:`.batches.task_classifier`). ``scores``:
+    :func:`rank_heads`' result on ``val_store`` when already computed (with the same
+    ``statistic`` and ``class_weights``), so it is not computed twice.
 
     Returns:
         One row per setting and ablation: ``ranking`` (a ranking or a reference name),
         ``seed`` (``R`` only, else None), ``keep`` (the rule as text, e.g. ``"1%"``; None for
         references), ``n_heads`` (heads kept), ``fraction`` (kept / all heads), ``ablation``,
         ``mean_source`` (mean ablation: where the means come from, e.g. ``test`` or
-        ``bases:imagenet:train``; else None), ``statistic``, ``test_acc``.
+        ``bases:imagenet:train``; else None), ``statistic``, ``test_acc``, ``heads`` (the
+        kept heads' names, comma-separated, best-ranked first; references in head order).
     """
     unknown = [r for r in rankings if r not in HEAD_RANKINGS]
     if unknown:
@@ -225,12 +229,14 @@ def head_selection(val_store: FeatureStore | str | Path, test_store: FeatureStor
     heads = np.array([u.index for u in units if u.kind == "head"])
     n_heads = len(heads)
     counts = [(str(k), n_kept(k, n_heads)) for k in keep]  # refuse a bad rule before any work
-    scores = rank_heads(stores["val"], scores=[r for r in rankings if r != "R"],
-                        statistic=statistic, class_weights=class_weights,
-                        cache_bytes=cache_bytes)
+    needed = [r for r in rankings if r != "R"]
+    if scores is None or any(r not in scores for r in needed):
+        scores = rank_heads(stores["val"], scores=needed, statistic=statistic,
+                            class_weights=class_weights, cache_bytes=cache_bytes)
 
-    # settings: (ranking, seed, keep, kept-unit mask over all units, ablations)
-    settings: list[tuple[str, int | None, str | None, np.ndarray, tuple[str, ...]]] = []
+    # settings: (ranking, seed, keep, kept-unit mask over all units, ablations, kept heads)
+    settings: list[tuple[str, int | None, str | None, np.ndarray, tuple[str, ...], str]] = []
+    names = [u.name for u in units]
     for ranking in rankings:
         orders = ([(None, np.argsort(-scores[ranking], kind="stable"))] if ranking != "R" else
                   [(r, np.argsort(-torch.randn(n_heads, generator=torch.Generator()
@@ -240,10 +246,12 @@ def head_selection(val_store: FeatureStore | str | Path, test_store: FeatureStor
             for label, count in counts:
                 mask = np.zeros(len(units), dtype=bool)
                 mask[heads[order[:count]]] = True
-                settings.append((ranking, r_seed, label, mask, tuple(ablations)))
+                kept = ",".join(names[i] for i in heads[order[:count]])
+                settings.append((ranking, r_seed, label, mask, tuple(ablations), kept))
     if references:
         settings += [(name, None, None, mask, tuple(a for a in abl if a in ablations or
-                                                    a == "none"))
+                                                    a == "none"),
+                      ",".join(names[i] for i in heads if mask[i]))
                      for name, mask, abl in _reference_masks(units)]
 
     weights = torch.as_tensor(test.class_weights if class_weights is None else class_weights,
@@ -274,12 +282,13 @@ def head_selection(val_store: FeatureStore | str | Path, test_store: FeatureStor
                 logits = kept + removed_mean if a == "mean" else kept
                 correct[a] += (logits.argmax(-1) == labels[:, None]).sum(0)
     rows = []
-    for i, (ranking, r_seed, label, mask, abl) in enumerate(settings):
+    for i, (ranking, r_seed, label, mask, abl, kept_names) in enumerate(settings):
         kept_heads = int(mask[heads].sum())
         for a in abl:
             hits = correct["zero" if a == "none" else a][i]  # none: nothing to ablate
             rows.append({"ranking": ranking, "seed": r_seed, "keep": label,
                          "n_heads": kept_heads, "fraction": kept_heads / n_heads,
                          "ablation": a, "mean_source": mean_source if a == "mean" else None,
-                         "statistic": statistic, "test_acc": float(hits) / feats.n})
+                         "statistic": statistic, "test_acc": float(hits) / feats.n,
+                         "heads": kept_names})
     return rows
