@@ -30,15 +30,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
     import open_clip
 
     from residual_core.identity import EMBEDDED_MODEL
-    from residual_core.method.models import list_models
+    from residual_core.method.models import decomposable, list_models
 
     for name in list_models():
+        why = decomposable(name)
+        if why is not None and not args.all:
+            continue
+        mark = "" if why is None else f"  [not decomposable: {why}]"
         if args.pretrained:
             tags = open_clip.list_pretrained_tags_by_model(name)
             embedded = " (embedded, random or local weights)" if name == EMBEDDED_MODEL else ""
-            print(f"{name:<40} {', '.join(tags)}{embedded}")
+            print(f"{name:<40} {', '.join(tags)}{embedded}{mark}")
         else:
-            print(name)
+            print(f"{name}{mark}")
     return 0
 
 
@@ -663,8 +667,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("models", help="list the open_clip architectures (and pretrained tags)",
-                       description="List architecture names known to open_clip.")
+                       description="List the open_clip architectures whose image tower the "
+                       "tool decomposes exactly (--all: every one open_clip knows, the others "
+                       "marked).")
     p.add_argument("--pretrained", action="store_true", help="also list each one's pretrained tags")
+    p.add_argument("--all", action="store_true",
+                   help="also list the architectures whose image tower cannot be decomposed "
+                   "(timm and ResNet towers, attention pooling, ...), marked with the reason")
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("units", help="print the residual unit table of a model",

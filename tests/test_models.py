@@ -74,3 +74,47 @@ def test_openai_tag_selects_quickgelu():
 
     # The tag's config asks for QuickGELU; open_clip itself would only warn on a mismatch.
     assert open_clip.get_pretrained_cfg("ViT-B-16", "openai").get("quick_gelu") is True
+
+
+def test_decomposable_from_the_config_agrees_with_the_built_tower(tmp_path, capsys):
+    """``decomposable`` reads the config; ``check_supported`` checks the built model: on tiny
+    configs of each kind (ViT, ResNet, attention pooling, average pooling) they agree."""
+    import json
+
+    import open_clip
+
+    from pipelines.cli import main
+    from residual_core.errors import UnsupportedModelError
+    from residual_core.method.decompose import check_supported
+    from residual_core.method.models import decomposable
+
+    text = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    vit = {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8}
+    configs = {
+        "probe-vit": vit,
+        "probe-rn": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8},
+        "probe-attnpool": {**vit, "attentional_pool": True, "attn_pooler_queries": 4,
+                           "attn_pooler_heads": 2},
+        "probe-avg": {**vit, "pool_type": "avg"},
+    }
+    for name, vision in configs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"embed_dim": 32, "vision_cfg": vision, "text_cfg": text}))
+    open_clip.add_model_config(tmp_path)
+    verdicts = {}
+    for name in configs:
+        model = open_clip.create_model(name).eval()
+        try:
+            check_supported(model)
+            built = None
+        except UnsupportedModelError as exc:
+            built = str(exc)
+        verdicts[name] = decomposable(name)
+        assert (verdicts[name] is None) == (built is None), (name, verdicts[name], built)
+    assert verdicts["probe-rn"].startswith("a ResNet") and "avg" in verdicts["probe-avg"]
+    assert main(["models"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert "probe-vit" in listed and "probe-rn" not in listed and EMBEDDED_MODEL in listed
+    assert main(["models", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "probe-rn  [not decomposable: a ResNet image tower" in out

@@ -60,6 +60,32 @@ def list_models() -> list[str]:
     return open_clip.list_models()
 
 
+_VISION_REFUSED = {  # vision_cfg keys whose set value means a tower decompose() refuses
+    "timm_model_name": "a timm image tower",
+    "attentional_pool": "attention pooling (attn_pool)",
+    "attn_pooler_queries": "attention pooling (attn_pool)",
+    "qk_norm": "qk-norm attention",
+    "scaled_cosine_attn": "scaled cosine attention",
+    "scale_heads": "scaled heads",
+}
+
+
+def decomposable(name: str) -> str | None:
+    """Why the open_clip architecture ``name``'s image tower cannot be decomposed exactly, read
+    from its config without building it, or None when it can (:func:`.decompose.check_supported`
+    is the check on a built model)."""
+    _check_name(name)
+    vision = (open_clip.get_model_config(name) or {}).get("vision_cfg", {})
+    for key, reason in _VISION_REFUSED.items():
+        if vision.get(key):
+            return reason
+    if isinstance(vision.get("layers"), (list, tuple)):
+        return "a ResNet image tower (no residual units of this kind)"
+    if vision.get("pool_type", "tok") != "tok":
+        return f"pool_type {vision['pool_type']!r} (only class-token pooling is decomposable)"
+    return None
+
+
 def default_device() -> str:
     """``cuda`` when a GPU is visible, else ``cpu``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
