@@ -345,14 +345,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from residual_core.layout import Layout
     from residual_core.report.markdown import model_report
 
-    if args.grid is not None:
-        return _grid_report(args)
-    if args.model is None:
-        raise ResidualError("report needs --model MODEL (one model's report) or --grid GRID "
-                            "(the specialisation report over a grid's cells)")
-    report = model_report(Layout.of(args.store_root).root, args.model, args.pretrained,
-                          datasets=args.dataset or None, out_dir=args.out,
-                          feature_dtype=args.feature_dtype)
+    from residual_core.report.plots import figure_output
+
+    with figure_output(args.format, args.dpi):
+        if args.grid is not None:
+            return _grid_report(args)
+        if args.model is None:
+            raise ResidualError("report needs --model MODEL (one model's report) or --grid GRID "
+                                "(the specialisation report over a grid's cells)")
+        report = model_report(Layout.of(args.store_root).root, args.model, args.pretrained,
+                              datasets=args.dataset or None, out_dir=args.out,
+                              feature_dtype=args.feature_dtype)
     print(report.results_table)
     print(f"report: {report.path}")
     return 0
@@ -664,6 +667,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="root of the stores and tables (default data)")
     p.add_argument("--out", default=None,
                    help="output folder (default <store-root>/reports/<model>-<weights>)")
+    p.add_argument("--format", choices=("png", "pdf", "svg"), default="png",
+                   help="figure file format (default png; pdf and svg keep text as vectors)")
+    p.add_argument("--dpi", type=int, default=110, help="resolution of raster figures "
+                   "(default 110; 300 for print)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("models", help="list the open_clip architectures (and pretrained tags)",

@@ -216,6 +216,24 @@ def test_report_from_tables(task, tmp_path):
                         tmp_path / "rep").path.read_text()
     section = text.split("## Heads in text")[1].split("\n## ")[0]
     assert section.count(f"- `{dataset}` L") == 3 and section.count("| L") == 16
+    # --format svg / --dpi: every figure in that format, linked by the report
+    from PIL import Image
+
+    from pipelines.cli import main
+
+    for fmt, dpi in (("svg", 110), ("png", 220)):
+        out = tmp_path / f"rep-{fmt}"
+        assert main(["report", "--model", EMBEDDED_MODEL, "--store-root", str(root / "st"),
+                     "--out", str(out), "--format", fmt, "--dpi", str(dpi)]) == 0
+        figures = sorted(p.name for p in out.iterdir() if p.suffix != ".md")
+        assert figures and all(f.endswith(f".{fmt}") for f in figures)
+        text = (out / "report.md").read_text()
+        assert all(f"]({f})" in text for f in figures)
+    small = Image.open(tmp_path / "rep" / "head_zero_shot.png").size
+    large = Image.open(tmp_path / "rep-png" / "head_zero_shot.png").size
+    assert large[0] == pytest.approx(2 * small[0], rel=0.05)  # dpi 220 against 110
+    assert main(["report", "--model", EMBEDDED_MODEL, "--store-root", str(root / "st"),
+                 "--dpi", "5"]) == 2
 
 
 def test_report_across_models_from_the_tables(task, tmp_path):

@@ -150,13 +150,14 @@ def _text_table(cells: Sequence[CellSummary], keeps: Sequence[str], gain_method:
 def grid_report(store_root: str | Path, cells: Sequence[GridCell], out_dir: str | Path,
                 title: str = "Specialisation across the grid",
                 gain_method: str = GAIN_METHOD) -> GridReport:
-    """Write ``out_dir/grid_report.md``, ``specialisation.csv`` and ``specialisation.png`` for
+    """Write ``out_dir/grid_report.md``, ``specialisation.csv`` and ``specialisation.png`` (the
+    format of :func:`.plots.figure_output`) for
     the ``cells`` from the tables under ``store_root``.
 
     Raises:
         ResidualError: no cells, or a cell without head-selection rows.
     """
-    from residual_core.report.plots import plot_specialisation
+    from residual_core.report.plots import figure_name, plot_specialisation
 
     if not cells:
         raise ResidualError("a grid report needs at least one cell")
@@ -171,7 +172,8 @@ def grid_report(store_root: str | Path, cells: Sequence[GridCell], out_dir: str 
     table = _text_table(summaries, keeps, gain_method)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plot_specialisation(summaries, out / "specialisation.png", pearson=pearson,
+    figure = figure_name("specialisation")
+    plot_specialisation(summaries, out / figure, pearson=pearson,
                         gain_method=gain_method)
     _write_csv(summaries, keeps, out / "specialisation.csv")
 
@@ -182,7 +184,7 @@ def grid_report(store_root: str | Path, cells: Sequence[GridCell], out_dir: str 
              f"classifier per cell as recorded.", "", "```", table, "```", "",
              f"Correlation across cells of specialisation with the {gain_method} gain: Pearson "
              f"{fmt(pearson)}, Spearman {fmt(spearman)}.", "",
-             "![specialisation](specialisation.png)", ""]
+             f"![specialisation]({figure})", ""]
     path = out / "grid_report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return GridReport(path, summaries, pearson, spearman, table)

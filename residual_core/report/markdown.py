@@ -15,6 +15,7 @@ from residual_core.identity import FEATURE_DTYPES, RANDOM_WEIGHTS, parse_weights
 from residual_core.layout import SPLITS, Layout
 from residual_core.method.head_selection import rank_heads
 from residual_core.report.plots import (
+    figure_name,
     plot_accuracy_vs_parameters,
     plot_head_selection,
     plot_head_zero_shot,
@@ -92,17 +93,17 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
              f"{n_layers} layers × {n_heads} heads (dh = {dh}), embed dim "
              f"{first_train.dims.embed}.", "", "## Test accuracy by task and method", "",
              "```", table, "```", ""]
-    plot_accuracy_vs_parameters(evals, out / "accuracy_vs_parameters.png")
-    lines += ["![accuracy vs parameters](accuracy_vs_parameters.png)", ""]
+    plot_accuracy_vs_parameters(evals, out / figure_name("accuracy_vs_parameters"))
+    lines += [f"![accuracy vs parameters]({figure_name('accuracy_vs_parameters')})", ""]
 
     scores = {t: rank_heads(urls[1], scores=("S",))["S"] for t, urls in task_stores.items()}
-    plot_head_zero_shot(scores, n_layers, n_heads, out / "head_zero_shot.png")
+    plot_head_zero_shot(scores, n_layers, n_heads, out / figure_name("head_zero_shot"))
     lines += ["## Head specialisation", "",
               "Per-head zero-shot accuracy (S) on each task's validation split; the top head:", ""]
     for t, s in scores.items():
         top = int(np.argmax(s))
         lines.append(f"- `{t}`: L{top // n_heads}H{top % n_heads} ({s[top]:.3f})")
-    lines += ["", "![per-head zero-shot accuracy](head_zero_shot.png)", ""]
+    lines += ["", f"![per-head zero-shot accuracy]({figure_name('head_zero_shot')})", ""]
     lines += _head_texts(store_root, model, weights, scores, n_heads)
 
     try:
@@ -115,11 +116,12 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
         shown = "text" if any(_classifier(r) == "text" for r in selection) else \
             _classifier(selection[0])
         selection = [r for r in selection if _classifier(r) == shown]
-        plot_head_selection(selection, out / "head_selection.png")
+        plot_head_selection(selection, out / figure_name("head_selection"))
         lines += ["## Head selection", "",
                   "Test accuracy with only the top-ranked heads kept (rankings on val: S own "
                   "accuracy, U|T / U / U-out correlations, R random), everything else ablated "
-                  f"({shown} classifier):", "", "![head selection](head_selection.png)", ""]
+                  f"({shown} classifier):", "",
+                  f"![head selection]({figure_name('head_selection')})", ""]
 
     lines += ["## Spectra", ""]
     by_spectrum: dict[tuple, list[str]] = {}  # tasks whose train splits are the same images
@@ -141,7 +143,7 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
         tables[key] = (stats, spectra)
     for key, tasks in by_spectrum.items():
         stats, spectra = tables[key]
-        name = f"spectra_{slug(tasks[0])}.png"
+        name = figure_name(f"spectra_{slug(tasks[0])}")
         shared = " (the same train images)" if len(tasks) > 1 else ""
         plot_spectra(stats, spectra, out / name, title=", ".join(tasks) + shared)
         k90 = [r["k90"] for r in stats if r["kind"] == "head"]
@@ -158,7 +160,7 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
             lam = stored_lambdas(Layout.align_weights(urls[0]), "residual-star", 0)
         except ResidualError:
             continue
-        name = f"lambda_{slug(t)}.png"
+        name = figure_name(f"lambda_{slug(t)}")
         plot_lambda_heatmap(lam, n_layers, n_heads, out / name, title=f"mean |λ| — {t}")
         lines.append(f"![λ {t}]({name})")
     path = out / "report.md"
@@ -210,7 +212,7 @@ def _across_models(store_root, model: str, weights: str, out: Path) -> list[str]
                                       split=split) if r["kind"] == "head"]
             stats.append({s: {r["unit"]: r[s] for r in heads} for s in ("k90", "twonn")})
         if all(s["k90"] for s in stats):
-            name = f"cross_model_{k}.png"
+            name = figure_name(f"cross_model_{k}")
             plot_cross_model(*stats, out / name, label_a="this model", label_b="the other")
             lines += ["", f"![across models]({name})"]
         lines.append("")

@@ -3,8 +3,9 @@ per-head spectral statistics across models."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import matplotlib
 
@@ -12,12 +13,41 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from residual_core.errors import ResidualError  # noqa: E402
+
+
+FORMATS = ("png", "pdf", "svg")
+"""Figure file formats (``residual report --format``)."""
+
+_OUTPUT = {"format": "png", "dpi": 110}
+
+
+@contextmanager
+def figure_output(format: str = "png", dpi: int = 110) -> Iterator[None]:
+    """Within the block, every plot is written as ``format`` at ``dpi`` (raster formats; text
+    stays vector in pdf and svg): the report's ``--format`` and ``--dpi``."""
+    if format not in FORMATS:
+        raise ResidualError(f"unknown figure format {format!r}: use one of {', '.join(FORMATS)}")
+    if not 10 <= int(dpi) <= 2400:
+        raise ResidualError(f"dpi must lie in 10..2400, got {dpi}")
+    before = dict(_OUTPUT)
+    _OUTPUT.update(format=format, dpi=int(dpi))
+    try:
+        yield
+    finally:
+        _OUTPUT.update(before)
+
+
+def figure_name(stem: str) -> str:
+    """``stem`` with the current figure format's extension (what reports link to)."""
+    return f"{stem}.{_OUTPUT['format']}"
+
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
+    path = Path(path).with_suffix(f".{_OUTPUT['format']}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # legends placed outside are kept
+    fig.savefig(path, dpi=_OUTPUT["dpi"], bbox_inches="tight")  # legends outside are kept
     plt.close(fig)
     return path
 
