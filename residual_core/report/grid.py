@@ -128,17 +128,27 @@ def _correlations(cells: Sequence[CellSummary]) -> tuple[float | None, float | N
     return float(pearsonr(x, y)[0]), float(spearmanr(x, y)[0])
 
 
+def _cell_names(cells: Sequence[CellSummary]) -> list[str]:
+    """The dataset when every cell has one model and weights (named above), else
+    ``model/weights dataset`` with long weights names shortened."""
+    if len({(c.cell.model, c.cell.weights) for c in cells}) == 1:
+        return [c.cell.dataset for c in cells]
+    return [f"{c.cell.model}/{c.cell.weights[:12]} {c.cell.dataset}" for c in cells]
+
+
 def _text_table(cells: Sequence[CellSummary], keeps: Sequence[str], gain_method: str) -> str:
-    head = (f"{'cell':<34}{'zero-shot':>10}" + "".join(f"{'S/R@' + k:>14}" for k in keeps)
+    names = _cell_names(cells)
+    width = max(18, *(len(n) + 2 for n in names))
+    head = (f"{'cell':<{width}}{'zero-shot':>10}" + "".join(f"{'S/R@' + k:>14}" for k in keeps)
             + f"{'special.':>10}{'gain':>9}")
     lines = [head, "-" * len(head)]
-    for c in cells:
+    for name, c in zip(names, cells):
         parts = []
         for k in keeps:
             s, r = c.carried.get("S", {}).get(k), c.carried.get("R", {}).get(k)
             parts.append(f"{s:.2f}/{r:.2f}" if s is not None and r is not None else "-")
         gain = f"{c.gain:+.3f}" if c.gain is not None else "-"
-        lines.append(f"{c.cell.label[:33]:<34}{c.zero_shot:>10.3f}"
+        lines.append(f"{name:<{width}}{c.zero_shot:>10.3f}"
                      + "".join(f"{p:>14}" for p in parts) + f"{c.specialisation:>10.3f}"
                      + f"{gain:>9}")
     lines.append(f"S/R@k: accuracy with the top k heads by S / at random (mean of R seeds), as a "
@@ -173,15 +183,16 @@ def grid_report(store_root: str | Path, cells: Sequence[GridCell], out_dir: str 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figure = figure_name("specialisation")
-    plot_specialisation(summaries, out / figure, pearson=pearson,
-                        gain_method=gain_method)
+    plot_specialisation(summaries, out / figure, pearson=pearson, gain_method=gain_method,
+                        names=_cell_names(summaries))
     _write_csv(summaries, keeps, out / "specialisation.csv")
 
     def fmt(v: float | None) -> str:
         return "n/a (fewer than 3 cells with a gain, or a constant)" if v is None else f"{v:.3f}"
 
-    lines = [f"# {title}", "", f"{len(summaries)} cells; head selection with zero ablation; "
-             f"classifier per cell as recorded.", "", "```", table, "```", "",
+    models = sorted({f"`{c.cell.model}` ({c.cell.pretrained or 'random'})" for c in summaries})
+    lines = [f"# {title}", "", f"{len(summaries)} cells of {', '.join(models)}; head selection "
+             "with zero ablation; classifier per cell as recorded.", "", "```", table, "```", "",
              f"Correlation across cells of specialisation with the {gain_method} gain: Pearson "
              f"{fmt(pearson)}, Spearman {fmt(spearman)}.", "",
              f"![specialisation]({figure})", ""]

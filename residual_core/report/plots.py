@@ -253,12 +253,14 @@ def plot_cross_model(stats_a: Mapping[str, Mapping[str, float]],
 
 
 def plot_specialisation(cells: Sequence, path: str | Path, pearson: float | None = None,
-                        gain_method: str = "residual-star") -> Path:
+                        gain_method: str = "residual-star",
+                        names: Sequence[str] | None = None) -> Path:
     """The grid report's figure (:mod:`residual_core.report.grid`): left, per cell, the fraction
     of its zero-shot accuracy the top heads carry against the fraction of heads kept (S solid,
     R dashed, one colour per cell); right, each cell's specialisation against its gain."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     colours = plt.get_cmap("tab10")
+    names = list(names) if names is not None else [c.cell.label for c in cells]
     for i, c in enumerate(cells):
         colour = colours(i % 10)
         for ranking, style in (("S", "-"), ("R", "--")):
@@ -267,19 +269,24 @@ def plot_specialisation(cells: Sequence, path: str | Path, pearson: float | None
             if keeps:
                 left.plot([c.fractions[k] for k in keeps], [rules[k] for k in keeps], ls=style,
                           marker="o", ms=3, color=colour,
-                          label=c.cell.label if ranking == "S" else None)
+                          label=names[i] if ranking == "S" else None)
     left.axhline(1.0, color="gray", lw=0.8, ls=":")
     if any(np.isfinite(v) for c in cells for rules in c.carried.values() for v in rules.values()):
         left.set_xscale("log")  # (a cell with zero-shot accuracy 0 has no finite share)
+        ticks = sorted({f for c in cells for f in c.fractions.values()})
+        left.set_xticks(ticks, [f"{100 * f:.0f}%" if f >= 0.1 else f"{100 * f:.1f}%"
+                                for f in ticks], fontsize=7)
+        left.minorticks_off()
     left.set_xlabel("fraction of heads kept (zero ablation)")
     left.set_ylabel("accuracy / zero-shot accuracy")
     left.set_title("top heads by S (solid) vs random (dashed)", fontsize=9)
-    left.legend(fontsize=6, frameon=False, loc="upper left")
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=min(5, len(cells)),
+               fontsize=7, frameon=False, bbox_to_anchor=(0.5, -0.08))  # outside the data
     with_gain = [c for c in cells if c.gain is not None and np.isfinite(c.specialisation)]
     for i, c in enumerate(cells):
         if c in with_gain:
             right.scatter(c.specialisation, c.gain, color=colours(i % 10), s=18)
-            right.annotate(c.cell.dataset, (c.specialisation, c.gain), fontsize=6,
+            right.annotate(names[i], (c.specialisation, c.gain), fontsize=6,
                            xytext=(3, 3), textcoords="offset points")
     right.axhline(0.0, color="gray", lw=0.8, ls=":")
     right.set_xlabel("specialisation: mean (S - R) / zero-shot")
