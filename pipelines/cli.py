@@ -398,7 +398,7 @@ def _add_params(p: argparse.ArgumentParser, schema: type[StageParams]) -> None:
         kind, choices, many = _option_type(field.annotation)
         shown = (" ".join(map(str, field.default)) if isinstance(field.default, (tuple, list))
                  else field.default)
-        default = "" if field.default is None else f" (default {shown})"
+        default = "" if field.default in (None, {}) else f" (default {shown})"
         kwargs: dict[str, Any] = {"dest": name, "default": None,
                                   "help": f"{field.description}{default}"}
         if kind is bool:
@@ -414,6 +414,8 @@ def _add_params(p: argparse.ArgumentParser, schema: type[StageParams]) -> None:
 def _option_type(annotation: Any) -> tuple[type, tuple | None, bool]:
     """``(type, choices, several values)`` of a field's annotation."""
     many = False
+    if get_origin(annotation) is dict:  # METHOD=VALUE pairs, parsed by the schema
+        return str, None, True
     if get_origin(annotation) in (tuple, list):
         annotation, many = get_args(annotation)[0], True
     if get_origin(annotation) is Annotated:  # e.g. StrictInt

@@ -1,5 +1,6 @@
 """The align stage end to end on stores: tables, stored λ, default bases."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -314,9 +315,23 @@ def test_align_command(task, tmp_path, capsys):
     assert again["linear", 3]["created_at"] == created and len(again) == len(rows)
     capsys.readouterr()
 
+    # --lr / --batch-size per method: a fit of its own beside the preset's, reused on rerun
+    tuned = args[:-1] + ["--lr", "linear=0.01", "--batch-size", "16"]
+    assert main(tuned) == 0
+    linear = [r for r in read_table(store_root, "evaluations").to_pylist()
+              if (r["method"], r["seed"]) == ("linear", 3)]
+    settings = sorted((json.loads(r["preset_params"])["lr"],
+                       json.loads(r["preset_params"])["batch_size"]) for r in linear)
+    assert settings == [(0.001, 64), (0.01, 16)]  # the preset's fit kept beside the tuned one
+    n_rows = read_table(store_root, "evaluations").num_rows
+    assert main(tuned) == 0 and read_table(store_root, "evaluations").num_rows == n_rows
+    capsys.readouterr()
+
     for bad, says in ((["--methods", "nope"], "unknown methods"),
                       (["--basis", "cifar10"], "no spectral store"),
-                      (["--epochs", "-1"], "--epochs")):
+                      (["--epochs", "-1"], "--epochs"),
+                      (["--lr", "nope=0.1"], "--lr: unknown method 'nope'"),
+                      (["--batch-size", "linear=0"], "--batch-size: linear: must be positive")):
         assert main(args[:5] + ["--store-root", str(store_root), *bad, "--quiet"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], err

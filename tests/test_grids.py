@@ -2,11 +2,12 @@
 show` prints a template that loads back to the same grid; `residual grid validate` checks one."""
 
 import json
+import re
 
 import pytest
 
 from pipelines.cli import main
-from pipelines.grid import NAMED_GRIDS, load_grid, named_grid_file
+from pipelines.grid import NAMED_GRIDS, GridError, load_grid, named_grid_file
 from residual_core.datasets import PAPER_DATASETS
 from residual_core.identity import EMBEDDED_MODEL, WORLD_WEIGHTS
 from residual_core.stages.align import DEFAULT_METHODS
@@ -48,3 +49,21 @@ def test_grid_validate_names_the_bad_field_in_one_line(capsys, tmp_path):
     assert line.startswith("residual: error: invalid grid") and "align.epochs" in line
     assert main(["grid", "show", "nope"]) == 2
     assert "unknown grid 'nope'" in capsys.readouterr().err
+
+
+def test_align_lr_and_batch_size_per_method_in_a_grid():
+    """A grid's ``align.lr`` / ``align.batch_size``: one value for every trained method or
+    METHOD: VALUE; a bad method or value names the field."""
+    base = {"sweeps": [{"models": [{"name": EMBEDDED_MODEL}], "datasets": ["world/color"]}]}
+    grid = load_grid({**base, "align": {"lr": {"residual-star": 0.5, "linear": 0.002},
+                                        "batch_size": 32}})
+    assert grid.align.setting("lr", "residual-star") == 0.5
+    assert grid.align.setting("lr", "coarse") is None  # its preset's
+    assert grid.align.setting("batch_size", "coarse") == 32
+    assert load_grid({**base, "align": {"lr": 0.1}}).align.setting("lr", "linear") == 0.1
+    for bad, says in (({"lr": {"nope": 0.1}}, "align.lr: unknown method 'nope'"),
+                      ({"lr": -1}, "align.lr: *: must be positive"),
+                      ({"batch_size": {"linear": "big"}}, "align.batch_size: linear: 'big' is "
+                                                          "not an integer")):
+        with pytest.raises(GridError, match=re.escape(says)):
+            load_grid({**base, "align": bad})

@@ -84,7 +84,11 @@ def _fit_settings(method: str, params: AlignParams) -> dict:
     """The parameters that change one fit of ``method`` (zero-shot trains nothing)."""
     names = {"zero-shot": (), "finetune": ("finetune_epochs", "patience")}.get(
         method, ("epochs", "patience", "lambda_init"))
-    return {k: getattr(params, k) for k in names}
+    settings = {k: getattr(params, k) for k in names}
+    if method != "zero-shot":  # overrides only: a fit at the preset's values keeps its key
+        settings.update({k: v for k in ("lr", "batch_size")
+                         if (v := params.setting(k, method)) is not None})
+    return settings
 
 
 def _preset_identity(method: str) -> dict:
@@ -229,6 +233,8 @@ def _fit_one(method, seed, train_url, val_url, test_url, bases, params, data_roo
                          class_weights)
     return fit(method, train_url, val_url, test_url, bases, seed=seed, epochs=params.epochs,
                patience=params.patience, lambda_init=params.lambda_init,
+               lr=params.setting("lr", method),
+               batch_size=params.setting("batch_size", method),
                class_weights=class_weights, progress=progress)
 
 
@@ -250,7 +256,8 @@ def _finetune(train_url, val_url, test_url, seed, params, data_root, progress,
             for s, u in (("train", train_url), ("val", val_url), ("test", test_url))}
     return finetune(loaded, data["train"], data["val"], data["test"],
                     class_weights=class_weights, seed=seed, epochs=params.finetune_epochs,
-                    patience=params.patience, progress=progress)
+                    patience=params.patience, lr=params.setting("lr", "finetune"),
+                    batch_size=params.setting("batch_size", "finetune"), progress=progress)
 
 
 def _row(result: FitResult, train: FeatureStore) -> dict:

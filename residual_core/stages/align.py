@@ -33,6 +33,12 @@ class Params(StageParams):
     patience: int = Field(5, ge=1, description="early-stopping patience (epochs without a "
                           "better validation accuracy)")
     lambda_init: Literal["ones", "randn"] = Field("ones", description="initial λ")
+    lr: dict[str, float] = Field(
+        {}, description="learning rate per method, METHOD=LR (or one LR for every trained "
+        "method); default each method's preset (ResiDual 0.8, linear 1e-3, finetune 1e-5)")
+    batch_size: dict[str, int] = Field(
+        {}, description="minibatch size per method, METHOD=N (or one N for every trained "
+        "method); default each method's preset (64, finetune 128)")
     finetune_epochs: int = Field(30, ge=0, description="maximum epochs of finetune")
     classifier: Literal["text", "centroid"] = Field(
         "text", description="frozen classifier of every method: text (the zero-shot text "
@@ -43,6 +49,46 @@ class Params(StageParams):
         "(unit-norm prototypes)")
     head_selection: bool = Field(True, description="also run the head-selection experiment")
     random_seeds: int = Field(10, ge=1, description="seeds of the random head ranking (R)")
+
+    @field_validator("lr", "batch_size", mode="before")
+    @classmethod
+    def _per_method(cls, value: Any, info) -> Any:
+        """``0.1`` / ``"0.1"`` (every method), ``["residual-star=0.5", ...]`` (the command
+        line) or ``{"residual-star": 0.5}`` (a grid file): a dict keyed by method or ``*``."""
+        from residual_core.method.adapters import PRESETS
+
+        number = float if info.field_name == "lr" else int
+        if value is None:
+            return {}
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            pairs = {}
+            for item in value:
+                key, sep, text = str(item).rpartition("=")
+                pairs[key if sep else "*"] = text
+            value = pairs
+        if not isinstance(value, dict):
+            raise ValueError(f"expected METHOD=VALUE pairs or one value, got {value!r}")
+        out = {}
+        for key, v in value.items():
+            if key != "*" and key not in PRESETS:
+                raise ValueError(f"unknown method {key!r}; known methods: {', '.join(PRESETS)}")
+            try:
+                if number is int and isinstance(v, float) and not v.is_integer():
+                    raise ValueError(v)
+                out[key] = number(v)
+            except (TypeError, ValueError):
+                what = "a number" if number is float else "an integer"
+                raise ValueError(f"{key}: {v!r} is not {what}") from None
+            if out[key] <= 0:
+                raise ValueError(f"{key}: must be positive, got {v!r}")
+        return out
+
+    def setting(self, name: str, method: str) -> float | int | None:
+        """The ``lr`` or ``batch_size`` override of ``method`` (None: its preset's)."""
+        values = getattr(self, name)
+        return values.get(method, values.get("*"))
 
     @field_validator("methods")
     @classmethod
