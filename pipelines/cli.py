@@ -490,7 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="write the feature store of a model on a dataset split",
                        description="Decompose every image of a dataset split and write the "
                        "per-unit features to a chunked, resumable Zarr store. Rerunning the same "
-                       "command resumes an interrupted run and does nothing for a complete store.")
+                       "command resumes an interrupted run and does nothing for a complete store. "
+                       "Splits (stratified, seed 42): a paper dataset's val is carved from its "
+                       "official train (10%; svhn, dtd, stanford_cars, imagenet 20%), eurosat and "
+                       "sun397 are drawn 80/10/10; imagefolder:PATH is 80/10/10 of PATH/<class>/ "
+                       "or PATH/train + PATH/test (+ PATH/val, else 10% of train), with fractions, "
+                       "seed, class names and templates from an optional PATH/dataset.json.")
     _add_model_arguments(p)
     p.add_argument("--dataset", required=True,
                    help="registered dataset (e.g. cifar10), imagefolder:PATH, or "

@@ -1,6 +1,7 @@
 """Dataset registry, local loading and splits, on small folders in the torchvision layouts."""
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -344,3 +345,46 @@ def test_register_dataset_and_label_validation(monkeypatch):
         load_dataset("toy3", "train")
     with pytest.raises(ResidualError, match="containing"):
         DatasetInfo("bad", ["a"], ["no placeholder"])
+
+
+def test_imagefolder_options_file_names_classes_templates_and_splits(tmp_path):
+    """``PATH/dataset.json``: prompt names per folder, templates, split fractions and seed;
+    the file is part of the folder's content identity; bad files are one-line errors."""
+    from builders import write_image_folder
+    from residual_core.identity import parse_dataset
+
+    folder = write_image_folder(tmp_path / "pets", ["cat_tabby", "dog", "golden_retriever"], 20,
+                                size=8)
+    name = f"imagefolder:{folder}"
+    before = parse_dataset(name).content_identity()
+    sizes = [len(rds.load_dataset(name, s)) for s in ("train", "val", "test")]
+    assert sizes == [48, 6, 6] and rds.dataset_info(name).classnames[0] == "cat_tabby"
+    options = {"classnames": {"cat_tabby": "tabby cat", "golden_retriever": "golden retriever"},
+               "templates": ["a photo of a {}, a pet.", "a {}."], "val_fraction": 0.2,
+               "test_fraction": 0.25, "seed": 7}
+    (folder / "dataset.json").write_text(json.dumps(options))
+    info = rds.dataset_info(name)
+    assert info.classnames == ["tabby cat", "dog", "golden retriever"]
+    assert info.templates == options["templates"]
+    parts = {s: rds.load_dataset(name, s) for s in ("train", "val", "test")}
+    assert [len(p) for p in parts.values()] == [33, 12, 15]  # 60 x (0.55, 0.2, 0.25)
+    for p in parts.values():  # stratified, labels still by folder
+        assert np.bincount(p.labels).tolist() == [len(p) // 3] * 3
+    assert set().union(*(set(p.indices) for p in parts.values())) == set(range(60))
+    assert parse_dataset(name).content_identity() != before  # stores become stale
+    (folder / "dataset.json").write_text(json.dumps({**options, "seed": 8}))
+    assert list(rds.load_dataset(name, "val").indices) != list(parts["val"].indices)
+
+    for bad, says in (({"classes": []}, "classes: Extra inputs are not permitted"),
+                      ({"classnames": ["a", "b"]}, "lists 2 names for 3 class folders"),
+                      ({"classnames": {"cow": "a cow"}}, "names folders ['cow']"),
+                      ({"templates": ["no slot"]}, "templates containing '{}'"),
+                      ({"val_fraction": 0.6, "test_fraction": 0.5}, "leave room for train"),
+                      ({"seed": "x"}, "seed: Input should be a valid integer")):
+        (folder / "dataset.json").write_text(json.dumps(bad))
+        with pytest.raises(ResidualError, match=re.escape(says)) as e:
+            rds.load_dataset(name, "train")
+        assert "\n" not in str(e.value)
+    (folder / "dataset.json").write_text("{not json")
+    with pytest.raises(ResidualError, match="cannot read .*dataset.json as JSON"):
+        rds.dataset_info(name)

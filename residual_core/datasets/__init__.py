@@ -39,7 +39,9 @@ Splits (METHOD §4), all stratified with seed 42 and deterministic across runs a
 - imagenet: ``train`` = 80% of the official train split (the bases' fitting set), ``val`` = the
   other 20%, ``test`` = the official validation split.
 - ``imagefolder:PATH``: ``PATH/train`` + ``PATH/test`` (+ ``PATH/val`` if present, else 10% of
-  train) when ``PATH`` has ``train/`` and ``test/``, else 80/10/10 of ``PATH/<class>/*``. Every
+  train) when ``PATH`` has ``train/`` and ``test/``, else 80/10/10 of ``PATH/<class>/*``; an
+  optional ``PATH/dataset.json`` sets the fractions, the seed, the prompt names and templates
+  (:class:`.imagefolder.FolderOptions`). Every
   image of the folders a split is drawn from is decoded once first: a file PIL cannot decode
   is an error naming it, or with ``skip_bad_images`` is left out before the split is drawn
   (:attr:`SplitDataset.skipped`), so that the split never depends on when a file failed.

@@ -3,6 +3,7 @@ from an official train split (see :mod:`residual_core.datasets`)."""
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
@@ -39,16 +40,21 @@ def stratified_split(
     return np.sort(kept).astype(np.int64), np.sort(carved).astype(np.int64)
 
 
-def split_80_10_10(labels: np.ndarray, seed: int = SEED) -> dict[str, np.ndarray]:
-    """Stratified 80/10/10 positions: ``test`` and ``val`` 10% of all each, ``train`` the rest."""
-    rest, test = stratified_split(labels, 0.1, seed)
-    train, val = stratified_split(np.asarray(labels)[rest], 1 / 9, seed)
-    return {"train": rest[train], "val": rest[val], "test": test}
+def split_80_10_10(labels: np.ndarray, seed: int = SEED, val: float = 0.1,
+                   test: float = 0.1) -> dict[str, np.ndarray]:
+    """Stratified positions: ``test`` and ``val`` fractions of all (80/10/10 by default),
+    ``train`` the rest."""
+    rest, test_pos = stratified_split(labels, test, seed)
+    # val of what test leaves, as an exact ratio (0.1 / 0.9 in floats is one ulp above 1/9,
+    # and sklearn's ceil(fraction * n) would then take one more sample)
+    share = Fraction(val).limit_denominator(10**6) / (1 - Fraction(test).limit_denominator(10**6))
+    train, val_pos = stratified_split(np.asarray(labels)[rest], float(share), seed)
+    return {"train": rest[train], "val": rest[val_pos], "test": test_pos}
 
 
-def _carve_val(labels: np.ndarray, split: str, fraction: float) -> np.ndarray:
+def _carve_val(labels: np.ndarray, split: str, fraction: float, seed: int = SEED) -> np.ndarray:
     """Positions of ``split`` (``train`` or ``val``) when val is ``fraction`` of official train."""
-    train, val = stratified_split(labels, fraction)
+    train, val = stratified_split(labels, fraction, seed)
     return val if split == "val" else train
 
 
