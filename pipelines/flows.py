@@ -20,6 +20,7 @@ server is needed for the embedded default.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any, Iterable
 
@@ -238,14 +239,24 @@ def cell_flow(cell: Cell, settings: Settings, options: RunOptions = RunOptions()
     return {"cell": cell.label, "runs": runner.runs, "evaluations": evaluations}
 
 
+def cell_tags(grid: str, cell: Cell) -> list[str]:
+    """The tags of a cell's flow run, locally and on workers: ``grid:``, ``model:``,
+    ``dataset:`` (filter runs by them in the Prefect UI)."""
+    return [f"grid:{grid}", f"model:{cell.model.label}", f"dataset:{cell.dataset}"]
+
+
 def _run_cells_here(cells: list[Cell], settings: Settings, options: RunOptions,
-                    bases: dict[tuple, str]) -> list[dict[str, Any]]:
-    """Each cell as a subflow of this run, one after the other; a failed cell does not stop
-    the others."""
+                    bases: dict[tuple, str], grid: str) -> list[dict[str, Any]]:
+    """Each cell as a subflow of this run, one after the other, named and tagged like a
+    distributed cell; a failed cell does not stop the others."""
+    from prefect import tags
+
     out = []
     for cell in cells:
-        state = cell_flow(cell=cell, settings=settings, options=options,
-                          bases=bases.get((cell.model, cell.basis)), return_state=True)
+        with tags(*cell_tags(grid, cell)):
+            state = cell_flow.with_options(flow_run_name=f"cell {cell.label}")(
+                cell=cell, settings=settings, options=options,
+                bases=bases.get((cell.model, cell.basis)), return_state=True)
         value = state.result(raise_on_failure=False)
         out.append(value if state.is_completed() else
                    {"cell": cell.label, "state": state.name, "error": value})
@@ -253,7 +264,7 @@ def _run_cells_here(cells: list[Cell], settings: Settings, options: RunOptions,
 
 
 def _run_cells_on_workers(cells: list[Cell], settings: Settings, options: RunOptions,
-                          bases: dict[tuple, str], deployment: str,
+                          bases: dict[tuple, str], deployment: str, grid: str,
                           poll_seconds: float = 5.0) -> list[dict[str, Any]]:
     """Each cell as a run of ``deployment`` (picked up by any worker of its pool), all
     submitted at once, then waited for. Stores and tables must be on storage every worker
@@ -267,7 +278,8 @@ def _run_cells_on_workers(cells: list[Cell], settings: Settings, options: RunOpt
                 "bases": bases.get((cell.model, cell.basis))}
 
     submitted = [(cell, run_deployment(deployment, parameters=parameters(cell), timeout=0,
-                                       flow_run_name=f"cell {cell.label}"))
+                                       flow_run_name=f"cell {cell.label}",
+                                       tags=cell_tags(grid, cell)))
                  for cell in cells]
     with get_client(sync_client=True) as client:
         while True:
@@ -334,12 +346,34 @@ def experiment_flow(grid: Grid | str = "paper", force: list[Stage] | None = None
                                           settings.spectral)
              for model, basis in dict.fromkeys((c.model, c.basis) for c in cells if c.basis)}
     if distribute:
-        records = _run_cells_on_workers(cells, settings, runner.options, bases, cell_deployment)
+        records = _run_cells_on_workers(cells, settings, runner.options, bases, cell_deployment,
+                                        grid.name)
     else:
-        records = _run_cells_here(cells, settings, runner.options, bases)
+        records = _run_cells_here(cells, settings, runner.options, bases, grid.name)
+    _publish_results(grid.name, records)
     _raise_failures(records)
     return {"grid": grid.name, "models": [m.model_dump() for m in weights.values()],
             "cells": records, "runs": runner.runs}
+
+
+def results_artifact_key(grid: str) -> str:
+    """The key of a grid's results artifact (lower-case letters, digits and dashes)."""
+    return "results-" + re.sub(r"[^a-z0-9-]+", "-", grid.lower()).strip("-")
+
+
+def _publish_results(grid: str, records: list[dict[str, Any]]) -> None:
+    """The run's results as a Prefect table artifact: one row per fit of the cells run here
+    (distributed cells publish nothing here: their rows are in the tables)."""
+    from prefect.artifacts import create_table_artifact
+
+    rows = [{"cell": r["cell"], "method": e.get("method"), "seed": e.get("seed"),
+             "val_acc": e.get("val_acc"), "test_acc": e.get("test_acc")}
+            for r in records for e in r.get("evaluations", [])]
+    failed = [{"cell": r["cell"], "method": None, "seed": None, "val_acc": None,
+               "test_acc": None, "state": r.get("state")} for r in records if "error" in r]
+    if rows or failed:
+        create_table_artifact(rows + failed, key=results_artifact_key(grid),
+                              description=f"grid {grid}: test accuracy per fit")
 
 
 def count_stage_runs(report: dict[str, Any]) -> tuple[int, int]:

@@ -155,5 +155,8 @@ def test_distributed_cells_run_on_pool_workers(server, tmp_path):
                      r"Completed", cli.stdout), cli.stdout
     _assert_rows(store_root, {"zero-shot", "coarse"})
     cells = _api(env["PREFECT_API_URL"], "/flow_runs/filter",
-                 {"flow_runs": {"name": {"like_": "cell residual-tiny"}}})
+                 {"flow_runs": {"name": {"like_": "cell residual-tiny"},
+                                "deployment_id": {"is_null_": False}}})  # not local cells
     assert [c["state_type"] for c in cells] == ["COMPLETED"]
+    assert "grid:deploy-test" in cells[0]["tags"] and any(t.startswith("dataset:imagefolder:")
+                                                    for t in cells[0]["tags"])

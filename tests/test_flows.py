@@ -126,6 +126,26 @@ def test_first_run_computes_every_stage_and_writes_the_tables(world, first_run):
     assert len(list((world["store"] / "stage-records").glob("*.json"))) == 5
 
 
+def test_cell_runs_are_named_and_tagged_and_results_are_an_artifact(world, first_run):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from pipelines.flows import results_artifact_key
+
+    cells = FlowFilter(name=FlowFilterName(any_=["cell"]))
+    with get_client(sync_client=True) as client:
+        (cell,) = client.read_flow_runs(flow_filter=cells, sort=FlowRunSort.START_TIME_DESC,
+                                        limit=1)
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[
+                results_artifact_key("test")])), limit=1)
+    dataset = world["grid"]["sweeps"][0]["datasets"][0]
+    assert cell.name == f"cell {EMBEDDED_MODEL}/random on {dataset}"
+    assert {"grid:test", f"model:{EMBEDDED_MODEL}/random", f"dataset:{dataset}"} <= set(cell.tags)
+    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    (row,) = read_table(world["store"], "evaluations").to_pylist()
+    assert [(r["method"], r["test_acc"]) for r in table] == [("residual-star", row["test_acc"])]
+
+
 def test_second_run_executes_no_stage_body(world, first_run, calls):
     states = _run(world)
     assert states == {"extract": ["Cached"] * 3, "spectral": ["Cached"], "align": ["Cached"]}
