@@ -15,7 +15,7 @@ from typing import Annotated, Any, Callable, Literal, Sequence, Union, get_args,
 from pipelines.grid import NAMED_GRIDS, STAGES  # light: imports neither torch nor Prefect
 from residual_core.errors import ResidualError
 from residual_core.formats.tables import TABLES
-from residual_core.identity import RANDOM_WEIGHTS
+from residual_core.identity import RANDOM_WEIGHTS, canonical_model
 from residual_core.stages import StageParams
 from residual_core.stages import align as align_stage
 from residual_core.stages import explain as explain_stage
@@ -43,6 +43,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
             print(f"{name:<40} {', '.join(tags)}{embedded}{mark}")
         else:
             print(f"{name}{mark}")
+    from residual_core.method.hf_models import HF_CLASSES, PAPER_HF_MODELS, hf_cache_state
+
+    print(f"\ntransformers towers ({', '.join(HF_CLASSES)}): hf:HUB_ID from the local Hugging "
+          "Face cache, or hf:DIR (a save_pretrained folder); never downloaded")
+    for name in PAPER_HF_MODELS:
+        print(f"{name:<40} {hf_cache_state(name)}" if args.pretrained else name)
     return 0
 
 
@@ -446,9 +452,12 @@ def _params(schema: type[StageParams], args: argparse.Namespace) -> StageParams:
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     """``--model`` and ``--pretrained``: a model fully named by architecture and weights."""
-    p.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
+    p.add_argument("--model", required=True,
+                   help="open_clip architecture (e.g. ViT-B-16), or a transformers tower "
+                   "hf:HUB_ID | hf:DIR (e.g. hf:facebook/dinov2-large; README: Models)")
     p.add_argument("--pretrained", default=None,
-                   help="pretrained tag or checkpoint path (default: random weights)")
+                   help="pretrained tag or checkpoint path (default: random weights; not used "
+                   "with hf: models, whose name holds their weights)")
 
 
 def _add_store_dtype(p: argparse.ArgumentParser) -> None:
@@ -659,7 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "against parameters, per-head zero-shot accuracy, head spectra and "
                        "K_90/TwoNN by layer, and λ heatmaps, as report.md and PNGs.")
     p.add_argument("--model", default=None,
-                   help="open_clip architecture, e.g. ViT-B-16 (one model's report)")
+                   help="open_clip architecture (e.g. ViT-B-16) or hf:HUB_ID | hf:DIR "
+                   "(one model's report)")
     p.add_argument("--grid", default=None, metavar="GRID",
                    help="instead of --model: a named grid or grid file; writes the "
                    "specialisation report over its cells (top heads' share of zero-shot "
@@ -680,10 +690,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 110; 300 for print)")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("models", help="list the open_clip architectures (and pretrained tags)",
+    p = sub.add_parser("models", help="list the models the tool decomposes (open_clip "
+                       "architectures, transformers towers)",
                        description="List the open_clip architectures whose image tower the "
                        "tool decomposes exactly (--all: every one open_clip knows, the others "
-                       "marked).")
+                       "marked), then the transformers model types and the paper's hf: models "
+                       "(--pretrained: whether each is in the local Hugging Face cache).")
     p.add_argument("--pretrained", action="store_true", help="also list each one's pretrained tags")
     p.add_argument("--all", action="store_true",
                    help="also list the architectures whose image tower cannot be decomposed "
@@ -709,6 +721,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        if getattr(args, "model", None):  # hf:./dir and hf:/abs/dir are one model
+            args.model = canonical_model(args.model)
         return func(args)
     except ResidualError as exc:
         print(f"residual: error: {exc}", file=sys.stderr)

@@ -38,7 +38,14 @@ from pydantic import (
 )
 
 from residual_core.errors import ResidualError
-from residual_core.identity import EMBEDDED_MODEL, WORLD_WEIGHTS, WeightsId
+from residual_core.identity import (
+    EMBEDDED_MODEL,
+    HF_MODEL_PREFIX,
+    WORLD_WEIGHTS,
+    WeightsId,
+    canonical_model,
+    is_hf_model,
+)
 from residual_core.stages import STAGES
 from residual_core.stages.align import Params as AlignParams
 from residual_core.stages.explain import Params as ExplainParams
@@ -86,7 +93,9 @@ def _check_dataset(name: str) -> str:
 
 class ModelSpec(_Frozen):
     """An open_clip architecture and its weights: a pretrained tag, a checkpoint file, ``None``
-    (random weights, seeded) or :data:`WORLD_WEIGHTS` for the embedded model."""
+    (random weights, seeded) or :data:`WORLD_WEIGHTS` for the embedded model; or a
+    ``transformers`` tower ``hf:HUB_ID`` / ``hf:DIR`` (no ``pretrained``: the name holds the
+    weights; they are looked up when the cell runs)."""
 
     name: str
     pretrained: str | None = None
@@ -96,6 +105,10 @@ class ModelSpec(_Frozen):
     def _known_model(cls, name: str) -> str:
         from residual_core.method.models import list_models
 
+        if is_hf_model(name):
+            if not name[len(HF_MODEL_PREFIX):].strip():
+                raise ValueError(f"{name!r} names no model: use hf:HUB_ID or hf:DIR")
+            return canonical_model(name)
         known = list_models()
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3)
@@ -108,6 +121,11 @@ class ModelSpec(_Frozen):
         import open_clip
 
         tag = self.pretrained
+        if is_hf_model(self.name):
+            if tag is not None:
+                raise ValueError(f"{self.name}: hf: models carry their weights in the name; "
+                                 f"drop pretrained ({tag!r})")
+            return self
         if tag is None or os.path.isfile(tag) or open_clip.get_pretrained_cfg(self.name, tag):
             return self
         if tag == WORLD_WEIGHTS:

@@ -3,6 +3,8 @@
 - :class:`WeightsId` names a model's weights (architecture, pretrained tag or checkpoint path,
   checkpoint content hash); :func:`parse_weights` makes one from the user's ``--model`` /
   ``--pretrained`` pair, hashing a checkpoint file once (memoised on path, size and mtime).
+  A ``transformers`` model is named ``hf:HUB_ID`` or ``hf:DIR`` (:data:`HF_MODEL_PREFIX`,
+  :func:`hf_model_dir`); its weights are the directory's files, hashed together.
 - :class:`DatasetRef` names a dataset: a registered name (``cifar10``, ``world/color``),
   ``imagefolder:PATH`` or ``hf-dataset:SOURCE[?OPTIONS]`` (:class:`HfSource`);
   :func:`parse_dataset` is the one place those prefixes are parsed, and
@@ -27,8 +29,9 @@ from typing import Any, Iterable, Mapping
 from residual_core.errors import ResidualError
 
 __all__ = ["EMBEDDED_MODEL", "FEATURE_DTYPES", "HF_DATASET_OPTIONS", "HF_DATASET_PREFIX",
-           "IMAGEFOLDER_PREFIX", "RANDOM_WEIGHTS", "WORLD_WEIGHTS", "DatasetRef", "HfSource",
-           "WeightsId", "config_hash", "file_sha256", "files_identity", "looks_like_path",
+           "HF_MODEL_PREFIX", "IMAGEFOLDER_PREFIX", "RANDOM_WEIGHTS", "WORLD_WEIGHTS",
+           "DatasetRef", "HfSource", "WeightsId", "canonical_model", "config_hash", "dir_sha256",
+           "file_sha256", "files_identity", "hf_model_dir", "is_hf_model", "looks_like_path",
            "parse_dataset", "parse_weights", "slug"]
 
 EMBEDDED_MODEL = "residual-tiny"
@@ -49,6 +52,13 @@ Options (:data:`HF_DATASET_OPTIONS`): ``image=COLUMN``, ``label=COLUMN`` (defaul
 ``Image`` and the only ``ClassLabel`` column), ``config=NAME`` (a Hub dataset's configuration)
 and ``templates=NAME|default`` (whose prompt templates; default: those of the paper dataset the
 last component of ``SOURCE`` names, e.g. ``tanganke/eurosat``, else ``a photo of a {}.``)."""
+
+HF_MODEL_PREFIX = "hf:"
+"""Prefix of a Hugging Face ``transformers`` model: ``hf:HUB_ID`` (e.g. ``hf:facebook/dinov2-large``,
+read from the local Hugging Face cache, never downloaded by this tool) or ``hf:DIR``, a folder
+written by ``model.save_pretrained(DIR)`` (and ``processor.save_pretrained(DIR)``), when it
+starts with ``/``, ``.`` or ``~`` or is an existing directory. The weights are that folder's
+files: stores name them by the folder's content hash."""
 
 HF_DATASET_OPTIONS = ("image", "label", "config", "templates")
 """The options an ``hf-dataset:`` name may carry after ``?``."""
@@ -125,7 +135,10 @@ class WeightsId:
 
     @property
     def label(self) -> str:
-        """``name/tag``, ``name/<checkpoint file name>`` or ``name/random`` (for logs)."""
+        """``name/tag``, ``name/<checkpoint file name>``, ``name/random`` or, for an ``hf:``
+        model, its name (which holds its weights)."""
+        if is_hf_model(self.model):
+            return self.model
         weights = self.pretrained or RANDOM_WEIGHTS
         return f"{self.model}/{os.path.basename(weights) if os.sep in weights else weights}"
 
@@ -140,7 +153,14 @@ class WeightsId:
 
 def parse_weights(model: str, pretrained: str | os.PathLike | None) -> WeightsId:
     """The :class:`WeightsId` of ``--model M --pretrained P``: an existing file is a checkpoint
-    (absolute path, content hash); anything else is a tag (checked when the model is loaded)."""
+    (absolute path, content hash); anything else is a tag (checked when the model is loaded).
+
+    An ``hf:`` model (:data:`HF_MODEL_PREFIX`) is named ``hf:HUB_ID`` or ``hf:/absolute/dir``;
+    its ``pretrained`` is the folder its files are read from (a Hub id's cached snapshot) and
+    its ``checkpoint_sha256`` their content hash (:func:`dir_sha256`). ``P`` must be None or
+    that folder (what a store records)."""
+    if is_hf_model(model):
+        return _hf_weights(model, pretrained)
     if pretrained is None:
         return WeightsId(model)
     pretrained = str(pretrained)
@@ -148,6 +168,96 @@ def parse_weights(model: str, pretrained: str | os.PathLike | None) -> WeightsId
         path = str(Path(pretrained).resolve())
         return WeightsId(model, path, file_sha256(path))
     return WeightsId(model, pretrained)
+
+
+def is_hf_model(name: str) -> bool:
+    """Whether ``name`` names a ``transformers`` model (``hf:...``)."""
+    return str(name).startswith(HF_MODEL_PREFIX)
+
+
+def canonical_model(name: str) -> str:
+    """The one spelling of a model name: an ``hf:`` folder made absolute (``hf:./dino`` and
+    ``hf:/abs/dino`` name one model); any other name as it is."""
+    return _hf_source(name)[0] if is_hf_model(name) else name
+
+
+def _hf_source(name: str) -> tuple[str, Path | None]:
+    """``(canonical name, folder)`` of ``hf:SOURCE``: a folder is made absolute; a Hub id keeps
+    its name and has no folder until :func:`hf_model_dir` finds its cached snapshot."""
+    source = name[len(HF_MODEL_PREFIX):].strip()
+    if not source:
+        raise ResidualError(f"{name!r} names no model: use hf:HUB_ID (e.g. "
+                            "hf:facebook/dinov2-large) or hf:DIR (a save_pretrained folder)")
+    path = Path(source).expanduser()
+    if source.startswith(("/", ".", "~")) or path.is_dir():
+        return HF_MODEL_PREFIX + str(path.resolve()), path.resolve()
+    return HF_MODEL_PREFIX + source, None
+
+
+_OFFLINE_FIX = ("on a machine with network access run `model.save_pretrained(DIR)` and "
+                "`processor.save_pretrained(DIR)` (or `huggingface-cli download {id}` to fill "
+                "the Hugging Face cache), then pass --model hf:DIR")
+
+
+def hf_model_dir(name: str) -> Path:
+    """The folder holding the files of ``hf:SOURCE``: the folder itself, or the Hub id's
+    snapshot in the local Hugging Face cache (looked up offline; never downloaded).
+
+    Raises:
+        ResidualError: a folder that does not exist or has no ``config.json``.
+        WeightsUnavailableError: a Hub id that is not in the local cache (the message says how
+            to supply a local folder).
+    """
+    from residual_core.errors import WeightsUnavailableError
+
+    canonical, path = _hf_source(name)
+    if path is not None:
+        if not path.is_dir():
+            raise ResidualError(f"{name}: no such folder {path}; pass a folder written by "
+                                "model.save_pretrained(DIR), or a Hub id (hf:NAMESPACE/NAME)")
+        if not (path / "config.json").is_file():
+            raise ResidualError(f"{name}: {path} has no config.json, so it is not a folder "
+                                "written by model.save_pretrained(DIR)")
+        return path
+    hub_id = canonical[len(HF_MODEL_PREFIX):]
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(hub_id, local_files_only=True))
+    except HFValidationError:
+        raise ResidualError(f"{name}: {hub_id!r} is neither a Hub id (NAMESPACE/NAME) nor an "
+                            "existing folder") from None
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        raise WeightsUnavailableError(
+            f"{name}: the Hugging Face model {hub_id} is not in the local cache and this tool "
+            f"never downloads one; {_OFFLINE_FIX.format(id=hub_id)}") from None
+
+
+def dir_sha256(path: str | os.PathLike) -> str:
+    """Content hash of a folder's files (names and contents; hidden files left out). A file of
+    the Hugging Face cache that links to a blob named by its SHA-256 is named by that blob."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = file.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        real = Path(os.path.realpath(file))
+        named = real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name)
+        digest.update(f"{rel.as_posix()}\0{real.name if named else file_sha256(real)}\n"
+                      .encode())
+    return digest.hexdigest()
+
+
+def _hf_weights(model: str, pretrained: str | os.PathLike | None) -> WeightsId:
+    canonical, _ = _hf_source(model)
+    folder = hf_model_dir(model)
+    if pretrained is not None and Path(str(pretrained)).expanduser().resolve() != folder:
+        raise ResidualError(
+            f"{model} carries its weights in its name: --pretrained is not used with hf: models "
+            f"(got {str(pretrained)!r}; its files are read from {folder})")
+    return WeightsId(canonical, str(folder), dir_sha256(folder))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import os
 import shutil
 from collections import Counter
 
+import numpy as np
 import pytest
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import (  # noqa: E402
@@ -28,9 +29,10 @@ from pipelines.grid import GridError, load_grid  # noqa: E402
 from residual_core.engines import align as align_engine  # noqa: E402
 from residual_core.engines import extract as extract_engine
 from residual_core.engines import spectral as spectral_engine  # noqa: E402
+from residual_core.formats.align_weights import stored_classifier  # noqa: E402
 from residual_core.formats.feature_store import FeatureStore  # noqa: E402
 from residual_core.formats.spectral_store import SpectralStore  # noqa: E402
-from residual_core.identity import EMBEDDED_MODEL, WeightsId  # noqa: E402
+from residual_core.identity import EMBEDDED_MODEL, WeightsId, parse_weights  # noqa: E402
 from residual_core.layout import Layout  # noqa: E402
 from residual_core.stages import STAGES, downstream, extract, spectral  # noqa: E402
 from residual_core.tables import read_table  # noqa: E402
@@ -284,6 +286,50 @@ def test_compare_flow_compares_two_embedded_models(world, calls):
     third = compare_flow(model, model, dataset, **kw)
     assert [r["stage"] for r in third["runs"] if r["state"] != "Cached"] == ["similarity"]
     assert read_table(store, "cross_model").num_rows == 3
+
+
+def test_hf_towers_run_the_whole_pipeline(world, tmp_path):
+    """A small DINOv2 (vision only: class prototypes) and a small HF CLIP (its own text tower),
+    saved with save_pretrained and named hf:DIR, through extract -> spectral -> align in the
+    flows, with the same stores and tables as open_clip models; a rerun computes nothing."""
+    from hf_builders import save_hf
+
+    dino, clip = tmp_path / "dino", tmp_path / "clip"
+    save_hf("Dinov2Model", dino, layers=2, heads=2, width=32)
+    save_hf("CLIPModel", clip, layers=2, heads=2, width=32)
+    grid = json.loads(json.dumps(world["grid"]))
+    grid["sweeps"][0]["models"] = [{"name": f"hf:{dino}"}, {"name": f"hf:{clip}"}]
+    grid["align"]["methods"] = ["zero-shot", "residual-star"]
+    store = tmp_path / "store"
+    report = experiment_flow(grid=grid, store_root=str(store))
+    states = Counter((r["stage"], r["state"]) for c in report["cells"] for r in c["runs"])
+    assert states == {("extract", "Completed"): 6, ("spectral", "Completed"): 2,
+                      ("align", "Completed"): 2}
+    rows = read_table(store, "evaluations").to_pylist()
+    by_model = {(r["model"], r["method"]): r for r in rows}
+    names = {f"hf:{dino.resolve()}": "centroid", f"hf:{clip.resolve()}": "text"}
+    assert set(by_model) == {(m, k) for m in names for k in ("zero-shot", "residual-star")}
+    for (model, _), row in by_model.items():
+        assert row["classifier"] == names[model] and 0 <= row["test_acc"] <= 1
+    stats = read_table(store, "unit_stats").to_pylist()
+    assert Counter(r["model"] for r in stats) == {m: 1 + 2 + 2 * 2 for m in names}
+    dataset = grid["sweeps"][0]["datasets"][0]
+    for folder, text in ((dino, False), (clip, True)):
+        weights = parse_weights(f"hf:{folder}", None)
+        train = FeatureStore.open(Layout.of(store).feature_store(weights, dataset, "train"))
+        assert train.text_tower is text and train.attrs["checkpoint_sha256"] == \
+            weights.checkpoint_sha256
+        # the classifier every method used is stored with the λ: prototypes = class means
+        name = "text" if text else "centroid"
+        stored = stored_classifier(Layout.align_weights(train.url), name)
+        if text:
+            np.testing.assert_array_equal(stored, train.class_weights)
+        else:
+            y = train.contributions().sum(1).compute()
+            means = np.stack([y[train.labels == c].mean(0) for c in range(3)])
+            np.testing.assert_allclose(stored, means, rtol=1e-5, atol=1e-6)
+    again = experiment_flow(grid=grid, store_root=str(store))
+    assert {r["state"] for c in again["cells"] for r in c["runs"]} == {"Cached"}
 
 
 def _train_store(world) -> str:

@@ -10,6 +10,7 @@ from pipelines.cli import main
 from pipelines.grid import NAMED_GRIDS, GridError, load_grid, named_grid_file
 from residual_core.datasets import PAPER_DATASETS
 from residual_core.identity import EMBEDDED_MODEL, WORLD_WEIGHTS
+from residual_core.method.hf_models import PAPER_HF_MODELS
 from residual_core.stages.align import DEFAULT_METHODS
 from residual_core.world.rendering import TASKS
 
@@ -18,6 +19,9 @@ def test_named_grids_are_json_files_that_follow_the_registries():
     paper = json.loads(named_grid_file("paper").read_text())
     (open_clip, world) = paper["sweeps"]
     assert open_clip["datasets"] == list(PAPER_DATASETS) and open_clip["basis"] == "imagenet"
+    # the paper's seven models: four open_clip, BLIP ViT-L, ViT-L/16 and DINOv2-L
+    assert [m["name"] for m in open_clip["models"]][4:] == list(PAPER_HF_MODELS[:3])
+    assert len(load_grid("paper").cells()) == 7 * 10 + len(TASKS)
     assert world == {"models": [{"name": EMBEDDED_MODEL, "pretrained": WORLD_WEIGHTS}],
                      "datasets": list(TASKS)}
     demo = json.loads(named_grid_file("demo").read_text())

@@ -15,11 +15,12 @@ import json
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import zarr
 
 from residual_core.engines.spectral import run_spectral
 from residual_core.errors import ResidualError
-from residual_core.formats.align_weights import _save_weights
+from residual_core.formats.align_weights import _save_weights, save_classifier
 from residual_core.formats.feature_store import FeatureStore
 from residual_core.formats.spectral_store import SpectralStore
 from residual_core.identity import WeightsId, config_hash
@@ -60,10 +61,20 @@ def default_basis_url(train_url: str) -> str:
     return run_spectral(train_url, progress=False).url
 
 
+def resolve_classifier(params: AlignParams, train_url: str) -> AlignParams:
+    """``params`` with ``classifier="auto"`` made concrete for the task: ``text`` when the
+    train store's model has a text tower, else ``centroid`` (vision-only ViT, DINOv2)."""
+    if params.classifier != "auto":
+        return params
+    chosen = "text" if FeatureStore.open(train_url).text_tower else "centroid"
+    return params.model_copy(update={"classifier": chosen})
+
+
 def align_key(train_url: str, val_url: str, test_url: str, basis_url: str,
               params: AlignParams) -> str:
     """The ``config_hash`` of an align run: its stores' and bases' content, its parameters and
     :data:`ALIGN_VERSION` (written into every row; equal keys mean equal results)."""
+    params = resolve_classifier(params, train_url)
     return config_hash({
         "stores": [FeatureStore.open(u).attrs["config_hash"]
                    for u in (train_url, val_url, test_url)],
@@ -127,6 +138,7 @@ class AlignPlan:
 def plan_align(train_url: str, val_url: str, test_url: str, basis_url: str,
                params: AlignParams) -> AlignPlan:
     """The :class:`AlignPlan` of an align run (reads only the stores' attributes)."""
+    params = resolve_classifier(params, train_url)
     stores = [FeatureStore.open(u).attrs["config_hash"] for u in (train_url, val_url, test_url)]
     basis = SpectralStore.open(basis_url).attrs["config_hash"]
     task, where_bases = Layout.location(train_url), Layout.location(basis_url)
@@ -162,7 +174,7 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
     backbone; default ``Layout.of().datasets``); the other methods read only the stores.
     """
     start = time.perf_counter()
-    params = params or AlignParams()
+    params = resolve_classifier(params or AlignParams(), train_url)
     train = FeatureStore.open(train_url)
     model, dataset = train.attrs["model"], train.attrs["dataset"]
     basis_url = basis_url or default_basis_url(train_url)
@@ -177,16 +189,24 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
              "n_classes": len(train.classnames),
              "checkpoint_sha256": train.attrs.get("checkpoint_sha256")}
     bases = None
-    weights_of_task = None  # the classifier, computed once when a fit or head selection runs
     name = classifier_name(params)
+    computed: list[np.ndarray] = []
+
+    def classifier_of_task() -> np.ndarray:
+        """The task's classifier, computed (and saved beside the λ) once, when a fit or the
+        head selection first needs it."""
+        if not computed:
+            computed.append(task_classifier(train, params.classifier, params.centroid_norm))
+            save_classifier(group, name, computed[0], train.attrs["config_hash"])
+        return computed[0]
+
     rows = []
     for (method, seed), (key, fit_hash) in plan.fits.items():
         if fit_hash in done:
             rows.append(done[fit_hash])
             continue
         bases = bases or load_bases(basis_url)
-        if weights_of_task is None:
-            weights_of_task = task_classifier(train, params.classifier, params.centroid_norm)
+        weights_of_task = classifier_of_task()
         result = _fit_one(method, seed, train_url, val_url, test_url, bases, params, data_root,
                           progress, weights_of_task)
         rows.append({**_row(result, train), **sizes, "classifier": name})
@@ -200,8 +220,7 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
         if not hs_rows or not matching_rows(root, "head_scores", model, dataset,
                                             config_hash=hs_hash):
             # mean ablation with the test split's means, as the authors
-            if weights_of_task is None:
-                weights_of_task = task_classifier(train, params.classifier, params.centroid_norm)
+            weights_of_task = classifier_of_task()
             val = FeatureStore.open(val_url)
             scores = rank_heads(val, class_weights=weights_of_task)
             hs_rows = [{"model": model, "dataset": dataset, **r, "classifier": name}

@@ -40,6 +40,7 @@ from residual_core.identity import WeightsId, config_hash, parse_dataset, parse_
 from residual_core.layout import Layout, is_local, local_path, remove_tree, zarr_target
 from residual_core.method.decompose import RAW_FIELDS, ReadoutMaps, decompose, readout_maps
 from residual_core.method.models import LoadedModel, default_device, load_model
+from residual_core.method.towers import read_tower
 from residual_core.method.zeroshot import text_classifier
 from residual_core.stages.extract import Params as ExtractParams
 from residual_core.stages.extract import Result
@@ -189,8 +190,13 @@ def extract(
 
 
 def _fixed_content(loaded: LoadedModel, info) -> tuple[ReadoutMaps, dict[str, np.ndarray]]:
-    """The read-out maps and the text classifier: the fixed arrays, derived from the model."""
+    """The read-out maps and the text classifier: the fixed arrays, derived from the model. A
+    vision-only model (ViT, DINOv2) has no text classifier: its array stays NaN (the store's
+    ``text_tower`` attribute is false, and align uses class prototypes)."""
     maps = readout_maps(loaded.model)
+    if not loaded.has_text_tower:
+        return maps, {"class_weights": np.full((len(info.classnames), maps.embed_dim), np.nan,
+                                               dtype=np.float32)}
     classifier = text_classifier(loaded.model, loaded.tokenizer, info.classnames, info.templates)
     return maps, {"class_weights": classifier.weights.numpy()}
 
@@ -221,7 +227,7 @@ def _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dt
             "%s: leaving out %d unreadable images (store attribute skipped_images): %s",
             url, len(data.skipped), ", ".join(data.skipped[:5]))
     maps, text = _fixed_content(loaded, info)
-    vis = loaded.model.visual
+    image_size = read_tower(loaded.model).image_size  # None: any size (DINOv2)
     dims = StoreDims(n=len(data), layer=maps.n_layers, head=maps.n_heads, head_dim=maps.head_dim,
                      width=maps.width, embed=maps.embed_dim, n_class=len(info.classnames),
                      n_template=len(info.templates), rows_per_chunk=rows_per_chunk)
@@ -234,8 +240,10 @@ def _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dt
         "skipped_images": list(data.skipped),
         "classnames": list(info.classnames),
         "templates": list(info.templates),
-        "image_size": list(vis.image_size),
-        "versions": {p: _version(p) for p in ("torch", "open_clip_torch", "zarr", "numpy")},
+        "image_size": None if image_size is None else list(image_size),
+        "text_tower": loaded.has_text_tower,
+        "versions": {p: _version(p) for p in ("torch", "open_clip_torch", "transformers", "zarr",
+                                               "numpy")},
         "residual_version": _version("residual"),
     }
     return FeatureStore.create(

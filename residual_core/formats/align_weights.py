@@ -29,6 +29,25 @@ def _save_weights(group: zarr.Group, result: FitResult, fit_hash: str) -> None:
                                             "fit_hash": fit_hash})
 
 
+def save_classifier(group: zarr.Group, name: str, weights: np.ndarray, train_hash: str) -> None:
+    """The ``[C, E]`` frozen classifier every fit of the task used, as ``classifiers/<name>``
+    (``text``, ``centroid``, ``centroid-l2``), with the train store it came from."""
+    arr = np.asarray(weights, dtype=np.float32)
+    out = group.create_array(f"classifiers/{slug(name)}", shape=arr.shape, dtype=arr.dtype,
+                             dimension_names=["class", "embed"], overwrite=True)
+    out[...] = arr
+    out.attrs.update({"classifier": name, "train_config_hash": train_hash})
+
+
+def stored_classifier(weights_url: str, name: str) -> np.ndarray:
+    """The ``[C, E]`` classifier :func:`save_classifier` wrote for ``name``."""
+    group = zarr.open_group(zarr_target(weights_url), mode="r")
+    key = f"classifiers/{slug(name)}"
+    if key not in group:
+        raise ResidualError(f"no {name} classifier in {weights_url}")
+    return group[key][...]
+
+
 def stored_lambdas(weights_url: str, method: str, seed: int = 0) -> dict[str, np.ndarray]:
     """``{unit name: λ_u}`` saved by :func:`run_align` for ``method`` and ``seed``."""
     group = zarr.open_group(zarr_target(weights_url), mode="r")

@@ -338,8 +338,18 @@ class FeatureStore:
         return self._read("indices")
 
     @property
+    def text_tower(self) -> bool:
+        """Whether the store's model has a text tower (so a zero-shot text classifier)."""
+        return bool(self.attrs.get("text_tower", True))
+
+    @property
     def class_weights(self) -> np.ndarray:
-        """``[C, E]`` zero-shot classifier."""
+        """``[C, E]`` zero-shot text classifier; a vision-only model's store has none (use the
+        class prototypes of :func:`~residual_core.method.batches.task_classifier`)."""
+        if not self.text_tower:
+            raise StoreError(f"{self.url}: {self.attrs.get('model')} is a vision-only model, so "
+                             "its store has no zero-shot text classifier; use the centroid "
+                             "classifier (class prototypes of the train encodings)")
         return self._read("text/class_weights")
 
     def _read(self, name: str) -> np.ndarray:

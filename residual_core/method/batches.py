@@ -155,13 +155,16 @@ def task_classifier(train_store: FeatureStore | str | Path, classifier: str = "t
     """The frozen ``[C, E]`` classifier of a task (:data:`.zeroshot.CLASSIFIERS`): the train
     store's zero-shot text classifier (``text``), or the class prototypes of its encodings
     (``centroid``: the per-class mean of ``Σ_u y_u``, the model's output, with ``normalize``
-    one of :data:`.zeroshot.CENTROID_NORMS`; read in row chunks, float64 sums)."""
+    one of :data:`.zeroshot.CENTROID_NORMS`; read in row chunks, float64 sums); ``auto``: text
+    when the store's model has a text tower, else centroid."""
     from residual_core.method.zeroshot import CLASSIFIERS, class_sums, prototypes
 
-    if classifier not in CLASSIFIERS:
+    if classifier not in (*CLASSIFIERS, "auto"):
         raise AlignInputError(f"unknown classifier {classifier!r}; use one of "
-                              f"{', '.join(CLASSIFIERS)}")
+                              f"{', '.join(CLASSIFIERS)} or auto")
     store = _open(train_store)
+    if classifier == "auto":
+        classifier = "text" if store.text_tower else "centroid"
     if classifier == "text":
         return store.class_weights
     _check_labels(store)
@@ -195,8 +198,9 @@ def _check_same_task(stores: Mapping[str, FeatureStore]) -> None:
                 (b.layer, b.head, b.head_dim, b.width, b.embed):
             raise StoreError(f"the {name} store ({s.url}) has another tower than the {ref_name} "
                              f"store ({ref.url}): {a} vs {b}")
-        if s.classnames != ref.classnames or not np.array_equal(s.class_weights,
-                                                                 ref.class_weights):
+        texts = s.text_tower and ref.text_tower
+        if s.classnames != ref.classnames or s.text_tower != ref.text_tower or (
+                texts and not np.array_equal(s.class_weights, ref.class_weights)):
             raise StoreError(f"the {name} store ({s.url}) has another zero-shot classifier "
                              f"(class names or prompts) than the {ref_name} store ({ref.url})")
 

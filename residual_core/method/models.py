@@ -5,6 +5,9 @@ cached by open_clip when online). ``load_model("ViT-B-16", "/path/ckpt.pt")`` lo
 checkpoint through the same open_clip code path. ``pretrained=None`` gives random weights (seed
 them with ``seed``), which is what the exactness tests and benchmarks use.
 
+``load_model("hf:facebook/dinov2-large")`` / ``load_model("hf:/path/saved_dir")`` loads a
+``transformers`` tower offline (:mod:`.hf_models`).
+
 The embedded tiny CLIP config (``residual-tiny``: 32x32 images, patch 8, width 128, 4 layers,
 4 heads of width 32, embed dim 64) ships in ``residual_core/model_configs`` and is registered
 with open_clip on import.
@@ -27,7 +30,7 @@ import open_clip
 import torch
 
 from residual_core.errors import ResidualError, UnknownModelError, WeightsUnavailableError
-from residual_core.identity import WeightsId, file_sha256, looks_like_path
+from residual_core.identity import WeightsId, file_sha256, is_hf_model, looks_like_path
 
 _CONFIG_DIR = Path(str(resources.files("residual_core") / "model_configs"))
 if _CONFIG_DIR not in [Path(p) for p in open_clip.factory._MODEL_CONFIG_PATHS]:
@@ -36,11 +39,12 @@ if _CONFIG_DIR not in [Path(p) for p in open_clip.factory._MODEL_CONFIG_PATHS]:
 
 @dataclass
 class LoadedModel:
-    """An open_clip model with what a pipeline needs to name and use it."""
+    """A model with what a pipeline needs to name and use it: open_clip, or a ``transformers``
+    tower wrapped with open_clip's ``encode_image`` (and ``encode_text``) API."""
 
     model: torch.nn.Module
     preprocess: Callable  # eval transform: PIL image -> [3, H, W] tensor
-    tokenizer: Callable  # list[str] -> LongTensor [n, context_length]
+    tokenizer: Callable | None  # list[str] -> tokens for model.encode_text; None: vision only
     name: str
     pretrained: str | None  # tag, absolute checkpoint path, or None for random weights
     checkpoint_sha256: str | None  # content hash of a checkpoint file (provenance)
@@ -48,6 +52,11 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def has_text_tower(self) -> bool:
+        """Whether the model embeds text (zero-shot classifiers, text explanations)."""
+        return self.tokenizer is not None and hasattr(self.model, "encode_text")
 
     @property
     def weights(self) -> WeightsId:
@@ -141,10 +150,12 @@ def load_model(
     seed: int | None = 0,
     cache_dir: str | None = None,
 ) -> LoadedModel:
-    """Create an open_clip model in eval mode.
+    """Create an open_clip model (or load an ``hf:`` one) in eval mode.
 
     Args:
-        name: open_clip architecture name, e.g. ``ViT-B-16`` or ``residual-tiny``.
+        name: open_clip architecture name, e.g. ``ViT-B-16`` or ``residual-tiny``; or
+            ``hf:HUB_ID`` / ``hf:DIR`` for a ``transformers`` tower
+            (:func:`.hf_models.load_hf_model`: offline, ``pretrained`` None or its folder).
         pretrained: a pretrained tag (``laion2b_s34b_b88k``, ``openai``, ...), a checkpoint file
             saved with ``torch.save(model.state_dict())``, or ``None`` for random weights.
         device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` (default: CUDA when present); one this
@@ -164,8 +175,13 @@ def load_model(
         ResidualError: a checkpoint path that does not exist, is not a state dict, or does not
             fit the architecture.
     """
-    _check_name(name)
     device = _check_device(device or default_device())
+    if is_hf_model(name):
+        from residual_core.method.hf_models import load_hf_model
+
+        return load_hf_model(name, None if pretrained is None else str(pretrained),
+                             device=device, precision=precision)
+    _check_name(name)
     kwargs: dict[str, Any] = {"precision": precision, "device": device, "cache_dir": cache_dir,
                               "weights_only": True}
     checkpoint_sha = None

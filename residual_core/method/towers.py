@@ -32,7 +32,7 @@ from torch import nn
 
 from residual_core.errors import UnsupportedModelError
 
-__all__ = ["SUPPORTED_KINDS", "Block", "Tower", "read_tower"]
+__all__ = ["SUPPORTED_KINDS", "Block", "HFImageEncoder", "Tower", "image_encoder", "read_tower"]
 
 QKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -103,7 +103,9 @@ def _fail(reason: str) -> None:
 
 def read_tower(model: nn.Module) -> Tower:
     """The :class:`Tower` of ``model``; :class:`UnsupportedModelError` (naming the reason) when
-    the model is of no supported kind or cannot be decomposed exactly as it is configured."""
+    the model is of no supported kind or cannot be decomposed exactly as it is configured.
+    A loaded ``hf:`` model (:class:`~.hf_models.HFImageModel`) is read as the model it wraps."""
+    model = getattr(model, "hf_model", model)
     if type(model).__module__.startswith("transformers."):
         return _hf_tower(model)
     visual = model.visual if hasattr(model, "visual") else model
@@ -312,3 +314,36 @@ _HF_KINDS: dict[str, Callable[[nn.Module], Tower]] = {
     "ViTModel": _vit_model,
     "Dinov2Model": _dinov2_model,
 }
+
+
+# -- the image tower as a trainable module (full fine-tuning) ---------------------------------
+
+class HFImageEncoder(nn.Module):
+    """The image half of a ``transformers`` model: ``forward(pixels)`` is the family's
+    representation (:attr:`Tower.encode`) from ``vision`` (and ``proj``) only, so that a copy
+    trains the image tower and nothing else."""
+
+    def __init__(self, vision: nn.Module, proj: nn.Module | None, pooled: bool):
+        super().__init__()
+        self.vision, self.proj, self.pooled = vision, proj, pooled
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.vision(pixel_values=images)
+        rep = out.pooler_output if self.pooled else _first_token(out)
+        return rep if self.proj is None else self.proj(rep)
+
+
+def image_encoder(model: nn.Module) -> nn.Module:
+    """The module of ``model``'s image tower whose output is the representation the units sum
+    to: open_clip's ``.visual``, or an :class:`HFImageEncoder` over a transformers model's
+    vision parts (refused as :func:`read_tower` refuses)."""
+    model = getattr(model, "hf_model", model)
+    tower = read_tower(model)
+    if tower.family == "open_clip":
+        return model.visual if hasattr(model, "visual") else model
+    kind = type(model).__name__
+    if kind in ("CLIPModel", "CLIPVisionModelWithProjection"):
+        return HFImageEncoder(model.vision_model, model.visual_projection, pooled=True)
+    if kind == "BlipForImageTextRetrieval":
+        return HFImageEncoder(model.vision_model, model.vision_proj, pooled=False)
+    return HFImageEncoder(model, None, pooled=kind == "CLIPVisionModel")

@@ -41,6 +41,7 @@ from residual_core.method.adapters import (
 )
 from residual_core.method.batches import DEFAULT_CACHE_BYTES, EVAL_BATCH, StoreFeatures, _stores
 from residual_core.method.models import LoadedModel
+from residual_core.method.towers import image_encoder
 from residual_core.method.zeroshot import accuracy, text_classifier
 
 # ------------------------------------------------------------------------------ training
@@ -276,7 +277,7 @@ def finetune(loaded: LoadedModel, train_dataset: Dataset, val_dataset: Dataset,
         if labels.size and (labels.min() < 0 or labels.max() >= len(weights)):
             raise AlignInputError(f"labels outside the {len(weights)} classes in {ds!r}")
     torch.manual_seed(seed)
-    visual = copy.deepcopy(loaded.model.visual).float()
+    visual = copy.deepcopy(image_encoder(loaded.model)).float()
     for p in visual.parameters():
         p.requires_grad_(True)
     lr = preset.lr if lr is None else lr

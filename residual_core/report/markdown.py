@@ -13,6 +13,7 @@ from residual_core.formats.align_weights import stored_lambdas
 from residual_core.formats.feature_store import FeatureStore
 from residual_core.identity import FEATURE_DTYPES, RANDOM_WEIGHTS, parse_weights, slug
 from residual_core.layout import SPLITS, Layout
+from residual_core.method.batches import task_classifier
 from residual_core.method.head_selection import rank_heads
 from residual_core.report.plots import (
     figure_name,
@@ -96,7 +97,9 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
     plot_accuracy_vs_parameters(evals, out / figure_name("accuracy_vs_parameters"))
     lines += [f"![accuracy vs parameters]({figure_name('accuracy_vs_parameters')})", ""]
 
-    scores = {t: rank_heads(urls[1], scores=("S",))["S"] for t, urls in task_stores.items()}
+    scores = {t: rank_heads(urls[1], scores=("S",),
+                            class_weights=task_classifier(urls[0], "auto"))["S"]
+              for t, urls in task_stores.items()}
     plot_head_zero_shot(scores, n_layers, n_heads, out / figure_name("head_zero_shot"))
     lines += ["## Head specialisation", "",
               "Per-head zero-shot accuracy (S) on each task's validation split; the top head:", ""]

@@ -40,10 +40,11 @@ class Params(StageParams):
         {}, description="minibatch size per method, METHOD=N (or one N for every trained "
         "method); default each method's preset (64, finetune 128)")
     finetune_epochs: int = Field(30, ge=0, description="maximum epochs of finetune")
-    classifier: Literal["text", "centroid"] = Field(
-        "text", description="frozen classifier of every method: text (the zero-shot text "
-        "classifier) or centroid (per-class mean of the train encodings, the authors' "
-        "CentroidClassifier for towers without text)")
+    classifier: Literal["auto", "text", "centroid"] = Field(
+        "auto", description="frozen classifier of every method: text (the zero-shot text "
+        "classifier), centroid (per-class mean of the train encodings, the authors' "
+        "CentroidClassifier for towers without text) or auto (text when the model has a text "
+        "tower, else centroid)")
     centroid_norm: Literal["none", "l2"] = Field(
         "none", description="centroid classifier: none (the authors' plain class means) or l2 "
         "(unit-norm prototypes)")
