@@ -207,6 +207,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.distribute and not os.environ.get("PREFECT_API_URL"):
         raise ResidualError("--distribute runs cells on the workers of a Prefect server: set "
                             "PREFECT_API_URL and deploy prefect.yaml first (see the README)")
+    _default_prefect_home(args.store_root)
     from pipelines.flows import count_stage_runs, experiment_flow
     from pipelines.server import temporary_prefect_server
 
@@ -390,6 +391,7 @@ def _grid_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    _default_prefect_home(args.store_root)
     from pipelines.demo import run_demo
     from pipelines.server import temporary_prefect_server
 
@@ -708,6 +710,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="print every unit, not the first 24")
     p.set_defaults(func=_cmd_units)
     return parser
+
+
+def _default_prefect_home(store_root: str | None) -> None:
+    """Ephemeral Prefect (no ``PREFECT_API_URL``) keeps its run history under the data root,
+    ``<root>/prefect``, unless ``PREFECT_HOME`` is set: one project's runs are not mixed with
+    another's in ``~/.prefect``. Call it before Prefect is first imported (it reads it then)."""
+    from residual_core.layout import Layout, is_local, local_path
+
+    if os.environ.get("PREFECT_HOME") or os.environ.get("PREFECT_API_URL"):
+        return
+    root = Layout.of(store_root).check_root().root
+    if is_local(root):
+        home = local_path(root).resolve() / "prefect"
+        home.mkdir(parents=True, exist_ok=True)
+        os.environ["PREFECT_HOME"] = str(home)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,7 @@ import re
 import time
 from typing import Any, Iterable
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from residual_core.errors import ResidualError
 from residual_core.identity import WORLD_WEIGHTS, parse_weights
@@ -267,29 +267,63 @@ def _run_cells_on_workers(cells: list[Cell], settings: Settings, options: RunOpt
                           bases: dict[tuple, str], deployment: str, grid: str,
                           poll_seconds: float = 5.0) -> list[dict[str, Any]]:
     """Each cell as a run of ``deployment`` (picked up by any worker of its pool), all
-    submitted at once, then waited for. Stores and tables must be on storage every worker
-    sees (``store_root``)."""
+    submitted at once, then waited for (a progress bar counts the finished ones; a warning
+    says when no worker is online). Stores and tables must be on storage every worker sees
+    (``store_root``). Interrupted (Ctrl-C), it cancels the cell runs it submitted: a
+    scheduled one at once, a running one through its worker."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
+    from prefect.states import Cancelled, Cancelling
+    from tqdm import tqdm
 
     def parameters(cell: Cell) -> dict[str, Any]:
         return {"cell": cell.model_dump(mode="json"), "settings": settings.model_dump(mode="json"),
                 "options": options.model_dump(mode="json"),
                 "bases": bases.get((cell.model, cell.basis))}
 
-    submitted = [(cell, run_deployment(deployment, parameters=parameters(cell), timeout=0,
-                                       flow_run_name=f"cell {cell.label}",
-                                       tags=cell_tags(grid, cell)))
-                 for cell in cells]
+    submitted: list = []
     with get_client(sync_client=True) as client:
-        while True:
-            runs = [(cell, client.read_flow_run(run.id)) for cell, run in submitted]
-            if all(run.state is not None and run.state.is_final() for _, run in runs):
-                break
-            time.sleep(poll_seconds)
+        bar = tqdm(total=len(cells), desc="cells on workers", unit="cell")
+        try:
+            for cell in cells:
+                submitted.append((cell, run_deployment(
+                    deployment, parameters=parameters(cell), timeout=0,
+                    flow_run_name=f"cell {cell.label}", tags=cell_tags(grid, cell))))
+            _warn_without_workers(client, deployment, len(cells))
+            while True:
+                runs = [(cell, client.read_flow_run(run.id)) for cell, run in submitted]
+                final = sum(run.state is not None and run.state.is_final() for _, run in runs)
+                bar.update(final - bar.n)
+                if final == len(runs):
+                    break
+                time.sleep(poll_seconds)
+        except KeyboardInterrupt:  # the user stops the run: so do its cells, wherever they are
+            for _, run in submitted:
+                state = client.read_flow_run(run.id).state
+                if state is None or state.is_scheduled() or state.is_pending():
+                    client.set_flow_run_state(run.id, Cancelled(message="run interrupted"),
+                                              force=True)
+                elif not state.is_final():
+                    client.set_flow_run_state(run.id, Cancelling(message="run interrupted"),
+                                              force=True)
+            raise
+        finally:
+            bar.close()
     return [{"cell": cell.label, "flow_run": run.name, "state": run.state.name,
              **({} if run.state.is_completed() else {"error": run.state.message})}
             for cell, run in runs]
+
+
+def _warn_without_workers(client, deployment: str, n_cells: int) -> None:
+    """Say so when no worker polls the deployment's pool: the cells would wait silently."""
+    from prefect.client.schemas.objects import WorkerStatus
+
+    pool = client.read_deployment_by_name(deployment).work_pool_name
+    workers = client.read_workers_for_work_pool(pool) if pool else []
+    if not any(w.status == WorkerStatus.ONLINE for w in workers):
+        get_run_logger().warning(
+            "no worker is online in work pool %r: the %d cell runs wait until one starts "
+            "(`prefect worker start --pool %s`)", pool, n_cells, pool)
 
 
 def _one_line(error: Any) -> str:

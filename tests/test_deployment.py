@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -111,6 +112,39 @@ def _assert_rows(store_root: Path, methods: set[str]) -> None:
     assert read_table(store_root, "unit_stats").num_rows == 21  # residual-tiny's units
 
 
+def test_distribute_without_a_worker_warns_and_an_interrupt_cancels_its_cells(server, tmp_path):
+    """First in the module, so no worker of the pool has ever been online: `run --distribute`
+    says that its cells wait for one; Ctrl-C then cancels the cell runs it submitted (none is
+    left scheduled for a worker that starts later) and exits 130."""
+    env = server
+    _prefect(env, "--no-prompt", "deploy", "--name", "residual-cell")
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({**_grid(tmp_path), "name": "no-worker"}))
+    cli = subprocess.Popen([str(BIN / "residual"), "run", "--distribute", "--grid", str(grid),
+                            "--store-root", str(tmp_path / "store")], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(300, cli.kill)
+    watchdog.start()
+    seen = []
+    try:
+        for line in cli.stdout:
+            seen.append(line)
+            if "no worker is online in work pool 'residual-pool'" in line:
+                break
+        cli.send_signal(signal.SIGINT)
+        rest, _ = cli.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+        _stop(cli)
+    output = "".join(seen) + (rest or "")
+    assert "prefect worker start --pool residual-pool" in output, output[-4000:]
+    assert cli.returncode == 130, output[-4000:]
+    runs = _api(env["PREFECT_API_URL"], "/flow_runs/filter",
+                {"flow_runs": {"tags": {"all_": ["grid:no-worker"]},
+                               "deployment_id": {"is_null_": False}}})
+    assert len(runs) == 1 and runs[0]["state_type"] == "CANCELLED", output[-3000:]
+
+
 def test_deployment_runs_on_a_worker(server, tmp_path):
     env = server
     _prefect(env, "--no-prompt", "deploy", "--name", "residual-smoke")
@@ -156,7 +190,8 @@ def test_distributed_cells_run_on_pool_workers(server, tmp_path):
     _assert_rows(store_root, {"zero-shot", "coarse"})
     cells = _api(env["PREFECT_API_URL"], "/flow_runs/filter",
                  {"flow_runs": {"name": {"like_": "cell residual-tiny"},
+                                "tags": {"all_": ["grid:deploy-test"]},
                                 "deployment_id": {"is_null_": False}}})  # not local cells
     assert [c["state_type"] for c in cells] == ["COMPLETED"]
-    assert "grid:deploy-test" in cells[0]["tags"] and any(t.startswith("dataset:imagefolder:")
+    assert any(t.startswith("dataset:imagefolder:")
                                                     for t in cells[0]["tags"])

@@ -168,8 +168,8 @@ def test_bad_column_exits_2_through_the_console_script(root):
 
 @pytest.mark.slow
 def test_results_of_a_real_run(tmp_path, capsys):
-    """`residual run` (ephemeral Prefect, its own PREFECT_HOME) writes the tables that
-    `residual results` then answers from."""
+    """`residual run` (ephemeral Prefect) writes the tables that `residual results` then
+    answers from; with no PREFECT_HOME set, Prefect's history is kept under the data root."""
     folder = write_image_folder(tmp_path / "imgs", ["ant", "bee"], 20, seed=2)
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps({
@@ -178,8 +178,8 @@ def test_results_of_a_real_run(tmp_path, capsys):
         "align": {"methods": ["zero-shot", "coarse"], "epochs": 2, "head_selection": False},
         "extract": {"rows_per_chunk": 32, "num_workers": 0},
         "spectral": {"twonn_max_samples": 500}}))
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), HF_HUB_OFFLINE="1",
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env.update(HF_HUB_OFFLINE="1",
                PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     store = tmp_path / "store"
@@ -187,6 +187,7 @@ def test_results_of_a_real_run(tmp_path, capsys):
                           str(store)], env=env, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-4000:]
     assert "grid cli-test: 1 cells; 5 stage runs here: 5 computed, 0 cached" in run.stdout
+    assert (store / "prefect" / "prefect.db").is_file()  # the run's history, beside its data
     code, out, _ = _results(capsys, store, "--group-by", "method", "--format", "json")
     assert code == 0
     groups = {g["method"]: g for g in json.loads(out)}
