@@ -17,10 +17,11 @@ from residual_core.method.batches import task_classifier
 from residual_core.method.head_selection import rank_heads
 from residual_core.report.plots import (
     figure_name,
+    lambda_scale,
     plot_accuracy_vs_parameters,
+    plot_cross_model,
     plot_head_selection,
     plot_head_zero_shot,
-    plot_cross_model,
     plot_lambda_heatmap,
     plot_spectra,
 )
@@ -100,7 +101,9 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
     scores = {t: rank_heads(urls[1], scores=("S",),
                             class_weights=task_classifier(urls[0], "auto"))["S"]
               for t, urls in task_stores.items()}
-    plot_head_zero_shot(scores, n_layers, n_heads, out / figure_name("head_zero_shot"))
+    chance = {r["dataset"]: 1.0 / r["n_classes"] for r in evals if r.get("n_classes")}
+    plot_head_zero_shot(scores, n_layers, n_heads, out / figure_name("head_zero_shot"),
+                        chance=chance)
     lines += ["## Head specialisation", "",
               "Per-head zero-shot accuracy (S) on each task's validation split; the top head:", ""]
     for t, s in scores.items():
@@ -119,7 +122,7 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
         shown = "text" if any(_classifier(r) == "text" for r in selection) else \
             _classifier(selection[0])
         selection = [r for r in selection if _classifier(r) == shown]
-        plot_head_selection(selection, out / figure_name("head_selection"))
+        plot_head_selection(selection, out / figure_name("head_selection"), chance=chance)
         lines += ["## Head selection", "",
                   "Test accuracy with only the top-ranked heads kept (rankings on val: S own "
                   "accuracy, U|T / U / U-out correlations, R random), everything else ablated "
@@ -157,14 +160,20 @@ def write_report(store_root: str | Path, model: str, task_stores: dict[str, tupl
     lines.append("")
     lines += _across_models(store_root, model, weights, out)
 
-    lines += ["## Learned λ (residual-star, seed 0)", ""]
+    lines += ["## Learned λ (residual-star, seed 0)", "",
+              "Mean |λ| per head and λ per principal component, on one colour scale for every "
+              "task:", ""]
+    fits = {}
     for t, urls in task_stores.items():
         try:
-            lam = stored_lambdas(Layout.align_weights(urls[0]), "residual-star", 0)
+            fits[t] = stored_lambdas(Layout.align_weights(urls[0]), "residual-star", 0)
         except ResidualError:
             continue
+    scale = lambda_scale(list(fits.values()))
+    for t, lam in fits.items():
         name = figure_name(f"lambda_{slug(t)}")
-        plot_lambda_heatmap(lam, n_layers, n_heads, out / name, title=f"mean |λ| — {t}")
+        plot_lambda_heatmap(lam, n_layers, n_heads, out / name, title=f"learned λ — {t}",
+                            scale=scale)
         lines.append(f"![λ {t}]({name})")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -1,8 +1,9 @@
-"""PNG plots of spectra, λ, per-head zero-shot accuracy, accuracy against parameters, and
-per-head spectral statistics across models."""
+"""Plots (PNG, PDF or SVG) of spectra, λ, per-head zero-shot accuracy, accuracy against
+parameters, head selection, and per-head spectral statistics across models."""
 
 from __future__ import annotations
 
+import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -50,6 +51,12 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=_OUTPUT["dpi"], bbox_inches="tight")  # legends outside are kept
     plt.close(fig)
     return path
+
+
+def _wrap(title: str, width: int = 30) -> str:
+    """A panel title in lines of at most ``width`` characters (long dataset names otherwise run
+    into the next panel)."""
+    return textwrap.fill(title, width, break_on_hyphens=False)
 
 
 def _grid(values: Mapping[str, float], n_layers: int, n_heads: int) -> np.ndarray:
@@ -116,52 +123,103 @@ def plot_spectra(stats_rows: Sequence[dict], spectra_rows: Sequence[dict], path:
 
 
 def plot_lambda_heatmap(lambdas: Mapping[str, np.ndarray], n_layers: int, n_heads: int,
-                        path: str | Path, title: str = "mean |λ| per head") -> Path:
-    """Mean magnitude of each head's learned λ (layer × head)."""
-    mags = {k: float(np.mean(np.abs(v))) for k, v in lambdas.items()}
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n_heads, 1.0 + 0.6 * n_layers))
-    im = _heatmap(ax, _grid(mags, n_layers, n_heads), title, "magma")
-    fig.colorbar(im, ax=ax)
+                        path: str | Path, title: str = "learned λ",
+                        scale: tuple[float, float] | None = None) -> Path:
+    """Learned λ of one fit: left, mean |λ| of each head (layer × head); right, λ of every
+    unit per principal component (rows: units in order, columns: components, blank past a
+    unit's basis), signed on a scale centred at 0.
+
+    Args:
+        lambdas: unit name -> λ_u (one weight per kept component).
+        scale: ``(top of the mean |λ| scale, half-range of the λ scale)``; the report passes one
+            scale for all of a model's tasks so that their maps compare. Default: this fit's.
+    """
+    units = list(lambdas)
+    k = max((len(v) for v in lambdas.values()), default=0)
+    per_component = np.full((len(units), max(k, 1)), np.nan)
+    for i, u in enumerate(units):
+        per_component[i, :len(lambdas[u])] = lambdas[u]
+    mean_top, half = scale or lambda_scale([lambdas])
+    mags = {u: float(np.mean(np.abs(v))) for u, v in lambdas.items() if len(v)}
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(2.4 + 0.7 * n_heads + min(8.0, 2.0 + 0.08 * k),
+                       max(2.6, 1.0 + 0.6 * n_layers)),
+        gridspec_kw={"width_ratios": [0.7 * n_heads + 1.0, min(8.0, 2.0 + 0.08 * k)]})
+    im = _heatmap(left, _grid(mags, n_layers, n_heads), "mean |λ| per head", "magma", vmin=0,
+                  vmax=mean_top)
+    fig.colorbar(im, ax=left, label="mean |λ|")
+    im = right.imshow(per_component, cmap="RdBu_r", vmin=-half, vmax=half, aspect="auto",
+                      interpolation="nearest")
+    right.set_xlabel("principal component")
+    right.set_title("λ per principal component")
+    step = max(1, len(units) // 24)  # at most ~24 unit labels
+    right.set_yticks(range(0, len(units), step), units[::step], fontsize=6)
+    fig.colorbar(im, ax=right, label="λ")
+    fig.suptitle(title)
     return _save(fig, path)
 
 
-def plot_head_zero_shot(scores: Mapping[str, np.ndarray], n_layers: int, n_heads: int,
-                        path: str | Path) -> Path:
-    """Per-head zero-shot accuracy ``[L·H]`` (layer-major) for each task, side by side."""
-    tasks = list(scores)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(0.6 + 2.6 * len(tasks), 2.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        grid = np.asarray(scores[task], dtype=float).reshape(n_layers, n_heads)
-        _heatmap(ax, grid, task, "Blues", fmt="{:.2f}", vmin=0, vmax=1)
-    fig.suptitle("per-head zero-shot accuracy (S)")
-    return _save(fig, path)
+def lambda_scale(fits: Sequence[Mapping[str, np.ndarray]]) -> tuple[float, float]:
+    """One colour scale for several fits' λ maps (:func:`plot_lambda_heatmap`): the largest
+    mean |λ| of a unit, and the largest |λ|, over all of them."""
+    values = [np.abs(np.asarray(v, dtype=float)) for fit in fits for v in fit.values() if len(v)]
+    if not values:
+        return 1.0, 1.0
+    return (max(float(v.mean()) for v in values) or 1.0, max(float(v.max()) for v in values) or 1.0)
 
 
 def plot_accuracy_vs_parameters(eval_rows: Sequence[dict], path: str | Path) -> Path:
-    """Test accuracy against trainable parameters, one marker per method, one colour per task."""
+    """Test accuracy against trainable parameters, one marker per method, one colour per task:
+    the mean over a fit's seeds, its error bar their standard deviation (none for one seed)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     tasks = sorted({r["dataset"] for r in eval_rows})
     methods = sorted({r["method"] for r in eval_rows})
     markers = dict(zip(methods, "o^sDvP*X<>"))
     colors = dict(zip(tasks, plt.get_cmap("tab10").colors))
+    seeds: dict[tuple, list[float]] = {}
     for r in eval_rows:
-        ax.scatter(max(r["trainable_parameters"], 1), r["test_acc"], marker=markers[r["method"]],
-                   color=colors[r["dataset"]], s=40, alpha=0.85)
+        key = (r["dataset"], r["method"], max(int(r["trainable_parameters"]), 1))
+        seeds.setdefault(key, []).append(float(r["test_acc"]))
+    for (task, method, params), accs in sorted(seeds.items()):
+        ax.errorbar(params, np.mean(accs), yerr=np.std(accs) if len(accs) > 1 else None,
+                    marker=markers[method], ls="", color=colors[task], ms=6, alpha=0.85,
+                    capsize=3)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (zero-shot drawn at 1)")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy (mean ± std over seeds)")
     handles = [plt.Line2D([], [], marker=markers[m], ls="", color="gray", label=m)
                for m in methods]
     handles += [plt.Line2D([], [], marker="o", ls="", color=colors[t], label=t) for t in tasks]
-    ax.legend(handles=handles, fontsize=7, loc="lower right", ncol=2)
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+              borderaxespad=0, frameon=False)  # outside the data
     ax.set_title("accuracy against trainable parameters")
     return _save(fig, path)
 
 
-def plot_head_selection(rows: Sequence[dict], path: str | Path, ablation: str = "zero") -> Path:
+def plot_head_zero_shot(scores: Mapping[str, np.ndarray], n_layers: int, n_heads: int,
+                        path: str | Path, chance: Mapping[str, float] | None = None) -> Path:
+    """Per-head zero-shot accuracy ``[L·H]`` (layer-major) for each task, side by side, each
+    with a colour bar on 0..1 marked at the task's chance accuracy (``chance``: task -> 1 / the
+    number of classes) where it is given."""
+    tasks = list(scores)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(0.6 + 3.2 * len(tasks), 2.9), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        grid = np.asarray(scores[task], dtype=float).reshape(n_layers, n_heads)
+        im = _heatmap(ax, grid, _wrap(task), "Blues", fmt="{:.2f}", vmin=0, vmax=1)
+        bar = fig.colorbar(im, ax=ax, fraction=0.08)
+        if chance and task in chance:
+            bar.ax.axhline(chance[task], color="crimson", lw=1.5)
+            bar.set_label("accuracy (red: chance)", fontsize=7)
+    fig.suptitle("per-head zero-shot accuracy (S)")
+    return _save(fig, path)
+
+
+def plot_head_selection(rows: Sequence[dict], path: str | Path, ablation: str = "zero",
+                        chance: Mapping[str, float] | None = None) -> Path:
     """Head selection (the authors' experiment 3), one panel per task: test accuracy against the
     number of kept heads, one line per ranking (``R``: mean over its seeds, the band its range),
-    the reference sets (``heads``, ``layers``, ``all``) as horizontal lines."""
+    the reference sets (``heads``, ``layers``, ``all``) and the task's chance accuracy
+    (``chance``: task -> 1 / the number of classes, where given) as horizontal lines."""
     tasks = sorted({r["dataset"] for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(0.8 + 3.4 * len(tasks), 3.4),
                              squeeze=False, sharey=True)
@@ -184,12 +242,14 @@ def plot_head_selection(rows: Sequence[dict], path: str | Path, ablation: str = 
                    and r["ablation"] in (ablation, "none")]
             if acc:
                 ax.axhline(acc[0], color="gray", ls=style, lw=1, label=f"{ref} (reference)")
+        if chance and task in chance:
+            ax.axhline(chance[task], color="crimson", ls=":", lw=1, label="chance")
         ax.set_xscale("log")
         counts = sorted({int(r["n_heads"]) for r in ranked})
         ax.set_xticks(counts, [str(c) for c in counts])
         ax.minorticks_off()
         ax.set_xlabel("heads kept")
-        ax.set_title(task, fontsize=9)
+        ax.set_title(_wrap(task), fontsize=9)
     axes[0][0].set_ylabel(f"test accuracy ({ablation} ablation)")
     handles, labels = axes[0][-1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
@@ -247,7 +307,7 @@ def plot_cross_model(stats_a: Mapping[str, Mapping[str, float]],
     fig.suptitle("per-head spectral structure across models")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # constrained layout (shared colorbar)
+    fig.savefig(path, dpi=_OUTPUT["dpi"], bbox_inches="tight")  # constrained layout
     plt.close(fig)
     return path
 
