@@ -208,7 +208,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ResidualError("--distribute runs cells on the workers of a Prefect server: set "
                             "PREFECT_API_URL and deploy prefect.yaml first (see the README)")
     _default_prefect_home(args.store_root)
-    from pipelines.flows import count_stage_runs, experiment_flow
+    from pipelines.flows import FIT_COLUMNS, count_stage_runs, experiment_flow
     from pipelines.server import temporary_prefect_server
 
     with temporary_prefect_server():
@@ -219,9 +219,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     n_runs, computed = count_stage_runs(report)
     print(f"grid {report['grid']}: {len(cells)} cells; {n_runs} stage runs here: {computed} "
           f"computed, {n_runs - computed} cached")
-    evaluations = [e for c in cells for e in c.get("evaluations", [])]
-    columns = (("cell", "method", "seed", "trainable_parameters", "val_acc", "test_acc")
-               if evaluations else ("cell", "flow_run", "state"))  # cells that ran on workers
+    evaluations = [{**e, "cell": c["cell"]} for c in cells for e in c.get("evaluations", [])]
+    columns = FIT_COLUMNS if evaluations else ("cell", "flow_run", "state")
     print(_render(_arrow([{k: r.get(k) for k in columns} for r in evaluations or cells]),
                   "table", 0), end="")
     print("query the result tables with `residual results`")

@@ -19,7 +19,9 @@ server is needed for the embedded default.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
 import time
 from typing import Any, Iterable
@@ -236,7 +238,46 @@ def cell_flow(cell: Cell, settings: Settings, options: RunOptions = RunOptions()
     "evaluations": [align summaries]}``."""
     runner = Runner(options)
     evaluations = _run_cell(runner, cell, settings, bases)
+    _publish_fits(f"cell {cell.label}", evaluations)
     return {"cell": cell.label, "runs": runner.runs, "evaluations": evaluations}
+
+
+FIT_COLUMNS = ("cell", "method", "seed", "trainable_parameters", "val_acc", "test_acc")
+"""The columns of a run's summary of its fits (the ``run`` command's table, the artifacts)."""
+
+
+def _fit_row(row: dict[str, Any]) -> dict[str, Any]:
+    """``row``'s :data:`FIT_COLUMNS`, JSON-safe (no NaN)."""
+    def safe(v: Any) -> Any:
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    return {k: safe(row.get(k)) for k in FIT_COLUMNS}
+
+
+def _publish_fits(name: str, evaluations: list[dict[str, Any]]) -> None:
+    """A cell's fits as a table artifact of its flow run: how a cell run on a worker reports
+    its accuracies to the run that submitted it (and what the Prefect UI shows)."""
+    from prefect.artifacts import create_table_artifact
+
+    if evaluations:
+        create_table_artifact([_fit_row(e) for e in evaluations],
+                              description=f"{name}: accuracy per fit")
+
+
+def _fits_of_runs(client, run_ids: list) -> dict[Any, list[dict[str, Any]]]:
+    """The fits each of these flow runs published (:func:`_publish_fits`), by run id."""
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterType,
+    )
+
+    artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=run_ids), type=ArtifactFilterType(any_=["table"])))
+    fits: dict[Any, list[dict[str, Any]]] = {}
+    for a in artifacts:
+        rows = json.loads(a.data) if isinstance(a.data, str) else a.data
+        fits.setdefault(a.flow_run_id, []).extend(_fit_row(r) for r in rows)
+    return fits
 
 
 def cell_tags(grid: str, cell: Cell) -> list[str]:
@@ -268,7 +309,8 @@ def _run_cells_on_workers(cells: list[Cell], settings: Settings, options: RunOpt
                           poll_seconds: float = 5.0) -> list[dict[str, Any]]:
     """Each cell as a run of ``deployment`` (picked up by any worker of its pool), all
     submitted at once, then waited for (a progress bar counts the finished ones; a warning
-    says when no worker is online). Stores and tables must be on storage every worker sees
+    says when no worker is online); each completed cell's fits are read back from the
+    artifact its run published. Stores and tables must be on storage every worker sees
     (``store_root``). Interrupted (Ctrl-C), it cancels the cell runs it submitted: a
     scheduled one at once, a running one through its worker."""
     from prefect.client.orchestration import get_client
@@ -309,8 +351,10 @@ def _run_cells_on_workers(cells: list[Cell], settings: Settings, options: RunOpt
             raise
         finally:
             bar.close()
+        fits = _fits_of_runs(client, [run.id for _, run in runs])
     return [{"cell": cell.label, "flow_run": run.name, "state": run.state.name,
-             **({} if run.state.is_completed() else {"error": run.state.message})}
+             **({"evaluations": fits.get(run.id, [])} if run.state.is_completed()
+                else {"error": run.state.message})}
             for cell, run in runs]
 
 
@@ -396,15 +440,13 @@ def results_artifact_key(grid: str) -> str:
 
 
 def _publish_results(grid: str, records: list[dict[str, Any]]) -> None:
-    """The run's results as a Prefect table artifact: one row per fit of the cells run here
-    (distributed cells publish nothing here: their rows are in the tables)."""
+    """The run's results as a Prefect table artifact: one row per fit of every cell (run here
+    or on workers), and one per failed cell with its state."""
     from prefect.artifacts import create_table_artifact
 
-    rows = [{"cell": r["cell"], "method": e.get("method"), "seed": e.get("seed"),
-             "val_acc": e.get("val_acc"), "test_acc": e.get("test_acc")}
-            for r in records for e in r.get("evaluations", [])]
-    failed = [{"cell": r["cell"], "method": None, "seed": None, "val_acc": None,
-               "test_acc": None, "state": r.get("state")} for r in records if "error" in r]
+    rows = [_fit_row({**e, "cell": r["cell"]}) for r in records for e in r.get("evaluations", [])]
+    failed = [{**_fit_row({"cell": r["cell"]}), "state": r.get("state")}
+              for r in records if "error" in r]
     if rows or failed:
         create_table_artifact(rows + failed, key=results_artifact_key(grid),
                               description=f"grid {grid}: test accuracy per fit")

@@ -169,7 +169,8 @@ def test_deployment_runs_on_a_worker(server, tmp_path):
 
 def test_distributed_cells_run_on_pool_workers(server, tmp_path):
     """`residual run --distribute`: the experiment flow (in the CLI process) submits each cell
-    as a run of the residual-cell deployment; a worker of the pool runs it."""
+    as a run of the residual-cell deployment; a worker of the pool runs it, and the summary
+    prints its accuracies as for a local run."""
     env = server
     _prefect(env, "--no-prompt", "deploy", "--name", "residual-cell")
     grid = tmp_path / "grid.json"
@@ -185,9 +186,12 @@ def test_distributed_cells_run_on_pool_workers(server, tmp_path):
     finally:
         _stop(worker)
     assert cli.returncode == 0, cli.stdout + cli.stderr[-4000:]
-    assert re.search(r"residual-tiny/random on imagefolder:\S+\s+cell residual-tiny\S* .*"
-                     r"Completed", cli.stdout), cli.stdout
     _assert_rows(store_root, {"zero-shot", "coarse"})
+    # the summary shows the accuracies the workers' cells reported (their runs' artifacts)
+    for row in read_table(store_root, "evaluations").to_pylist():
+        assert re.search(rf"residual-tiny/random on imagefolder:\S+\s+{row['method']}\s+0\s+"
+                         rf"{row['trainable_parameters']}\s+\S+\s+{row['test_acc']:.4g}\s*$",
+                         cli.stdout, re.M), cli.stdout
     cells = _api(env["PREFECT_API_URL"], "/flow_runs/filter",
                  {"flow_runs": {"name": {"like_": "cell residual-tiny"},
                                 "tags": {"all_": ["grid:deploy-test"]},
