@@ -15,7 +15,7 @@ from typing import Annotated, Any, Callable, Literal, Sequence, Union, get_args,
 from pipelines.grid import NAMED_GRIDS, STAGES  # light: imports neither torch nor Prefect
 from residual_core.errors import ResidualError
 from residual_core.formats.tables import TABLES
-from residual_core.identity import RANDOM_WEIGHTS, canonical_model
+from residual_core.identity import RANDOM_WEIGHTS, canonical_dataset, canonical_model
 from residual_core.stages import StageParams
 from residual_core.stages import align as align_stage
 from residual_core.stages import explain as explain_stage
@@ -189,7 +189,7 @@ def _cmd_stores(args: argparse.Namespace) -> int:
 def _cmd_grid(args: argparse.Namespace) -> int:
     from pipelines.grid import load_grid
 
-    grid = load_grid(args.grid)  # a bad grid is a one-line GridError (exit 2)
+    grid = load_grid(args.grid, data_root=_dataset_root(args))  # bad: GridError (exit 2)
     if args.action == "show":
         print(grid.model_dump_json(indent=2))
         return 0
@@ -203,7 +203,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipelines.grid import load_grid
 
-    grid = load_grid(args.grid)  # a bad grid is refused here, before Prefect starts
+    grid = load_grid(args.grid, data_root=_dataset_root(args))  # refused here, before Prefect
     if args.distribute and not os.environ.get("PREFECT_API_URL"):
         raise ResidualError("--distribute runs cells on the workers of a Prefect server: set "
                             "PREFECT_API_URL and deploy prefect.yaml first (see the README)")
@@ -376,7 +376,7 @@ def _grid_report(args: argparse.Namespace) -> int:
     from residual_core.report.grid import GridCell, grid_report
     from residual_core.stages import pretrain
 
-    grid = load_grid(args.grid)
+    grid = load_grid(args.grid, data_root=_dataset_root(args))
     layout = Layout.of(args.store_root)
     world = str(pretrain.checkpoint(pretrain.Inputs(out_dir=str(layout.checkpoints.resolve())),
                                     grid.pretrain))
@@ -508,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "seed, class names and templates from an optional PATH/dataset.json.")
     _add_model_arguments(p)
     p.add_argument("--dataset", required=True,
-                   help="registered dataset (e.g. cifar10), imagefolder:PATH, or "
+                   help="registered dataset (e.g. cifar10), imagefolder:PATH (a bare relative "
+                   "PATH is under --data-root; ./PATH the current directory), or "
                    "hf-dataset:NAMESPACE/NAME|PATH[?image=COL&label=COL] (README: Datasets)")
     p.add_argument("--split", required=True, choices=["train", "val", "test"])
     p.add_argument("--data-root", default=None, help="dataset root (default data/datasets)")
@@ -726,6 +727,25 @@ def _default_prefect_home(store_root: str | None) -> None:
         os.environ["PREFECT_HOME"] = str(home)
 
 
+def _dataset_root(args: argparse.Namespace) -> str:
+    """The dataset root of a command: ``--data-root``, else ``<store root>/datasets``."""
+    from residual_core.layout import Layout
+
+    return getattr(args, "data_root", None) or str(Layout.of(getattr(args, "store_root", None))
+                                                   .datasets)
+
+
+def _canonical_datasets(args: argparse.Namespace) -> None:
+    """``imagefolder:NAME`` (a folder under the dataset root) spelled with its absolute path in
+    every dataset argument, as the stores and tables name it."""
+    for attr in ("dataset", "basis"):
+        value = getattr(args, attr, None)
+        if isinstance(value, str):
+            setattr(args, attr, canonical_dataset(value, _dataset_root(args)))
+        elif isinstance(value, list):
+            setattr(args, attr, [canonical_dataset(v, _dataset_root(args)) for v in value])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit status."""
     parser = build_parser()
@@ -739,6 +759,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(args, "model", None):  # hf:./dir and hf:/abs/dir are one model
             args.model = canonical_model(args.model)
+        _canonical_datasets(args)
         return func(args)
     except ResidualError as exc:
         print(f"residual: error: {exc}", file=sys.stderr)

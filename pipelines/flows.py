@@ -289,11 +289,13 @@ def cell_tags(grid: str, cell: Cell) -> list[str]:
 def _run_cells_here(cells: list[Cell], settings: Settings, options: RunOptions,
                     bases: dict[tuple, str], grid: str) -> list[dict[str, Any]]:
     """Each cell as a subflow of this run, one after the other, named and tagged like a
-    distributed cell; a failed cell does not stop the others."""
+    distributed cell (a bar on a terminal counts them); a failed cell does not stop the
+    others."""
     from prefect import tags
+    from tqdm import tqdm
 
     out = []
-    for cell in cells:
+    for cell in tqdm(cells, desc="cells", unit="cell", disable=None if len(cells) > 1 else True):
         with tags(*cell_tags(grid, cell)):
             state = cell_flow.with_options(flow_run_name=f"cell {cell.label}")(
                 cell=cell, settings=settings, options=options,
@@ -325,7 +327,7 @@ def _run_cells_on_workers(cells: list[Cell], settings: Settings, options: RunOpt
 
     submitted: list = []
     with get_client(sync_client=True) as client:
-        bar = tqdm(total=len(cells), desc="cells on workers", unit="cell")
+        bar = tqdm(total=len(cells), desc="cells on workers", unit="cell", disable=None)
         try:
             for cell in cells:
                 submitted.append((cell, run_deployment(
@@ -412,9 +414,10 @@ def experiment_flow(grid: Grid | str = "paper", force: list[Stage] | None = None
         "runs": [stage runs done here]}``. Raises :class:`GridRunError` naming the failed
         cells after every cell has been tried.
     """
-    grid = load_grid(grid)  # names and types are checked before any task runs
     runner = Runner(_options(store_root, data_root, force, dask_address=dask_address,
                              dask_workers=dask_workers, dask_memory_limit=dask_memory_limit))
+    # names and types are checked before any task runs
+    grid = load_grid(grid, data_root=data_root or Layout.of(store_root).datasets)
     settings = grid.settings()
     # Inputs several cells share are made first, here, so that cells running in parallel on
     # several workers never write (or force) the same output.

@@ -33,6 +33,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -43,6 +44,7 @@ from residual_core.identity import (
     HF_MODEL_PREFIX,
     WORLD_WEIGHTS,
     WeightsId,
+    canonical_dataset,
     canonical_model,
     is_hf_model,
 )
@@ -79,11 +81,16 @@ def _world_tasks() -> tuple[str, ...]:
     return TASKS
 
 
-def _check_dataset(name: str) -> str:
-    """A registered dataset or an existing ``imagefolder:PATH`` (reads no image)."""
+def _check_dataset(name: str, info: ValidationInfo) -> str:
+    """A registered dataset or an existing ``imagefolder:PATH`` (reads no image); a bare
+    ``imagefolder:NAME`` is the folder under the dataset root (:func:`load_grid`'s
+    ``data_root``, default ``<data>/datasets``), spelled with its absolute path."""
     from residual_core.datasets import dataset_info
+    from residual_core.layout import Layout
 
     _world_tasks()
+    root = (info.context or {}).get("data_root") or Layout.of().datasets
+    name = canonical_dataset(name, root)
     try:
         dataset_info(name)
     except ResidualError as exc:  # pydantic reports ValueErrors as validation errors
@@ -168,13 +175,13 @@ class Sweep(_Frozen):
 
     @field_validator("datasets")
     @classmethod
-    def _known_datasets(cls, names: list[str]) -> list[str]:
-        return [_check_dataset(n) for n in names]
+    def _known_datasets(cls, names: list[str], info: ValidationInfo) -> list[str]:
+        return [_check_dataset(n, info) for n in names]
 
     @field_validator("basis")
     @classmethod
-    def _known_basis(cls, name: str | None) -> str | None:
-        return None if name is None else _check_dataset(name)
+    def _known_basis(cls, name: str | None, info: ValidationInfo) -> str | None:
+        return None if name is None else _check_dataset(name, info)
 
 
 class Cell(_Frozen):
@@ -243,8 +250,10 @@ def validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def load_grid(grid: "Grid | str | dict") -> Grid:
+def load_grid(grid: "Grid | str | dict", data_root: str | os.PathLike | None = None) -> Grid:
     """A grid from a :class:`Grid`, a dict, a named grid (:data:`NAMED_GRIDS`) or a JSON file.
+    ``data_root``: the dataset root against which a bare ``imagefolder:NAME`` is resolved
+    (default ``<data>/datasets``).
 
     Raises :class:`GridError` (one line) for an unknown name, an unreadable file or an invalid
     grid.
@@ -266,6 +275,6 @@ def load_grid(grid: "Grid | str | dict") -> Grid:
     else:
         data = grid
     try:
-        return Grid.model_validate(data)
+        return Grid.model_validate(data, context={"data_root": data_root})
     except ValidationError as exc:
         raise GridError(f"invalid grid: {validation_message(exc)}") from None

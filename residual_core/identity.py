@@ -30,7 +30,8 @@ from residual_core.errors import ResidualError
 
 __all__ = ["EMBEDDED_MODEL", "FEATURE_DTYPES", "HF_DATASET_OPTIONS", "HF_DATASET_PREFIX",
            "HF_MODEL_PREFIX", "IMAGEFOLDER_PREFIX", "RANDOM_WEIGHTS", "WORLD_WEIGHTS",
-           "DatasetRef", "HfSource", "WeightsId", "canonical_model", "config_hash", "dir_sha256",
+           "DatasetRef", "HfSource", "WeightsId", "canonical_dataset", "canonical_model",
+           "config_hash", "dir_sha256",
            "file_sha256", "files_identity", "hf_model_dir", "is_hf_model", "looks_like_path",
            "parse_dataset", "parse_weights", "slug"]
 
@@ -38,10 +39,12 @@ EMBEDDED_MODEL = "residual-tiny"
 """The embedded default architecture (its open_clip config ships in ``model_configs``)."""
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
-"""Prefix of the generic dataset ``imagefolder:PATH``: ``PATH`` (absolute, or relative to the
-current directory, not to the data root) holds one folder of images per class, or ``train/`` and
-``test/`` (and optionally ``val/``) folders of that form; class names are the sorted folder names
-(of ``train/``), used verbatim in the prompts."""
+"""Prefix of the generic dataset ``imagefolder:PATH``: ``PATH`` holds one folder of images per
+class, or ``train/`` and ``test/`` (and optionally ``val/``) folders of that form; class names
+are the sorted folder names (of ``train/``), used verbatim in the prompts. ``PATH`` is absolute,
+relative to the current directory when it starts with ``.`` or ``~`` (``./pets``), or else a
+folder under the dataset root (``imagefolder:pets`` is ``<data root>/pets``;
+:func:`canonical_dataset`)."""
 
 HF_DATASET_PREFIX = "hf-dataset:"
 """Prefix of a Hugging Face ``datasets`` dataset: ``hf-dataset:SOURCE[?KEY=VALUE&...]``.
@@ -179,6 +182,20 @@ def canonical_model(name: str) -> str:
     """The one spelling of a model name: an ``hf:`` folder made absolute (``hf:./dino`` and
     ``hf:/abs/dino`` name one model); any other name as it is."""
     return _hf_source(name)[0] if is_hf_model(name) else name
+
+
+def canonical_dataset(name: str, data_root: str | os.PathLike) -> str:
+    """The one spelling of a dataset name: ``imagefolder:NAME`` with a bare relative path (not
+    starting with ``/``, ``.`` or ``~``) is the folder ``NAME`` under the dataset root
+    ``data_root``, spelled with its absolute path, so that every command and every worker reads
+    the same folder; any other name as it is (``imagefolder:./pets`` stays relative to the
+    current directory)."""
+    if not name.startswith(IMAGEFOLDER_PREFIX):
+        return name
+    path = name[len(IMAGEFOLDER_PREFIX):]
+    if not path or path.startswith(("/", ".", "~")):
+        return name
+    return IMAGEFOLDER_PREFIX + str((Path(data_root).expanduser() / path).resolve())
 
 
 def _hf_source(name: str) -> tuple[str, Path | None]:

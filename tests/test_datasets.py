@@ -388,3 +388,44 @@ def test_imagefolder_options_file_names_classes_templates_and_splits(tmp_path):
     (folder / "dataset.json").write_text("{not json")
     with pytest.raises(ResidualError, match="cannot read .*dataset.json as JSON"):
         rds.dataset_info(name)
+
+
+def test_a_bare_imagefolder_name_is_a_folder_under_the_data_root(tmp_path, monkeypatch):
+    """``imagefolder:pets`` is ``<data root>/pets`` everywhere (API, grid files, the CLI),
+    spelled with its absolute path so that every command and worker reads the same folder;
+    ``imagefolder:./pets`` stays relative to the current directory."""
+    from builders import write_image_folder
+    from pipelines.cli import main
+    from pipelines.grid import load_grid
+    from residual_core.formats.feature_store import FeatureStore
+    from residual_core.identity import EMBEDDED_MODEL, canonical_dataset
+    from residual_core.layout import Layout
+
+    data = tmp_path / "elsewhere"
+    folder = write_image_folder(data / "pets", ["cat", "dog"], 10, size=8)
+    monkeypatch.chdir(tmp_path)  # no ./pets here
+    absolute = f"imagefolder:{folder.resolve()}"
+    assert canonical_dataset("imagefolder:pets", data) == absolute
+    for name in ("imagefolder:./pets", "imagefolder:~/pets", absolute, "cifar10",
+                 "hf-dataset:org/name"):
+        assert canonical_dataset(name, data) == name
+    assert len(rds.load_dataset("imagefolder:pets", "train", data_root=data)) == 16
+    with pytest.raises(DatasetNotFoundError, match="pets"):  # ./pets: the current directory
+        rds.load_dataset("imagefolder:./pets", "train", data_root=data)
+
+    grid = {"name": "pets", "sweeps": [{"models": [{"name": EMBEDDED_MODEL}],
+                                        "datasets": ["imagefolder:pets"]}]}
+    (cell,) = load_grid(grid, data_root=data).cells()
+    assert cell.dataset == absolute
+    monkeypatch.setenv("RESIDUAL_DATA_ROOT", str(tmp_path / "root"))  # the default data root
+    (tmp_path / "root" / "datasets").mkdir(parents=True)
+    (tmp_path / "root" / "datasets" / "pets").symlink_to(folder)
+    (cell,) = load_grid(grid).cells()
+    assert cell.dataset == absolute  # the link's target: one folder, one name
+
+    store_root = tmp_path / "store"
+    assert main(["extract", "--model", EMBEDDED_MODEL, "--dataset", "imagefolder:pets",
+                 "--split", "train", "--data-root", str(data), "--store-root", str(store_root),
+                 "--rows-per-chunk", "8", "--num-workers", "0", "--quiet"]) == 0
+    (url,) = Layout.of(str(store_root)).feature_stores()
+    assert FeatureStore.open(url).attrs["dataset"] == absolute

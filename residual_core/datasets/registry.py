@@ -12,7 +12,12 @@ from residual_core.datasets.base import DatasetInfo, Factory, SplitDataset, vali
 from residual_core.datasets.hf import _hf_dataset, _hf_info
 from residual_core.datasets.imagefolder import _imagefolder, _imagefolder_info
 from residual_core.errors import DatasetNotFoundError, ResidualError
-from residual_core.identity import HF_DATASET_PREFIX, IMAGEFOLDER_PREFIX, parse_dataset
+from residual_core.identity import (
+    HF_DATASET_PREFIX,
+    IMAGEFOLDER_PREFIX,
+    canonical_dataset,
+    parse_dataset,
+)
 from residual_core.layout import SPLITS, Layout
 
 # ----------------------------------------------------------------------------------------------
@@ -104,7 +109,8 @@ def load_dataset(
 ) -> SplitDataset:
     """One split (``"train"``, ``"val"`` or ``"test"``) of a dataset, read from ``data_root``.
 
-    ``data_root`` defaults to ``Layout.of().datasets``; ``download=True`` lets torchvision fetch
+    ``data_root`` defaults to ``Layout.of().datasets`` (a bare ``imagefolder:NAME`` is the
+    folder ``NAME`` under it); ``download=True`` lets torchvision fetch
     a missing dataset that it can download (nothing is downloaded otherwise; for the others,
     ``imagefolder:`` and ``hf-dataset:`` included, a missing dataset is an error that says it
     cannot be downloaded, and where to put it).
@@ -117,12 +123,12 @@ def load_dataset(
         ResidualError: unknown split, labels outside the class list, malformed data, an image
             of an ``imagefolder:`` dataset that cannot be decoded.
     """
-    key, entry = _entry(name, skip_bad_images)
+    root = Path(data_root).expanduser() if data_root is not None else Layout.of().datasets
+    key, entry = _entry(canonical_dataset(name, root), skip_bad_images)
     if split not in SPLITS:
         raise ResidualError(
             f"unknown split {split!r} for dataset '{key}': expected one of {', '.join(SPLITS)}"
         )
-    root = Path(data_root).expanduser() if data_root is not None else Layout.of().datasets
     try:
         info = entry.info()
         source, labels, indices = entry.factory(split, root, download)
