@@ -58,9 +58,9 @@ last component of ``SOURCE`` names, e.g. ``tanganke/eurosat``, else ``a photo of
 
 HF_MODEL_PREFIX = "hf:"
 """Prefix of a Hugging Face ``transformers`` model: ``hf:HUB_ID`` (e.g.
-``hf:facebook/dinov2-large``, read from the local Hugging Face cache, never downloaded by this tool) or ``hf:DIR``, a folder
-written by ``model.save_pretrained(DIR)`` (and ``processor.save_pretrained(DIR)``), when it
-starts with ``/``, ``.`` or ``~`` or is an existing directory. The weights are that folder's
+``hf:facebook/dinov2-large``, read from the local Hugging Face cache, never downloaded by this
+tool) or ``hf:DIR``, a folder written by ``model.save_pretrained(DIR)`` (and
+``processor.save_pretrained(DIR)``), when it starts with ``/``, ``.`` or ``~`` or is an existing directory. The weights are that folder's
 files: stores name them by the folder's content hash."""
 
 HF_DATASET_OPTIONS = ("image", "label", "config", "templates")
