@@ -64,9 +64,9 @@ def _images(ax):
 
 
 def test_lambda_maps_show_every_component_on_one_scale_across_tasks(figures, tmp_path):
-    units = ["emb", "L0H0", "L0H1", "L0.mlp", "L1H0", "L1H1", "L1.mlp"]
+    units = ["emb", "L0.mlp", "L1.mlp", "L0H0", "L0H1", "L1H0", "L1H1"]  # canonical order
     rng = np.random.default_rng(0)
-    fit_a = {u: rng.normal(1, 0.5, size=3 + i) for i, u in enumerate(units)}
+    fit_a = {u: rng.normal(1, 0.5, size=3 + i) for i, u in reversed(list(enumerate(units)))}
     fit_b = {u: 0.1 * v[:2] for u, v in fit_a.items()}
     mean_top, half = plots.lambda_scale([fit_a, fit_b])
     assert mean_top == max(np.abs(v).mean() for f in (fit_a, fit_b) for v in f.values())
@@ -82,7 +82,7 @@ def test_lambda_maps_show_every_component_on_one_scale_across_tasks(figures, tmp
         assert grid[1, 0] == pytest.approx(np.abs(fit["L1H0"]).mean())
         matrix = np.ma.filled(per_component.get_array(), np.nan)
         assert matrix.shape == (len(units), max(len(v) for v in fit.values()))
-        for i, u in enumerate(units):  # every unit's λ, component by component, blank after
+        for i, u in enumerate(units):  # rows in canonical order, λ by component, blank after
             np.testing.assert_array_equal(matrix[i, :len(fit[u])], fit[u])
             assert np.isnan(matrix[i, len(fit[u]):]).all()
         labels = {ax.get_ylabel() for ax in fig.axes}

@@ -126,15 +126,18 @@ def plot_lambda_heatmap(lambdas: Mapping[str, np.ndarray], n_layers: int, n_head
                         path: str | Path, title: str = "learned λ",
                         scale: tuple[float, float] | None = None) -> Path:
     """Learned λ of one fit: left, mean |λ| of each head (layer × head); right, λ of every
-    unit per principal component (rows: units in order, columns: components, blank past a
-    unit's basis), signed on a scale centred at 0.
+    unit per principal component (rows: units in canonical order, emb, MLPs, heads; columns:
+    components, blank past a unit's basis), signed on a scale centred at 0.
 
     Args:
         lambdas: unit name -> λ_u (one weight per kept component).
         scale: ``(top of the mean |λ| scale, half-range of the λ scale)``; the report passes one
             scale for all of a model's tasks so that their maps compare. Default: this fit's.
     """
-    units = list(lambdas)
+    from residual_core.method.units import unit_table
+
+    canonical = [u.name for u in unit_table(n_layers, n_heads)]
+    units = [u for u in canonical if u in lambdas] + [u for u in lambdas if u not in canonical]
     k = max((len(v) for v in lambdas.values()), default=0)
     per_component = np.full((len(units), max(k, 1)), np.nan)
     for i, u in enumerate(units):
