@@ -255,7 +255,8 @@ def _cmd_results(args: argparse.Namespace) -> int:
         if args.pretrained:  # rows written before `random` was spelled out have null there
             filters["pretrained"] = ([RANDOM_WEIGHTS, None] if args.pretrained == RANDOM_WEIGHTS
                                      else args.pretrained)
-        tbl = read_table(root, table, model=args.model, dataset=args.dataset, filters=filters)
+        dataset = _table_dataset(root, table, args.dataset) if args.dataset else None
+        tbl = read_table(root, table, model=args.model, dataset=dataset, filters=filters)
         group = _column_list(args.group_by, "--group-by")
         if args.columns:
             tbl = _select(tbl, group + [c for c in _column_list(args.columns, "--columns")
@@ -264,6 +265,25 @@ def _cmd_results(args: argparse.Namespace) -> int:
             tbl = _group_means(tbl, group, table)
     print(_render(tbl, args.format, args.limit), end="")
     return 0
+
+
+def _table_dataset(root: str, table: str, name: str) -> str:
+    """``name`` as ``table`` spells it: itself when the table has rows of it, else the one
+    dataset of the table whose short name it is (``pets`` for ``imagefolder:/data/pets``)."""
+    from residual_core.identity import parse_dataset
+    from residual_core.tables import read_table, table_files
+
+    if table_files(root, table, dataset=name):
+        return name
+    try:
+        names = set(read_table(root, table).column("dataset").to_pylist())
+    except ResidualError:  # no table: read_table says so below
+        return name
+    matches = sorted(d for d in names if parse_dataset(d).short_name == name)
+    if len(matches) > 1:
+        raise ResidualError(f"--dataset {name!r} is the short name of {len(matches)} datasets "
+                            f"in {table!r}: give one of {', '.join(matches)}")
+    return matches[0] if matches else name
 
 
 def _column_list(text: str | None, option: str) -> list[str]:
@@ -647,7 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None,
                    help=f"only rows of these weights (a tag, a checkpoint path, or "
                    f"{RANDOM_WEIGHTS})")
-    p.add_argument("--dataset", default=None, help="only rows of this dataset")
+    p.add_argument("--dataset", default=None,
+                   help="only rows of this dataset (one given as files also by its short name: "
+                   "pets for imagefolder:/data/pets, eurosat for hf-dataset:tanganke/eurosat)")
     p.add_argument("--method", default=None, help="only rows of this align method")
     p.add_argument("--columns", default=None, metavar="COLS",
                    help="comma-separated columns to show, in this order")

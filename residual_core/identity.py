@@ -316,6 +316,17 @@ class DatasetRef:
         return self.path is not None or self.hf is not None
 
     @property
+    def short_name(self) -> str:
+        """What a user may type for this dataset in a query (``results --dataset``): a
+        folder's last component (``imagefolder:/data/pets`` -> ``pets``), a Hub id's last part
+        (``hf-dataset:tanganke/eurosat`` -> ``eurosat``), else the name itself."""
+        if self.path is not None:
+            return self.path.name
+        if self.hf is not None:
+            return self.hf.source.rstrip("/").rsplit("/", 1)[-1]
+        return self.name
+
+    @property
     def manifest_key(self) -> str | None:
         """What names the cached content manifest of a dataset given as files."""
         if self.hf is not None:

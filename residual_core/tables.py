@@ -109,9 +109,10 @@ def read_table(root: str | Path, table: str, *, model: str | None = None,
     """
     tbl = _load(root, table, model, dataset)
     if tbl is None:
-        raise ResidualError(f"no {table!r} table under {tables_root(root)} "
-                            f"{'for ' + str(model or '') + ' ' + str(dataset or '') if model or dataset else ''}"
-                            "(run the stage that writes it first)")
+        scope = " and ".join(f"{k} {v}" for k, v in (("model", model), ("dataset", dataset)) if v)
+        raise ResidualError(f"no {table!r} table under {tables_root(root)}"
+                            f"{' for ' + scope if scope else ''} (run the stage that writes it "
+                            "first)")
     conditions = dict(filters or {})
     conditions.update({k: v for k, v in (("model", model), ("dataset", dataset)) if v})
     for column, value in conditions.items():

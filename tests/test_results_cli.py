@@ -210,3 +210,21 @@ def test_results_of_a_real_run(tmp_path, capsys):
         code = main(["report", "--model", "residual-tiny", "--store-root", str(store), *args])
         _, err = capsys.readouterr()
         assert code == 2 and message in err
+
+
+def test_a_dataset_given_as_files_answers_to_its_short_name(tmp_path, capsys):
+    """`--dataset pets` finds the rows of `imagefolder:/…/pets` (and `eurosat` those of
+    `hf-dataset:tanganke/eurosat`); a short name of two datasets is refused naming both."""
+    names = ["imagefolder:/data/a/pets", "hf-dataset:tanganke/eurosat", "imagefolder:/x/cats",
+             "imagefolder:/y/cats", "cifar10"]
+    for i, dataset in enumerate(names):
+        write_rows(tmp_path, "evaluations", [{"model": "ViT-B-16", "dataset": dataset,
+                                              "method": "coarse", "test_acc": i / 10}], key="k")
+    for short, full in (("pets", names[0]), ("eurosat", names[1]), ("cifar10", "cifar10"),
+                        (names[2], names[2])):
+        code, out, _ = _results(capsys, tmp_path, "--dataset", short, "--format", "json")
+        assert code == 0 and [r["dataset"] for r in json.loads(out)] == [full]
+    code, _, err = _results(capsys, tmp_path, "--dataset", "cats")
+    assert code == 2 and "short name of 2 datasets" in err and "imagefolder:/y/cats" in err
+    code, _, err = _results(capsys, tmp_path, "--dataset", "dogs")
+    assert code == 2 and "no 'evaluations' table under" in err and "for dataset dogs (run" in err
