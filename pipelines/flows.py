@@ -45,7 +45,7 @@ from residual_core.stages.spectral import Inputs as SpectralInputs
 from residual_core.stages.spectral import Params as SpectralParams
 
 from .grid import Cell, Grid, ModelSpec, Settings, Split, Stage, load_grid
-from .tasks import Runner, RunOptions
+from .tasks import Runner, RunOptions, on_stage_runs
 
 __all__ = ["CELL_DEPLOYMENT", "GridRunError", "align_flow", "cell_flow", "compare_flow",
            "experiment_flow", "extract_flow", "spectral_flow"]
@@ -289,20 +289,30 @@ def cell_tags(grid: str, cell: Cell) -> list[str]:
 def _run_cells_here(cells: list[Cell], settings: Settings, options: RunOptions,
                     bases: dict[tuple, str], grid: str) -> list[dict[str, Any]]:
     """Each cell as a subflow of this run, one after the other, named and tagged like a
-    distributed cell (a bar on a terminal counts them); a failed cell does not stop the
-    others."""
+    distributed cell (on a terminal a bar counts the cells, and the stages done and computed
+    so far); a failed cell does not stop the others."""
     from prefect import tags
     from tqdm import tqdm
 
     out = []
-    for cell in tqdm(cells, desc="cells", unit="cell", disable=None if len(cells) > 1 else True):
-        with tags(*cell_tags(grid, cell)):
-            state = cell_flow.with_options(flow_run_name=f"cell {cell.label}")(
-                cell=cell, settings=settings, options=options,
-                bases=bases.get((cell.model, cell.basis)), return_state=True)
-        value = state.result(raise_on_failure=False)
-        out.append(value if state.is_completed() else
-                   {"cell": cell.label, "state": state.name, "error": value})
+    done = {"stages": 0, "computed": 0}
+    with tqdm(total=len(cells), desc="cells", unit="cell", disable=None) as bar:
+        def stage_done(run: dict[str, Any]) -> None:
+            done["stages"] += 1
+            done["computed"] += run["state"] != "Cached"
+            bar.set_postfix_str(f"stages {done['stages']} ({done['computed']} computed), "
+                                f"last {run['stage']}: {run['state']}")
+
+        with on_stage_runs(stage_done):
+            for cell in cells:
+                with tags(*cell_tags(grid, cell)):
+                    state = cell_flow.with_options(flow_run_name=f"cell {cell.label}")(
+                        cell=cell, settings=settings, options=options,
+                        bases=bases.get((cell.model, cell.basis)), return_state=True)
+                value = state.result(raise_on_failure=False)
+                out.append(value if state.is_completed() else
+                           {"cell": cell.label, "state": state.name, "error": value})
+                bar.update()
     return out
 
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -106,6 +107,20 @@ class RunOptions(BaseModel):
                                        "data_root": absolute(self.data_root)})
 
 
+_STAGE_LISTENERS: list[Callable[[dict[str, Any]], None]] = []
+
+
+@contextmanager
+def on_stage_runs(listener: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+    """Within the block, ``listener`` is called with each stage run's record (``stage``,
+    ``target``, ``state``) as a :class:`Runner` of this process finishes it (a progress bar)."""
+    _STAGE_LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        _STAGE_LISTENERS.remove(listener)
+
+
 @dataclass
 class Runner:
     """Runs stage tasks for a flow, incrementally (see the module docstring), and records what
@@ -143,4 +158,6 @@ class Runner:
         if cached is None:
             _write_record(record, result)
         self.runs.append({"stage": stage, "target": target, "state": state.name})
+        for listener in _STAGE_LISTENERS:
+            listener(self.runs[-1])
         return result

@@ -149,7 +149,13 @@ def test_cell_runs_are_named_and_tagged_and_results_are_an_artifact(world, first
 
 
 def test_second_run_executes_no_stage_body(world, first_run, calls):
-    states = _run(world)
+    from pipelines.tasks import on_stage_runs
+
+    seen: list[dict] = []
+    with on_stage_runs(seen.append):  # what the run's progress bar counts
+        states = _run(world)
+    assert [r["stage"] for r in seen] == ["extract"] * 3 + ["spectral", "align"]
+    assert {r["state"] for r in seen} == {"Cached"}
     assert states == {"extract": ["Cached"] * 3, "spectral": ["Cached"], "align": ["Cached"]}
     assert sum(calls.values()) == 0
     api = _latest_cell_task_states()
