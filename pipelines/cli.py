@@ -125,7 +125,7 @@ def _feature_url(args: argparse.Namespace) -> str:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from residual_core.engines.explain import run_explain
+    from residual_core.engines.explain import explain_key, run_explain
     from residual_core.layout import Layout
     from residual_core.tables import read_table
 
@@ -134,8 +134,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     root = Layout.of(args.store_root).root
     result = run_explain(url, params, tables_root=root, progress=not args.quiet)
     rows = [r for r in read_table(root, "head_texts", model=args.model, dataset=args.dataset,
-                                  filters={"split": args.split, "method": params.method,
-                                           "dictionary": params.dictionary}).to_pylist()
+                                  filters={"split": args.split,
+                                           "config_hash": explain_key(url, params)}).to_pylist()
             if r["rank"] < min(3, params.texts_per_head)]
     shown = [{"unit": r["unit"], "rank": r["rank"], "text": r["text"],
               "explained_variance": r["explained_variance"]}

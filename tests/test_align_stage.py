@@ -217,6 +217,17 @@ def test_report_from_tables(task, tmp_path):
                         tmp_path / "rep").path.read_text()
     section = text.split("## Heads in text")[1].split("\n## ")[0]
     assert section.count(f"- `{dataset}` L") == 3 and section.count("| L") == 16
+    # a run of some heads beside it, and another dictionary for two heads: the report keeps
+    # one dictionary (the one explaining every head) and one line per head
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(["zz one", "zz two", "zz three"]))
+    run_explain(urls[0], ExplainParams(dictionary=str(other), texts_per_head=2, rank=4,
+                                       units=("L0H0", "L1H1")), tables_root=str(root / "st"))
+    run_explain(urls[0], ExplainParams(dictionary=str(words), texts_per_head=2, rank=4,
+                                       units=("L0H0",)), tables_root=str(root / "st"))
+    again = write_report(root / "st", EMBEDDED_MODEL, {dataset: tuple(urls)},
+                         tmp_path / "rep2").path.read_text()
+    assert again.split("## Heads in text")[1].split("\n## ")[0] == section
     # --format svg / --dpi: every figure in that format, linked by the report
     from PIL import Image
 

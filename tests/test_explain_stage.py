@@ -5,6 +5,7 @@ The numerical core (TextSpan, SOMP, concept scores against references) is tested
 ``test_explain.py``; here the engine is checked against that core applied to contributions
 computed independently (the model's own decomposition of the same images)."""
 
+import re
 import subprocess
 import sys
 
@@ -193,6 +194,32 @@ def _cli(*args):
                           text=True, timeout=600)
 
 
+def test_units_explains_only_those_heads_beside_a_run_of_every_head(task):
+    """``units``: only the named heads are explained (the same picks as in a run of every
+    head); their rows sit beside that run's, which stays current; bad names are refused."""
+    full = _params(task)
+    engine.run_explain(task["url"], full, tables_root=task["store_root"])
+    some = _params(task, units="L2H3, L0H1,L2H3")
+    assert some.units == ("L2H3", "L0H1")
+    result = engine.run_explain(task["url"], some, tables_root=task["store_root"])
+    assert result.computed and result.heads == 2 and result.rows == 6
+    key = engine.explain_key(task["url"], some)
+    mine = _rows(task, config_hash=key)
+    assert sorted({r["unit"] for r in mine}) == ["L0H1", "L2H3"]
+    every = {(r["unit"], r["rank"]): r["text"]
+             for r in _rows(task, config_hash=engine.explain_key(task["url"], full))}
+    assert len(every) == 48  # the run of every head is intact
+    assert all(every[(r["unit"], r["rank"])] == r["text"] for r in mine)
+    assert engine.is_explained(task["url"], full, task["store_root"])
+    assert not engine.run_explain(task["url"], some, tables_root=task["store_root"]).computed
+    for units, message in ((("L9H9",), "unknown unit 'L9H9'"), (("L1H9",), "did you mean"),
+                           (("emb",), "only attention heads"),
+                           (("L1.mlp",), "a mlp unit: only attention heads")):
+        with pytest.raises(ResidualError, match=re.escape(message)):
+            engine.run_explain(task["url"], _params(task, units=units),
+                               tables_root=task["store_root"])
+
+
 def test_cli_explain_and_heads(task):
     common = ["--model", EMBEDDED_MODEL, "--dataset", f"imagefolder:{task['folder']}",
               "--store-root", task["store_root"]]
@@ -200,6 +227,14 @@ def test_cli_explain_and_heads(task):
                "--rank", "4", "--quiet")
     assert out.returncode == 0, out.stderr
     assert "L2H3" in out.stdout and "16 heads, 32 rows" in out.stdout
+    out = _cli("explain", *common, "--dictionary", task["dictionary"], "--texts-per-head", "2",
+               "--rank", "4", "--units", "L1H2,L3H0", "--quiet")
+    assert out.returncode == 0, out.stderr
+    shown = {line.split()[0] for line in out.stdout.splitlines()[1:] if line[:1] == "L"}
+    assert shown == {"L1H2", "L3H0"} and "2 heads, 4 rows" in out.stdout
+    out = _cli("explain", *common, "--dictionary", task["dictionary"], "--units", "L7H0",
+               "--quiet")
+    assert out.returncode == 2 and "unknown unit 'L7H0'" in out.stderr
     out = _cli("heads", *common, "--concept", "a red square", "--top", "3", "--quiet")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("a red square") == 3

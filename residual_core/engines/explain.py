@@ -11,6 +11,7 @@ or :func:`~residual_core.method.explain.somp` picks its descriptions.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import time
 from dataclasses import dataclass
@@ -151,9 +152,12 @@ def _key(store: FeatureStore, dictionary: Dictionary, params: Params) -> str:
 
 def _rows_key(feature_url: str, params: Params) -> str:
     """Which rows a run replaces: this store's rows of this method and dictionary name (an
-    edited dictionary or other settings replace them; other methods or dictionaries stay)."""
+    edited dictionary or other settings replace them; other methods or dictionaries stay), of
+    the heads it names (a run of some heads never replaces a run of every head)."""
+    chosen = {"units": sorted(params.units)} if params.units else {}
     return "explain-" + config_hash({"store": Layout.location(feature_url),
-                                     "method": params.method, "dictionary": params.dictionary})
+                                     "method": params.method, "dictionary": params.dictionary,
+                                     **chosen})
 
 
 def is_explained(feature_url: str, params: Params, tables_root: str) -> bool:
@@ -167,11 +171,25 @@ def _explained(store: FeatureStore, key: str, tables_root: str) -> bool:
                     config_hash=key)
 
 
-def _heads(store: FeatureStore) -> list:
+def _heads(store: FeatureStore, names: tuple[str, ...] = ()) -> list:
+    """The store's heads (those named, in store order, when ``names`` is given)."""
     heads = [u for u in store.units if u.kind == "head"]
     if not heads:
         raise StoreError(f"{store.url} has no attention heads to explain")
-    return heads
+    if not names:
+        return heads
+    by_name = {u.name: u for u in store.units}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(by_name), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ResidualError(f"unknown unit {unknown[0]!r} for --units{hint}: the heads of "
+                            f"{store.attrs['model']} are L0H0..{heads[-1].name}")
+    others = [n for n in names if by_name[n].kind != "head"]
+    if others:
+        raise ResidualError(f"--units {others[0]} is a {by_name[others[0]].kind} unit: only "
+                            "attention heads are explained in text")
+    return [u for u in heads if u.name in names]
 
 
 def _loaded(store: FeatureStore):
@@ -199,7 +217,7 @@ def run_explain(feature_url: str, params: Params | None = None, *, tables_root: 
         raise ResidualError(f"--texts-per-head {params.texts_per_head} exceeds the "
                             f"{len(dictionary.texts)} descriptions of {dictionary.name!r}")
     key = _key(store, dictionary, params)
-    heads = _heads(store)
+    heads = _heads(store, params.units)
     if _explained(store, key, root):
         return Result(rows=len(heads) * params.texts_per_head, heads=len(heads), computed=False,
                       seconds=time.perf_counter() - start)

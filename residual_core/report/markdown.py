@@ -249,11 +249,24 @@ def _head_texts(store_root, model: str, weights: str, scores: dict[str, np.ndarr
         return []
     method = "textspan" if any(r["method"] == "textspan" for r in rows) else rows[0]["method"]
     rows = [r for r in rows if r["method"] == method]
-    texts: dict[tuple[str, str], list[tuple[int, str, float]]] = {}
+    # one dictionary per task (the one that explains the most heads), one pick per head and
+    # rank (the newest: a run of some heads sits beside a run of every head)
+    heads_of: dict[tuple[str, str], set[str]] = {}
     for r in rows:
+        heads_of.setdefault((r["dataset"], r["dictionary"]), set()).add(r["unit"])
+    chosen: dict[str, str] = {}
+    for (dataset, dictionary), heads in sorted(heads_of.items()):
+        if len(heads) > len(heads_of.get((dataset, chosen.get(dataset, "")), ())):
+            chosen[dataset] = dictionary
+    rows = [r for r in rows if chosen[r["dataset"]] == r["dictionary"]]
+    newest: dict[tuple[str, str, int], dict] = {}
+    for r in sorted(rows, key=lambda r: str(r.get("created_at"))):
+        newest[(r["dataset"], r["unit"], r["rank"])] = r
+    texts: dict[tuple[str, str], list[tuple[int, str, float]]] = {}
+    for r in newest.values():
         texts.setdefault((r["dataset"], r["unit"]), []).append(
             (r["rank"], r["text"], r["explained_variance"]))
-    dictionaries = ", ".join(sorted({f"`{r['dictionary']}`" for r in rows}))
+    dictionaries = ", ".join(sorted({f"`{d}`" for d in chosen.values()}))
     lines = ["## Heads in text", "",
              f"Each head's top descriptions ({method} over {dictionaries}; in brackets the "
              "share of the head's variance each explains), for the three heads with the best "

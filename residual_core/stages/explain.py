@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from residual_core.errors import StoreError
 from residual_core.stages.base import Stage, StageInputs, StageParams, StageResult
@@ -32,6 +32,17 @@ class Params(StageParams):
     texts_per_head: int = Field(5, ge=1, description="descriptions picked per head")
     rank: int = Field(80, ge=1, description="TextSpan: principal directions of a head that the "
                       "texts are projected on (at most the embedding width)")
+    units: tuple[str, ...] = Field(
+        (), description="heads to explain, e.g. L3H2 L10H0 (or L3H2,L10H0); default every head. "
+        "Their rows sit beside those of a run over every head")
+
+    @field_validator("units", mode="before")
+    @classmethod
+    def _unit_list(cls, value: Any) -> Any:
+        """``"L3H2,L1H0"`` or ``["L3H2,L1H0", "L2H1"]``: the names, each once, in order."""
+        items = [value] if isinstance(value, str) else list(value or ())
+        names = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
+        return tuple(dict.fromkeys(names))
 
 
 class Inputs(StageInputs):
