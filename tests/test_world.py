@@ -15,6 +15,7 @@ from sklearn.metrics import mutual_info_score
 from residual_core.datasets import dataset_info, list_datasets, load_dataset
 from residual_core.datasets.world import register_world_datasets
 from residual_core.identity import EMBEDDED_MODEL
+from residual_core.layout import Layout
 from residual_core.method.decompose import decompose
 from residual_core.method.models import load_model
 from residual_core.world import pretraining, rendering
@@ -319,3 +320,27 @@ def test_concept_query_ranks_a_colour_head_first(report, color_store):
     n_heads = scores.shape[1]
     colour_heads = {f"L{i // n_heads}H{i % n_heads}" for i in np.argsort(-scores.ravel())[:3]}
     assert ranked[0]["unit"] in colour_heads, (ranked[:5], colour_heads, report.format())
+
+
+@pytest.mark.slow
+def test_textspan_within_a_head_span_names_the_colour_head_in_colour_words(report, color_store):
+    """TextSpan at the rank the demo uses (16, the tiny model's head width, below its
+    embedding width 64): at least 2 of the top colour head's 3 descriptions from the world
+    dictionary are colour phrases. (At rank 64 the span is the whole space and the world text
+    tower's common direction wins: digit names; see the README's "Heads in text".)"""
+    from residual_core.engines.explain import run_explain
+    from residual_core.stages.explain import Params as ExplainParams
+    from residual_core.tables import read_table
+
+    params = ExplainParams(dictionary="world", texts_per_head=3, rank=16)
+    root = Layout.of_store(color_store).root
+    run_explain(color_store, params, tables_root=root)
+    scores = report.head_zero_shot["world/color"]
+    layer, head = np.unravel_index(np.argmax(scores), scores.shape)
+    rows = [r for r in read_table(root, "head_texts").to_pylist()
+            if r["unit"] == f"L{layer}H{head}" and r["method"] == "textspan"]
+    picks = [r["text"] for r in sorted(rows, key=lambda r: r["rank"])]
+    colours = rendering.CLASSNAMES["color"]
+    colour_phrases = [t for t in picks if "background" not in t
+                      and any(c in t.split() for c in colours)]
+    assert len(picks) == 3 and len(colour_phrases) >= 2, (f"L{layer}H{head}", picks)
