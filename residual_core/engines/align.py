@@ -26,7 +26,7 @@ from residual_core.formats.spectral_store import SpectralStore
 from residual_core.identity import WeightsId, config_hash
 from residual_core.layout import Layout, zarr_target
 from residual_core.method.adapters import SpectralBases
-from residual_core.method.batches import task_classifier
+from residual_core.method.batches import concrete_classifier, task_classifier
 from residual_core.method.head_selection import head_selection, rank_heads
 from residual_core.method.training import FitResult, finetune, fit
 from residual_core.stages.align import Params as AlignParams
@@ -62,12 +62,11 @@ def default_basis_url(train_url: str) -> str:
 
 
 def resolve_classifier(params: AlignParams, train_url: str) -> AlignParams:
-    """``params`` with ``classifier="auto"`` made concrete for the task: ``text`` when the
-    train store's model has a text tower, else ``centroid`` (vision-only ViT, DINOv2)."""
+    """``params`` with ``classifier="auto"`` made concrete for the task
+    (:func:`~residual_core.method.batches.concrete_classifier`)."""
     if params.classifier != "auto":
         return params
-    chosen = "text" if FeatureStore.open(train_url).text_tower else "centroid"
-    return params.model_copy(update={"classifier": chosen})
+    return params.model_copy(update={"classifier": concrete_classifier("auto", train_url)})
 
 
 def align_key(train_url: str, val_url: str, test_url: str, basis_url: str,

@@ -149,6 +149,14 @@ class StoreFeatures:
 # ------------------------------------------------------------------------------ checks
 
 
+def concrete_classifier(classifier: str, train_store: FeatureStore | str | Path) -> str:
+    """``classifier`` with ``auto`` made concrete for the task: ``text`` when the train store's
+    model has a text tower, else ``centroid`` (vision-only ViT, DINOv2)."""
+    if classifier != "auto":
+        return classifier
+    return "text" if _open(train_store).text_tower else "centroid"
+
+
 def task_classifier(train_store: FeatureStore | str | Path, classifier: str = "text",
                     normalize: str = "none", *, cache_bytes: int = DEFAULT_CACHE_BYTES
                     ) -> np.ndarray:
@@ -163,8 +171,7 @@ def task_classifier(train_store: FeatureStore | str | Path, classifier: str = "t
         raise AlignInputError(f"unknown classifier {classifier!r}; use one of "
                               f"{', '.join(CLASSIFIERS)} or auto")
     store = _open(train_store)
-    if classifier == "auto":
-        classifier = "text" if store.text_tower else "centroid"
+    classifier = concrete_classifier(classifier, store)
     if classifier == "text":
         return store.class_weights
     _check_labels(store)
