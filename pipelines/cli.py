@@ -65,16 +65,32 @@ def _cmd_units(args: argparse.Namespace) -> int:
     return 0
 
 
+def _part(text: str) -> extract_stage.Part:
+    try:
+        return extract_stage.Part.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_extract(args: argparse.Namespace) -> int:
     from residual_core.engines.extract import extract
 
     result = extract(
         args.model, args.pretrained, args.dataset, args.split,
         _params(extract_stage.Params, args), data_root=args.data_root,
-        store_root=args.store_root, verify=args.verify, progress=not args.quiet)
-    state = ("already complete, nothing computed" if result.was_cached else
-             f"computed {result.computed_chunks} of {result.total_chunks} row chunks "
-             f"({result.rows_computed} images)")
+        store_root=args.store_root, verify=args.verify, progress=not args.quiet,
+        part=args.part)
+    if args.part is None:
+        state = ("already complete, nothing computed" if result.was_cached else
+                 f"computed {result.computed_chunks} of {result.total_chunks} row chunks "
+                 f"({result.rows_computed} images)")
+    else:
+        state = (f"part {result.part}: computed {result.computed_chunks} row chunks "
+                 f"({result.rows_computed} images)"
+                 + (f", {result.busy_chunks} being written by another process"
+                    if result.busy_chunks else "")
+                 + ("; the store is complete" if result.complete else
+                    "; the store is incomplete until the other parts finish"))
     print(f"{result.url}: {state} in {result.seconds:.1f} s")
     return 0
 
@@ -537,6 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(p, extract_stage.Params)
     p.add_argument("--verify", action="store_true",
                    help="decode written chunks first and recompute damaged ones")
+    p.add_argument("--part", type=_part, default=None, metavar="I/P",
+                   help="extract only part I of P (counted from 0) of the split's row chunks, "
+                   "while other processes or machines extract the others on the same store "
+                   "(e.g. a SLURM array: --part $SLURM_ARRAY_TASK_ID/8); the last part to "
+                   "finish marks the store complete, and the store is the same for any P")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_extract)
 

@@ -209,14 +209,18 @@ def test_wrong_dataset_root(tiny, tmp_path):
         run(tiny, "cifar10", "train", tmp_path, data_root=tmp_path / "nowhere")
 
 
-def test_concurrent_writer_is_refused(tiny, folder, tmp_path):
-    from filelock import FileLock
+def test_extraction_is_refused_while_the_store_is_held_alone(tiny, folder, tmp_path):
+    """A verification or deletion holds the store lock exclusively (another open file of the
+    same process conflicts like another process)."""
+    from residual_core.formats.claims import store_claims
 
     name = f"imagefolder:{folder}"
     url = run(tiny, name, "val", tmp_path).url
-    with FileLock(url + ".lock"):
+    with store_claims(url) as other:
+        other.hold_store(exclusive=True)
         with pytest.raises(StoreError, match="being written by another extraction"):
             run(tiny, name, "val", tmp_path)
+    assert run(tiny, name, "val", tmp_path).was_cached
 
 
 def test_unknown_unit_names(tiny, folder, tmp_path):

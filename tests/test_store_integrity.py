@@ -12,7 +12,7 @@ import zarr
 
 from builders import write_image_folder
 from residual_core.datasets import load_dataset
-from residual_core.engines.extract import _writer_lock, extract
+from residual_core.engines.extract import extract
 from residual_core.errors import ResidualError, StoreError
 from residual_core.formats.feature_store import SCHEMA, FeatureStore
 from residual_core.identity import EMBEDDED_MODEL, WeightsId
@@ -215,12 +215,14 @@ def test_invalid_chunking_is_refused_before_anything_is_written(tiny, name, tmp_
 # ------------------------------------------------------------------------ remove_store
 def test_remove_store_refuses_while_an_extraction_holds_the_lock(tiny, name, tmp_path):
     from residual_core.engines.extract import remove_store
+    from residual_core.formats.claims import store_claims
 
     url = run(tiny, name, tmp_path, split="val").url
     held, release = threading.Event(), threading.Event()
 
-    def writer():
-        with _writer_lock(url):
+    def writer():  # a part writing the store holds the store lock shared
+        with store_claims(url) as claims:
+            claims.hold_store(exclusive=False)
             held.set()
             release.wait(30)
 

@@ -4,9 +4,12 @@ Resumable and safe: rows are processed in the store's row chunks; a chunk is mar
 after its data is written, so a run killed at any point (even ``kill -9``) loses at most the
 chunks in flight, and the same command resumes with the missing chunks only. Batches never
 cross chunk boundaries, so a resumed store is identical to an uninterrupted run's. A complete
-store is never recomputed; a store written with another configuration is an error; a lock
-refuses a second concurrent writer (and :func:`remove_store` while one writes). Creating a store
-is atomic, and what a killed creation left is deleted by the next run.
+store is never recomputed; a store written with another configuration is an error. One split
+can be extracted in parts by many processes at once (``part=``): each row chunk is claimed
+before it is written (:mod:`residual_core.formats.claims`), so no two processes write the same
+chunk, and the last part to finish marks the store complete; :func:`remove_store` is refused
+while any part writes. Creating a store is atomic, and what a killed creation left is deleted by
+the next run.
 """
 
 from __future__ import annotations
@@ -19,16 +22,16 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from residual_core.datasets import SplitDataset, load_dataset
 from residual_core.errors import StoreError
+from residual_core.formats.claims import store_claims
 from residual_core.formats.feature_store import (
     DECOMPOSITION_VERSION,
     FORMAT_NAME,
@@ -43,7 +46,7 @@ from residual_core.method.models import LoadedModel, default_device, load_model
 from residual_core.method.towers import read_tower
 from residual_core.method.zeroshot import text_classifier
 from residual_core.stages.extract import Params as ExtractParams
-from residual_core.stages.extract import Result
+from residual_core.stages.extract import Part, Result
 
 ExtractResult = Result
 """What :func:`extract` returns (the extract stage's result)."""
@@ -144,6 +147,7 @@ def extract(
     verify: bool = False,
     progress: bool = True,
     loaded: LoadedModel | None = None,
+    part: Part | None = None,
 ) -> ExtractResult:
     """Extract (or resume, or reuse) the feature store of ``model/pretrained`` on ``dataset/split``.
 
@@ -161,12 +165,17 @@ def extract(
             classifier (recomputed from the model), rebuild a corrupt ``done``.
         progress: show a progress bar (images/s and ETA).
         loaded: an already loaded model (skips loading; must match ``model``/``pretrained``).
+        part: extract only this part's row chunks (:class:`~residual_core.stages.extract.Part`),
+            while other processes or machines extract the other parts of the same store; the
+            last to finish marks the store complete. Default: the whole split.
 
     Returns:
-        :class:`ExtractResult`; ``computed_chunks == 0`` when the store was already complete.
+        :class:`ExtractResult`; ``computed_chunks == 0`` when the store was already complete
+        (or the part's chunks were done or being written by another process: ``busy_chunks``).
     """
     start = time.perf_counter()
     params = params or ExtractParams()
+    part = part or Part()
     layout = Layout.of(store_root).check_root()
     if loaded is None:
         loaded = load_model(model, pretrained, device=params.device or default_device())
@@ -176,17 +185,32 @@ def extract(
     chash = config_hash(config)
     rows_per_chunk, feature_dtype = params.rows_per_chunk, params.feature_dtype
     url = layout.feature_store(loaded.weights, dataset, split, feature_dtype)
-    with _writer_lock(url):
-        store = _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dtype)
-        if verify:
-            store.repair_fixed(*_fixed_content(loaded, data.info))
-            store.mark_pending(store.verify(labels=data.labels, indices=data.indices))
-        pending = store.pending_chunks()
+    with store_claims(url) as claims:
+        claims.hold_store(exclusive=verify)  # verifying rewrites flags other parts write
+        with claims.metadata():
+            store = _open_or_create(url, loaded, data, config, chash, rows_per_chunk,
+                                    feature_dtype)
+            if store.shared_done:  # an older store's flags share one chunk: one writer only
+                claims.hold_store(exclusive=True)
+            if verify:
+                store.repair_fixed(*_fixed_content(loaded, data.info))
+                store.mark_pending(store.verify(labels=data.labels, indices=data.indices))
+        mine = np.intersect1d(np.array(part.chunks(store.dims.row_chunk), dtype=np.int64),
+                              store.pending_chunks())
+        claimed = claims.claim_many(mine)
+        # a chunk another process finished between reading the flags and claiming it
+        pending = np.intersect1d(np.array(claimed, dtype=np.int64), store.pending_chunks())
+        for chunk in set(claimed) - set(pending.tolist()):
+            claims.release(chunk)
         rows = _compute(store, loaded, data, pending, params.batch_size, params.num_workers,
-                        progress)
-        store.finalize()
+                        progress, written=claims.release)
+        with claims.metadata():  # the last part to finish finalises, exactly once
+            store.refresh()
+            if not store.complete and not len(store.pending_chunks()):
+                store.finalize()
     return ExtractResult(url=url, computed_chunks=len(pending), total_chunks=store.dims.row_chunk,
-                         rows_computed=rows, seconds=time.perf_counter() - start)
+                         rows_computed=rows, seconds=time.perf_counter() - start, part=str(part),
+                         busy_chunks=len(mine) - len(claimed), complete=store.complete)
 
 
 def _fixed_content(loaded: LoadedModel, info) -> tuple[ReadoutMaps, dict[str, np.ndarray]]:
@@ -253,8 +277,10 @@ def _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dt
 
 
 def _compute(store: FeatureStore, loaded: LoadedModel, data, pending: np.ndarray,
-             batch_size: int, num_workers: int | None, progress: bool) -> int:
-    """Decompose the rows of ``pending`` chunks; a writer thread writes chunks behind compute."""
+             batch_size: int, num_workers: int | None, progress: bool,
+             written: Callable[[int], None] = lambda chunk: None) -> int:
+    """Decompose the rows of ``pending`` chunks; a writer thread writes chunks behind compute
+    and calls ``written(chunk)`` after each."""
     if not len(pending):
         return 0
     if num_workers is None:
@@ -284,11 +310,17 @@ def _compute(store: FeatureStore, loaded: LoadedModel, data, pending: np.ndarray
                 block["labels"] = np.asarray(data.labels[rows], dtype=np.int64)
                 block["indices"] = np.asarray(data.indices[rows], dtype=np.int64)
                 _drain(writes, keep=1)  # at most one chunk queued behind the one being computed
-                writes.append(writer.submit(store.write_chunk, chunk, block))
+                writes.append(writer.submit(_write, store, chunk, block, written))
                 buffer, filled = [], 0
                 chunk = int(next(chunk_iter, -1))
         _drain(writes, keep=0)
     return total
+
+
+def _write(store: FeatureStore, chunk: int, block: dict[str, np.ndarray],
+           written: Callable[[int], None]) -> None:
+    store.write_chunk(chunk, block)
+    written(chunk)
 
 
 def _drain(writes: list[Future], keep: int) -> None:
@@ -301,42 +333,19 @@ def _to_numpy(t: torch.Tensor, dtype: np.dtype, name: str) -> np.ndarray:
     return arr if name.startswith("ln_") else arr.astype(dtype, copy=False)
 
 
-class _writer_lock:
-    """Exclusive writer lock next to a local store; a second writer is refused at once."""
-
-    def __init__(self, url: str):
-        self.url = url
-        self.lock = None
-        if is_local(url):
-            path = local_path(url)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.lock = FileLock(str(path) + ".lock")
-
-    def __enter__(self):
-        if self.lock is not None:
-            try:
-                self.lock.acquire(timeout=0)
-            except Timeout:
-                raise StoreError(f"{self.url} is being written by another extraction (lock "
-                                 f"{self.lock.lock_file}); wait for it to finish") from None
-        return self
-
-    def __exit__(self, *exc):
-        if self.lock is not None:
-            self.lock.release()
-
-
 def remove_store(url: str) -> None:
     """Delete the feature store at ``url`` (local path or fsspec URL), e.g. to force re-extraction.
 
-    Under the writer lock that :func:`extract` takes: deleting a store while an extraction writes
-    it would crash that run, so it is refused instead (fsspec URLs have no lock). Refuses to
-    delete anything that is not a feature store (or what a killed creation left).
+    Holds the store lock exclusively: deleting a store while an extraction (or any part of one)
+    writes it would crash that run, so it is refused instead (fsspec URLs have no store lock,
+    see :mod:`residual_core.formats.claims`). Refuses to delete anything that is not a feature
+    store (or what a killed creation left).
     """
     url = str(url)
     if is_local(url) and not local_path(url).parent.is_dir():
         return  # nothing there (and no folder to create for the lock)
-    with _writer_lock(url):
+    with store_claims(url) as claims, claims.metadata():
+        claims.hold_store(exclusive=True)
         for sibling in FeatureStore.temporary_siblings(url):
             shutil.rmtree(sibling, ignore_errors=True)
         if not _tree_exists(url):

@@ -50,6 +50,9 @@ class ArraySpec:
     row_chunked: bool
     unit_axes: int = 0  # trailing axes after N that inner chunks split one by one (units)
     doc: str = ""
+    # One chunk (file) per entry: parts writing different row chunks at once never rewrite
+    # each other's entries (a shared chunk is read, modified and written whole).
+    chunk_per_entry: bool = False
 
 
 SCHEMA: dict[str, ArraySpec] = {
@@ -62,7 +65,8 @@ SCHEMA: dict[str, ArraySpec] = {
     "ln_inv_std": ArraySpec(("n",), "float32", True, 0, "1/sqrt(var + eps) of the same"),
     "labels": ArraySpec(("n",), "int64", True, 0, "class index into the classnames attribute"),
     "indices": ArraySpec(("n",), "int64", True, 0, "sample id in the source dataset"),
-    "done": ArraySpec(("row_chunk",), "uint8", False, 0, "1 when a row chunk is fully written"),
+    "done": ArraySpec(("row_chunk",), "uint8", False, 0, "1 when a row chunk is fully written",
+                      chunk_per_entry=True),
     "maps/head_maps": ArraySpec(("layer", "head", "head_dim", "embed"), "float32", False),
     "maps/head_bias": ArraySpec(("layer", "head", "embed"), "float32", False),
     "maps/resid_map": ArraySpec(("width", "embed"), "float32", False),
@@ -196,6 +200,8 @@ class FeatureStore:
                 kwargs["shards"] = (rows,) + shape[1:]
                 inner = [1] * spec.unit_axes + list(shape[1 + spec.unit_axes:])
                 kwargs["chunks"] = (rows, *inner)
+            elif spec.chunk_per_entry:
+                kwargs["chunks"] = (1,) * len(shape)
             else:
                 kwargs["chunks"] = tuple(max(s, 1) for s in shape)
             fill = np.nan if np.dtype(dtype).kind == "f" else 0
@@ -315,6 +321,17 @@ class FeatureStore:
     @property
     def complete(self) -> bool:
         return self.attrs.get("state") == "complete"
+
+    @property
+    def shared_done(self) -> bool:
+        """Whether the ``done`` flags share one chunk (stores made before partitioned
+        extraction): then only one process may write the store at a time."""
+        return self.dims.row_chunk > 1 and tuple(self.group["done"].chunks) != (1,)
+
+    def refresh(self) -> None:
+        """Re-read the attributes (another process may have changed them)."""
+        self.group = zarr.open_group(zarr_target(self.url), mode="r+")
+        self.attrs = dict(self.group.attrs)
 
     @property
     def units(self) -> tuple[Unit, ...]:

@@ -9,6 +9,7 @@ whether unreadable images were left out, and the format versions.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -19,6 +20,43 @@ from residual_core.layout import Layout
 from residual_core.stages.base import RUN_ONLY, Stage, StageInputs, StageParams, StageResult
 
 Split = Literal["train", "val", "test"]
+
+
+@dataclass(frozen=True)
+class Part:
+    """Part ``index`` of ``count`` of one split's extraction: the row chunks
+    ``[index * C // count, (index + 1) * C // count)`` of a store of ``C`` row chunks.
+
+    Parts run at the same time in other processes or machines on one store; the store and its
+    config hash do not depend on the part count, so any partition (or a change of it while a
+    store is half done) gives the same arrays: each row chunk is claimed before it is written
+    and never rewritten once done.
+    """
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self):
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"part {self.index}/{self.count} does not exist: a part is I/P "
+                             "with P >= 1 parts and 0 <= I < P (e.g. 0/4 ... 3/4)")
+
+    @classmethod
+    def parse(cls, text: str) -> "Part":
+        """``"I/P"`` (e.g. ``"2/8"``: the third of eight parts)."""
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+        if match is None:
+            raise ValueError(f"a part is I/P (part I of P, counted from 0, e.g. 0/4), got "
+                             f"{text!r}")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    def chunks(self, n_chunks: int) -> range:
+        """The row chunks this part owns."""
+        return range(self.index * n_chunks // self.count,
+                     (self.index + 1) * n_chunks // self.count)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
 
 
 class Params(StageParams):
@@ -75,13 +113,17 @@ class Inputs(StageInputs):
 
 
 class Result(StageResult):
-    """What an extraction did: the store, and how many row chunks it computed now."""
+    """What an extraction did: the store, and how many row chunks it computed now (for a part:
+    of its own chunks; ``busy_chunks`` were being written by another process)."""
 
     url: str
     computed_chunks: int
     total_chunks: int
     rows_computed: int
     seconds: float
+    part: str = "0/1"
+    busy_chunks: int = 0
+    complete: bool = True
 
     @property
     def was_cached(self) -> bool:
