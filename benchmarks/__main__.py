@@ -1,4 +1,5 @@
-"""Run every benchmark module (``python -m benchmarks [NAME ...]``)."""
+"""Run every benchmark module (``python -m benchmarks [NAME ...]``; a NAME selects the modules
+whose name contains it, e.g. ``extract-gpu``)."""
 
 import importlib
 import pkgutil
@@ -9,7 +10,8 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     names = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
                    if m.name.startswith("bench_"))
-    wanted = [n for n in names if not argv or any(a in n for a in argv)]
+    # `extract-gpu` names bench_extract_gpu
+    wanted = [n for n in names if not argv or any(a.replace("-", "_") in n for a in argv)]
     for name in wanted:
         print(f"\n## {name}")
         importlib.import_module(f"benchmarks.{name}").main()

@@ -259,3 +259,26 @@ def test_a_changed_label_mapping_makes_the_store_stale(tiny, tmp_path, monkeypat
     register(1 - np.arange(12) % 2)  # the classes swapped
     with pytest.raises(StoreError, match=r"another configuration \(differs in: labels_sha1\)"):
         run(tiny, "relabelled", "train", tmp_path)
+
+
+def test_reduced_precision_is_part_of_the_store_and_its_exactness_is_recorded(tiny, folder,
+                                                                              tmp_path):
+    """bf16 autocast for the backbone: another store (config hash), the raw form still in the
+    storage dtype, and the store says how far its unit sums are from the forward passes."""
+    name = f"imagefolder:{folder}"
+    fp32 = FeatureStore.open(run(tiny, name, "val", tmp_path / "a").url)
+    exact = fp32.attrs["exactness"]
+    assert exact["precision"] == "fp32" and exact["rows"] > 0
+    assert exact["sum_vs_forward"] < 1e-5 and exact["sum_vs_fp32_forward"] < 1e-5
+    assert "precision" not in fp32.attrs["config"]  # fp32 stores keep the hash they had
+    bf16 = FeatureStore.open(run(tiny, name, "val", tmp_path / "b", precision="bf16").url)
+    check = bf16.attrs["exactness"]
+    assert check["precision"] == "bf16" and bf16.attrs["config"]["precision"] == "bf16"
+    # bf16 really ran (an error far above fp32's), and stays close to the fp32 forward
+    assert 1e-4 < check["sum_vs_fp32_forward"] < 0.1, check
+    assert bf16.attrs["config_hash"] != fp32.attrs["config_hash"]
+    assert bf16.group["heads"].dtype == np.float32
+    a, b = fp32.contributions().compute(), bf16.contributions().compute()
+    assert 0 < np.abs(a - b).max() < 0.1 * np.abs(a).max()
+    with pytest.raises(StoreError, match="differs in: precision"):
+        run(tiny, name, "val", tmp_path / "a", precision="bf16")

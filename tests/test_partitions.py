@@ -164,8 +164,10 @@ def test_a_part_killed_at_several_points_then_rerun_rewrites_no_finished_chunk(
     _finish(other)
     store = _store_dir(root)
     assert not FeatureStore.open(str(store), require_complete=False).complete
+    left = 3 - sum(_writes(log)["end"].get(c, 0) for c in range(3))  # 1 unless a kill was late
+    assert left >= 1
     [out] = _finish(_child(root, folder, "0/2", log))
-    assert "computed 1 row chunks" in out and "the store is complete" in out, out
+    assert f"computed {left} row chunks" in out and "the store is complete" in out, out
     writes = _writes(log)
     assert writes["end"] == {c: 1 for c in range(6)}, f"kills after {kills}: {writes}"
     _assert_same_store(store, store_ref)

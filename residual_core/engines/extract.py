@@ -14,6 +14,7 @@ the next run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from residual_core.datasets import SplitDataset, load_dataset
 from residual_core.errors import StoreError
-from residual_core.formats.claims import store_claims
+from residual_core.formats.claims import StoreClaims, store_claims
 from residual_core.formats.feature_store import (
     DECOMPOSITION_VERSION,
     FORMAT_NAME,
@@ -41,7 +42,13 @@ from residual_core.formats.feature_store import (
 )
 from residual_core.identity import WeightsId, config_hash, parse_dataset, parse_weights
 from residual_core.layout import Layout, is_local, local_path, remove_tree, zarr_target
-from residual_core.method.decompose import RAW_FIELDS, ReadoutMaps, decompose, readout_maps
+from residual_core.method.decompose import (
+    RAW_FIELDS,
+    ReadoutMaps,
+    decompose,
+    encode,
+    readout_maps,
+)
 from residual_core.method.models import LoadedModel, default_device, load_model
 from residual_core.method.towers import read_tower
 from residual_core.method.zeroshot import text_classifier
@@ -88,6 +95,8 @@ def store_config(weights: WeightsId, dataset: str, split: str, indices: np.ndarr
     # that registered datasets in the same grid and stores made before it keep their hash.
     if params.skip_bad_images and dataset_content is not None:
         extra["skip_bad_images"] = True
+    if params.precision != "fp32":  # only when set: fp32 stores keep the hash they had
+        extra["precision"] = params.precision
     return {
         **weights.as_dict(),
         **extra,
@@ -195,22 +204,41 @@ def extract(
             if verify:
                 store.repair_fixed(*_fixed_content(loaded, data.info))
                 store.mark_pending(store.verify(labels=data.labels, indices=data.indices))
-        mine = np.intersect1d(np.array(part.chunks(store.dims.row_chunk), dtype=np.int64),
-                              store.pending_chunks())
-        claimed = claims.claim_many(mine)
-        # a chunk another process finished between reading the flags and claiming it
-        pending = np.intersect1d(np.array(claimed, dtype=np.int64), store.pending_chunks())
-        for chunk in set(claimed) - set(pending.tolist()):
-            claims.release(chunk)
-        rows = _compute(store, loaded, data, pending, params.batch_size, params.num_workers,
-                        progress, written=claims.release)
-        with claims.metadata():  # the last part to finish finalises, exactly once
-            store.refresh()
-            if not store.complete and not len(store.pending_chunks()):
-                store.finalize()
+        pending, busy = claim_part(store, claims, part)
+        rows, check = _compute(store, loaded, data, pending, params, progress,
+                               written=claims.release)
+        if check is not None:
+            with claims.metadata():  # the first part to compute records it
+                store.refresh()
+                if "exactness" not in store.attrs:
+                    store.set_attrs(exactness=check)
+        complete = finalize_when_done(store, claims)
     return ExtractResult(url=url, computed_chunks=len(pending), total_chunks=store.dims.row_chunk,
                          rows_computed=rows, seconds=time.perf_counter() - start, part=str(part),
-                         busy_chunks=len(mine) - len(claimed), complete=store.complete)
+                         busy_chunks=busy, complete=complete)
+
+
+def claim_part(store: FeatureStore, claims: StoreClaims, part: Part) -> tuple[np.ndarray, int]:
+    """Claim the unfinished row chunks of ``part``: returns those this process now holds (to
+    write, then release) and how many others another process holds."""
+    mine = np.intersect1d(np.array(part.chunks(store.dims.row_chunk), dtype=np.int64),
+                          store.pending_chunks())
+    claimed = claims.claim_many(mine)
+    # a chunk another process finished between reading the flags and claiming it
+    pending = np.intersect1d(np.array(claimed, dtype=np.int64), store.pending_chunks())
+    for chunk in set(claimed) - set(pending.tolist()):
+        claims.release(chunk)
+    return pending, len(mine) - len(claimed)
+
+
+def finalize_when_done(store: FeatureStore, claims: StoreClaims) -> bool:
+    """Mark the store complete if every row chunk is done (whichever part finishes last does
+    it, exactly once); returns whether the store is complete."""
+    with claims.metadata():
+        store.refresh()
+        if not store.complete and not len(store.pending_chunks()):
+            store.finalize()
+    return store.complete
 
 
 def _fixed_content(loaded: LoadedModel, info) -> tuple[ReadoutMaps, dict[str, np.ndarray]]:
@@ -276,13 +304,37 @@ def _open_or_create(url, loaded, data, config, chash, rows_per_chunk, feature_dt
         indices=np.asarray(data.indices, dtype=np.int64))
 
 
+def _autocast(device: torch.device, precision: str):
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype)
+
+
+def exactness(model, images: torch.Tensor, precision: str, maps: ReadoutMaps) -> dict[str, Any]:
+    """How exact the decomposition of ``images`` is at ``precision``: the largest deviation
+    of the unit sum from the model's forward pass at that precision and from its float32
+    forward pass, relative to the largest entry of the forward output."""
+    with _autocast(read_tower(model).anchor.device, precision):
+        total = decompose(model, images, maps=maps).contributions.sum(1).float()
+        own = encode(model, images).float()
+    fp32 = encode(model, images).float()
+
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+    return {"precision": precision, "rows": int(len(images)),
+            "sum_vs_forward": relative(total, own), "sum_vs_fp32_forward": relative(total, fp32)}
+
+
 def _compute(store: FeatureStore, loaded: LoadedModel, data, pending: np.ndarray,
-             batch_size: int, num_workers: int | None, progress: bool,
-             written: Callable[[int], None] = lambda chunk: None) -> int:
-    """Decompose the rows of ``pending`` chunks; a writer thread writes chunks behind compute
-    and calls ``written(chunk)`` after each."""
+             params: ExtractParams, progress: bool,
+             written: Callable[[int], None] = lambda chunk: None
+             ) -> tuple[int, dict[str, Any] | None]:
+    """Decompose the rows of ``pending`` chunks (in ``params.precision``); a writer thread
+    writes chunks behind compute and calls ``written(chunk)`` after each. Returns the rows
+    computed and, when the store has none yet, the :func:`exactness` of the first batch."""
     if not len(pending):
-        return 0
+        return 0, None
+    batch_size, num_workers = params.batch_size, params.num_workers
     if num_workers is None:
         num_workers = max(0, min(4, (os.cpu_count() or 1) - 1))
     loader = DataLoader(data, batch_sampler=_ChunkBatches(store, pending, batch_size),
@@ -296,11 +348,15 @@ def _compute(store: FeatureStore, loaded: LoadedModel, data, pending: np.ndarray
     buffer: list[dict[str, np.ndarray]] = []
     filled = 0
     writes: list[Future] = []
+    check = None
     with ThreadPoolExecutor(max_workers=1) as writer, \
             tqdm(total=total, unit="img", disable=not progress, desc="extract",
                  dynamic_ncols=True) as bar:
         for images, _ in loader:
-            raw = decompose(loaded.model, images, maps=maps).raw
+            if check is None and "exactness" not in store.attrs:
+                check = exactness(loaded.model, images, params.precision, maps)
+            with _autocast(loaded.device, params.precision):
+                raw = decompose(loaded.model, images, maps=maps).raw
             buffer.append({k: _to_numpy(getattr(raw, k), dtype, k) for k in RAW_FIELDS})
             filled += len(images)
             bar.update(len(images))
@@ -314,7 +370,7 @@ def _compute(store: FeatureStore, loaded: LoadedModel, data, pending: np.ndarray
                 buffer, filled = [], 0
                 chunk = int(next(chunk_iter, -1))
         _drain(writes, keep=0)
-    return total
+    return total, check
 
 
 def _write(store: FeatureStore, chunk: int, block: dict[str, np.ndarray],

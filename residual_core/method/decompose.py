@@ -326,7 +326,8 @@ def decompose(
     if maps is None:
         maps = readout_maps(model)
     dtype = _math_dtype(tower)
-    x = tower.embed(images.to(tower.anchor.device, tower.anchor.dtype))  # [B, N, D]
+    # non-blocking: a pinned batch (the extract DataLoader pins on CUDA) copies asynchronously
+    x = tower.embed(images.to(tower.anchor.device, tower.anchor.dtype, non_blocking=True))
     emb = x[:, 0]
     heads, mlps = [], []
     for blk in tower.blocks:

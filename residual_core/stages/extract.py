@@ -60,8 +60,9 @@ class Part:
 
 
 class Params(StageParams):
-    """Extraction settings; only ``feature_dtype``, ``rows_per_chunk`` and ``skip_bad_images``
-    change what a store holds (``download`` only lets a missing dataset be fetched first)."""
+    """Extraction settings; only ``feature_dtype``, ``rows_per_chunk``, ``precision`` and
+    ``skip_bad_images`` change what a store holds (``download`` only lets a missing dataset be
+    fetched first)."""
 
     batch_size: int = Field(64, ge=1, json_schema_extra=RUN_ONLY,
                             description="images per forward pass (batches never cross row chunks)")
@@ -81,6 +82,10 @@ class Params(StageParams):
     num_workers: int | None = Field(None, ge=0, json_schema_extra=RUN_ONLY,
                                     description="DataLoader worker processes "
                                     "(default min(4, CPUs - 1))")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="arithmetic of the backbone: fp32, or torch autocast to bf16/fp16 "
+        "(faster on GPUs; the raw form is still stored in feature_dtype, and the store's "
+        "exactness attribute records how far the unit sum is from the forward pass)")
     device: str | None = Field(None, json_schema_extra=RUN_ONLY,
                                description="torch device: cpu, cuda, cuda:N or mps "
                                "(default cuda when present)")
@@ -149,13 +154,15 @@ def is_current(inputs: Inputs, params: Params) -> bool:
     return store.attrs.get("config_hash") == identity(inputs, params)["config_hash"]
 
 
-def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
+def run(inputs: Inputs, params: Params, progress: bool = False, part: Part | None = None
+        ) -> Result:
+    """Extract the store (``part``: only that part's row chunks, see :class:`Part`)."""
     from residual_core.engines.extract import extract, loaded_model
 
     loaded = loaded_model(inputs.model, inputs.pretrained, params.device)
     return extract(inputs.model, inputs.pretrained, inputs.dataset, inputs.split, params,
                    data_root=inputs.data_root, store_root=inputs.store_root, loaded=loaded,
-                   progress=progress)
+                   progress=progress, part=part)
 
 
 def discard(inputs: Inputs, params: Params) -> None:
