@@ -418,14 +418,16 @@ def _run_on_workers(deployment: str, jobs: list[tuple[str, dict[str, Any], list[
                     return runs
                 time.sleep(poll_seconds)
         except KeyboardInterrupt:  # the user stops the run: so do its runs, wherever they are
-            for run in submitted:
-                state = client.read_flow_run(run.id).state
-                if state is None or state.is_scheduled() or state.is_pending():
-                    client.set_flow_run_state(run.id, Cancelled(message="run interrupted"),
-                                              force=True)
-                elif not state.is_final():
-                    client.set_flow_run_state(run.id, Cancelling(message="run interrupted"),
-                                              force=True)
+            # a fresh client: the interrupt may have cut a request of ``client`` short
+            with get_client(sync_client=True) as fresh:
+                for run in submitted:
+                    state = fresh.read_flow_run(run.id).state
+                    if state is None or state.is_scheduled() or state.is_pending():
+                        fresh.set_flow_run_state(run.id, Cancelled(message="run interrupted"),
+                                                 force=True)
+                    elif not state.is_final():
+                        fresh.set_flow_run_state(run.id, Cancelling(message="run interrupted"),
+                                                 force=True)
             raise
         finally:
             bar.close()
