@@ -65,6 +65,16 @@ def _cmd_units(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def _part(text: str) -> extract_stage.Part:
     try:
         return extract_stage.Part.parse(text)
@@ -223,6 +233,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.distribute and not os.environ.get("PREFECT_API_URL"):
         raise ResidualError("--distribute runs cells on the workers of a Prefect server: set "
                             "PREFECT_API_URL and deploy prefect.yaml first (see the README)")
+    if args.extract_parts > 1 and not args.distribute:
+        raise ResidualError("--extract-parts runs the parts on the pool's workers: add "
+                            "--distribute (in one process, parts would only take turns; "
+                            "`residual extract --part I/P` runs one part anywhere)")
     _default_prefect_home(args.store_root)
     from pipelines.flows import FIT_COLUMNS, count_stage_runs, experiment_flow
     from pipelines.server import temporary_prefect_server
@@ -230,7 +244,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with temporary_prefect_server():
         report = experiment_flow(grid=grid, force=args.force, store_root=args.store_root,
                                  data_root=args.data_root, distribute=args.distribute,
-                                 dask_address=args.dask_address, dask_workers=args.dask_workers)
+                                 dask_address=args.dask_address, dask_workers=args.dask_workers,
+                                 extract_parts=args.extract_parts)
     cells = report["cells"]
     n_runs, computed = count_stage_runs(report)
     print(f"grid {report['grid']}: {len(cells)} cells; {n_runs} stage runs here: {computed} "
@@ -649,6 +664,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distribute", action="store_true",
                    help="run each cell on the workers of the residual-pool work pool (needs a "
                    "Prefect server and the residual-cell deployment)")
+    p.add_argument("--extract-parts", type=_positive, default=1, metavar="P",
+                   help="with --distribute: extract each split that is not current as P parts "
+                   "at once, each a run of the residual-extract-part deployment on the pool's "
+                   "workers (default 1)")
     p.add_argument("--dask-address", default=None,
                    help="dask.distributed scheduler for the spectral stage")
     p.add_argument("--dask-workers", type=int, default=None,

@@ -1,6 +1,8 @@
 """Prefect flows of the pipeline: thin compositions of the stage tasks of :mod:`pipelines.tasks`.
 
 - :func:`extract_flow`: the feature stores of a model on a dataset's splits.
+- :func:`extract_part_flow`: one part of a split's extraction (the runs of the extract-part
+  deployment that flows submit with ``extract_parts`` > 1).
 - :func:`spectral_flow`: per-unit PCA of one split's store (on a dask cluster when given).
 - :func:`align_flow`: every align method × seed (and the head-selection experiment) on
   extracted stores.
@@ -31,6 +33,7 @@ from prefect import flow, get_run_logger
 from residual_core.errors import ResidualError
 from residual_core.identity import WORLD_WEIGHTS, parse_weights
 from residual_core.layout import SPLITS, Layout
+from residual_core.stages import STAGES
 from residual_core.stages.align import Inputs as AlignInputs
 from residual_core.stages.align import Params as AlignParams
 from residual_core.stages.explain import Inputs as ExplainInputs
@@ -45,13 +48,16 @@ from residual_core.stages.spectral import Inputs as SpectralInputs
 from residual_core.stages.spectral import Params as SpectralParams
 
 from .grid import Cell, Grid, ModelSpec, Settings, Split, Stage, load_grid
-from .tasks import Runner, RunOptions, on_stage_runs
+from .tasks import Runner, RunOptions, on_stage_runs, run_extract_part
 
-__all__ = ["CELL_DEPLOYMENT", "GridRunError", "align_flow", "cell_flow", "compare_flow",
-           "experiment_flow", "extract_flow", "spectral_flow"]
+__all__ = ["CELL_DEPLOYMENT", "EXTRACT_PART_DEPLOYMENT", "GridRunError", "align_flow",
+           "cell_flow", "compare_flow", "experiment_flow", "extract_flow", "extract_part_flow",
+           "spectral_flow"]
 
 CELL_DEPLOYMENT = "cell/residual-cell"
 """The deployment (in ``prefect.yaml``) that ``experiment_flow(distribute=True)`` runs cells on."""
+EXTRACT_PART_DEPLOYMENT = "extract-part/residual-extract-part"
+"""The deployment (in ``prefect.yaml``) that runs the parts of a split's extraction."""
 
 
 class GridRunError(ResidualError):
@@ -92,14 +98,58 @@ def _weights(runner: Runner, model: ModelSpec, params: PretrainParams) -> ModelS
 
 def _extract(runner: Runner, model: ModelSpec, dataset: str, splits: Iterable[str],
              params: ExtractParams) -> dict[str, str]:
-    """Feature store path of each split (``model`` with resolved weights)."""
-    def inputs(split: str) -> ExtractInputs:
-        return ExtractInputs(model=model.name, pretrained=model.pretrained, dataset=dataset,
-                              split=split, store_root=runner.store_root,
-                              data_root=runner.options.data_root)
-    return {split: runner.run("extract", f"{model.label} {dataset} {split}", inputs(split),
-                              params).url
-            for split in splits}
+    """Feature store path of each split (``model`` with resolved weights); with
+    ``extract_parts`` > 1, a split that is not current is extracted in parts on the workers
+    first (:func:`_extract_in_parts`)."""
+    urls = {}
+    for split in splits:
+        inputs = ExtractInputs(model=model.name, pretrained=model.pretrained, dataset=dataset,
+                               split=split, store_root=runner.store_root,
+                               data_root=runner.options.data_root)
+        target = f"{model.label} {dataset} {split}"
+        if runner.options.extract_parts > 1 and _extract_in_parts(runner, inputs, params, target):
+            # the parts wrote every chunk: the stage run finds nothing to do and records it
+            urls[split] = runner.run("extract", target, inputs, params, force=False,
+                                     reuse=False).url
+        else:
+            urls[split] = runner.run("extract", target, inputs, params).url
+    return urls
+
+
+def _extract_in_parts(runner: Runner, inputs: ExtractInputs, params: ExtractParams,
+                      target: str) -> bool:
+    """Extract the store of ``inputs`` as ``extract_parts`` runs of the extract-part deployment
+    at once, unless it is current and not forced (False: nothing submitted)."""
+    stage = STAGES["extract"]
+    forced = "extract" in runner.forced
+    if not forced and stage.is_current(inputs, params):
+        return False
+    if forced:
+        stage.discard(inputs, params)  # once, here, not by every part
+    count = runner.options.extract_parts
+    runs = _run_on_workers(
+        EXTRACT_PART_DEPLOYMENT,
+        [(f"extract {target} part {i}/{count}",
+          {"inputs": inputs.model_dump(mode="json"), "settings": params.model_dump(mode="json"),
+           "part": f"{i}/{count}"},
+          [f"model:{inputs.model}", f"dataset:{inputs.dataset}", f"split:{inputs.split}"])
+         for i in range(count)],
+        desc=f"extract {inputs.split} parts", unit="part")
+    failed = [run for run in runs if not run.state.is_completed()]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {count} extraction parts of {target} did not "
+                           "complete: " + "; ".join(f"{run.name}: {run.state.name} "
+                                                    f"({_one_line(run.state.message or '')})"
+                                                    for run in failed))
+    return True
+
+
+@flow(name="extract-part")
+def extract_part_flow(inputs: ExtractInputs, settings: ExtractParams, part: str
+                      ) -> dict[str, Any]:
+    """Part ``part`` (``I/P``) of one split's extraction, beside the other parts on other
+    workers (the runs a flow with ``extract_parts`` > 1 submits). Returns the part's result."""
+    return run_extract_part(inputs, settings, part).model_dump(mode="json")
 
 
 def _spectral(runner: Runner, feature_url: str, params: SpectralParams, target: str) -> str:
@@ -319,67 +369,80 @@ def _run_cells_here(cells: list[Cell], settings: Settings, options: RunOptions,
 def _run_cells_on_workers(cells: list[Cell], settings: Settings, options: RunOptions,
                           bases: dict[tuple, str], deployment: str, grid: str,
                           poll_seconds: float = 5.0) -> list[dict[str, Any]]:
-    """Each cell as a run of ``deployment`` (picked up by any worker of its pool), all
-    submitted at once, then waited for (a progress bar counts the finished ones; a warning
-    says when no worker is online); each completed cell's fits are read back from the
-    artifact its run published. Stores and tables must be on storage every worker sees
-    (``store_root``). Interrupted (Ctrl-C), it cancels the cell runs it submitted: a
-    scheduled one at once, a running one through its worker."""
+    """Each cell as a run of ``deployment`` (:func:`_run_on_workers`); each completed cell's
+    fits are read back from the artifact its run published. Stores and tables must be on
+    storage every worker sees (``store_root``)."""
+    from prefect.client.orchestration import get_client
+
+    runs = _run_on_workers(
+        deployment,
+        [(f"cell {cell.label}",
+          {"cell": cell.model_dump(mode="json"), "settings": settings.model_dump(mode="json"),
+           "options": options.model_dump(mode="json"),
+           "bases": bases.get((cell.model, cell.basis))},
+          cell_tags(grid, cell)) for cell in cells],
+        desc="cells on workers", unit="cell", poll_seconds=poll_seconds)
+    with get_client(sync_client=True) as client:
+        fits = _fits_of_runs(client, [run.id for run in runs])
+    return [{"cell": cell.label, "flow_run": run.name, "state": run.state.name,
+             **({"evaluations": fits.get(run.id, [])} if run.state.is_completed()
+                else {"error": run.state.message})}
+            for cell, run in zip(cells, runs)]
+
+
+def _run_on_workers(deployment: str, jobs: list[tuple[str, dict[str, Any], list[str]]],
+                    desc: str, unit: str, poll_seconds: float = 5.0) -> list:
+    """Each ``(name, parameters, tags)`` of ``jobs`` as a run of ``deployment`` (picked up by
+    any worker of its pool), all submitted at once, then waited for (a progress bar counts
+    the finished ones; a warning says when no worker is online). Returns the runs, final.
+    Interrupted (Ctrl-C), it cancels the runs it submitted: a scheduled one at once, a running
+    one through its worker."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.states import Cancelled, Cancelling
     from tqdm import tqdm
 
-    def parameters(cell: Cell) -> dict[str, Any]:
-        return {"cell": cell.model_dump(mode="json"), "settings": settings.model_dump(mode="json"),
-                "options": options.model_dump(mode="json"),
-                "bases": bases.get((cell.model, cell.basis))}
-
     submitted: list = []
     with get_client(sync_client=True) as client:
-        bar = tqdm(total=len(cells), desc="cells on workers", unit="cell", disable=None)
+        bar = tqdm(total=len(jobs), desc=desc, unit=unit, disable=None)
         try:
-            for cell in cells:
-                submitted.append((cell, run_deployment(
-                    deployment, parameters=parameters(cell), timeout=0,
-                    flow_run_name=f"cell {cell.label}", tags=cell_tags(grid, cell))))
-            _warn_without_workers(client, deployment, len(cells))
+            for name, parameters, tags in jobs:
+                submitted.append(run_deployment(deployment, parameters=parameters, timeout=0,
+                                                flow_run_name=name, tags=tags))
+            _warn_without_workers(client, deployment, len(jobs), unit)
             while True:
-                runs = [(cell, client.read_flow_run(run.id)) for cell, run in submitted]
-                final = sum(run.state is not None and run.state.is_final() for _, run in runs)
+                runs = [client.read_flow_run(run.id) for run in submitted]
+                final = sum(run.state is not None and run.state.is_final() for run in runs)
                 bar.update(final - bar.n)
                 if final == len(runs):
-                    break
+                    return runs
                 time.sleep(poll_seconds)
-        except KeyboardInterrupt:  # the user stops the run: so do its cells, wherever they are
-            for _, run in submitted:
-                state = client.read_flow_run(run.id).state
-                if state is None or state.is_scheduled() or state.is_pending():
-                    client.set_flow_run_state(run.id, Cancelled(message="run interrupted"),
-                                              force=True)
-                elif not state.is_final():
-                    client.set_flow_run_state(run.id, Cancelling(message="run interrupted"),
-                                              force=True)
+        except KeyboardInterrupt:  # the user stops the run: so do its runs, wherever they are
+            # a fresh client: the interrupt may have cut a request of ``client`` short
+            with get_client(sync_client=True) as fresh:
+                for run in submitted:
+                    state = fresh.read_flow_run(run.id).state
+                    if state is None or state.is_scheduled() or state.is_pending():
+                        fresh.set_flow_run_state(run.id, Cancelled(message="run interrupted"),
+                                                 force=True)
+                    elif not state.is_final():
+                        fresh.set_flow_run_state(run.id, Cancelling(message="run interrupted"),
+                                                 force=True)
             raise
         finally:
             bar.close()
-        fits = _fits_of_runs(client, [run.id for _, run in runs])
-    return [{"cell": cell.label, "flow_run": run.name, "state": run.state.name,
-             **({"evaluations": fits.get(run.id, [])} if run.state.is_completed()
-                else {"error": run.state.message})}
-            for cell, run in runs]
 
 
-def _warn_without_workers(client, deployment: str, n_cells: int) -> None:
-    """Say so when no worker polls the deployment's pool: the cells would wait silently."""
+def _warn_without_workers(client, deployment: str, n_runs: int, unit: str) -> None:
+    """Say so when no worker polls the deployment's pool: the runs would wait silently."""
     from prefect.client.schemas.objects import WorkerStatus
 
     pool = client.read_deployment_by_name(deployment).work_pool_name
     workers = client.read_workers_for_work_pool(pool) if pool else []
     if not any(w.status == WorkerStatus.ONLINE for w in workers):
         get_run_logger().warning(
-            "no worker is online in work pool %r: the %d cell runs wait until one starts "
-            "(`prefect worker start --pool %s`)", pool, n_cells, pool)
+            "no worker is online in work pool %r: the %d %s runs wait until one starts "
+            "(`prefect worker start --pool %s`)", pool, n_runs, unit, pool)
 
 
 def _one_line(error: Any) -> str:
@@ -404,7 +467,8 @@ def experiment_flow(grid: Grid | str = "paper", force: list[Stage] | None = None
                     store_root: str | None = None, data_root: str | None = None,
                     distribute: bool = False, cell_deployment: str = CELL_DEPLOYMENT,
                     dask_address: str | None = None, dask_workers: int | None = None,
-                    dask_memory_limit: str | None = None) -> dict[str, Any]:
+                    dask_memory_limit: str | None = None, extract_parts: int = 1
+                    ) -> dict[str, Any]:
     """Run a grid: every (model, dataset) cell through every stage, incrementally.
 
     Args:
@@ -417,6 +481,9 @@ def experiment_flow(grid: Grid | str = "paper", force: list[Stage] | None = None
             pool (needs a Prefect server, the deployment, and a store root every worker sees);
             default: every cell in this process.
         dask_address, dask_workers, dask_memory_limit: dask cluster of the spectral stage.
+        extract_parts: extract each split that is not current as this many parts at once,
+            each a run of the extract-part deployment on the pool's workers (the bases here,
+            a cell's splits in its cell); 1: in the process that needs the store.
 
     Returns:
         ``{"grid", "models": [each model as run: name, pretrained (a world checkpoint's path)],
@@ -425,7 +492,8 @@ def experiment_flow(grid: Grid | str = "paper", force: list[Stage] | None = None
         cells after every cell has been tried.
     """
     runner = Runner(_options(store_root, data_root, force, dask_address=dask_address,
-                             dask_workers=dask_workers, dask_memory_limit=dask_memory_limit))
+                             dask_workers=dask_workers, dask_memory_limit=dask_memory_limit,
+                             extract_parts=extract_parts))
     # names and types are checked before any task runs
     grid = load_grid(grid, data_root=data_root or Layout.of(store_root).datasets)
     settings = grid.settings()

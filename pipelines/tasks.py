@@ -38,7 +38,7 @@ from residual_core.stages import STAGES, StageInputs, StageParams, StageResult, 
 
 from .grid import Stage
 
-__all__ = ["RunOptions", "Runner", "run_stage"]
+__all__ = ["RunOptions", "Runner", "run_extract_part", "run_stage"]
 
 
 def _interactive() -> bool:
@@ -66,6 +66,13 @@ def run_stage(stage: str, inputs: StageInputs, params: StageParams, force: bool 
     _log().info("%s: %s", stage, result.model_dump_json(include=set(spec.summary) or None))
     return result
 
+
+@task(name="extract part", persist_result=False, cache_policy=NO_CACHE)
+def run_extract_part(inputs: StageInputs, params: StageParams, part: str) -> StageResult:
+    """Extract part ``part`` (``I/P``) of one split's store."""
+    from residual_core.stages.extract import Part, run
+
+    return run(inputs, params, _interactive(), part=Part.parse(part))
 
 
 def _read_record(path: Path, schema: type[StageResult]) -> StageResult | None:
@@ -98,6 +105,9 @@ class RunOptions(BaseModel):
     dask_address: str | None = None
     dask_workers: int | None = Field(None, ge=1)
     dask_memory_limit: str | None = None
+    extract_parts: int = Field(1, ge=1, description=(
+        "extract each split that is not current as this many parts at once, each a run of "
+        "the extract-part deployment on the pool's workers (needs a Prefect server)"))
 
     def resolved(self) -> "RunOptions":
         """Local roots made absolute, so that every worker and every key sees the same path."""
@@ -144,13 +154,16 @@ class Runner:
     def forced(self) -> frozenset[str]:
         return downstream(self.options.force)
 
-    def run(self, stage: str, target: str, inputs: StageInputs, params: StageParams) -> Any:
-        """Run (or reuse) one stage; returns its result, raises its error."""
+    def run(self, stage: str, target: str, inputs: StageInputs, params: StageParams,
+            force: bool | None = None, reuse: bool = True) -> Any:
+        """Run (or reuse) one stage; returns its result, raises its error. ``force``: override
+        whether the stage is forced; ``reuse=False``: run it even if current (to record what
+        other runs just computed for it)."""
         spec = STAGES[stage]
-        forced = stage in self.forced
+        forced = stage in self.forced if force is None else force
         record = self.layout.stage_records / f"{spec.key(inputs, params)}.json"
         cached = None
-        if not forced and spec.is_current(inputs, params):
+        if reuse and not forced and spec.is_current(inputs, params):
             cached = _read_record(record, spec.Result)
         state = run_stage.with_options(name=stage, task_run_name=f"{stage}: {target}")(
             stage, inputs, params, force=forced, cached=cached, return_state=True)

@@ -207,3 +207,48 @@ def test_distributed_cells_run_on_pool_workers(server, tmp_path):
     assert [c["state_type"] for c in cells] == ["COMPLETED"]
     assert any(t.startswith("dataset:imagefolder:")
                                                     for t in cells[0]["tags"])
+
+
+def test_a_split_extracted_in_parts_by_pool_workers(server, tmp_path):
+    """`residual run --distribute --extract-parts 2`: the cell (on a worker) submits each split
+    as 2 runs of the residual-extract-part deployment, which the pool's two workers run; the
+    cell's own extract stage then finds every chunk written and records it."""
+    from residual_core.formats.feature_store import FeatureStore
+
+    env = server
+    for name in ("residual-cell", "residual-extract-part"):
+        _prefect(env, "--no-prompt", "deploy", "--name", name)
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({**_grid(tmp_path), "name": "parts-test"}))
+    store_root = tmp_path / "store"
+    logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(2)]
+    workers = [subprocess.Popen([PREFECT, "worker", "start", "--pool", "residual-pool"],
+                                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+               for log in logs]
+    try:
+        cli = subprocess.run([str(BIN / "residual"), "run", "--distribute", "--extract-parts",
+                              "2", "--grid", str(grid), "--store-root", str(store_root)],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        for worker in workers:
+            _stop(worker)
+        for log in logs:
+            log.close()
+    assert cli.returncode == 0, cli.stdout + cli.stderr[-4000:]
+    _assert_rows(store_root, {"zero-shot", "coarse"})
+    parts = _api(env["PREFECT_API_URL"], "/flow_runs/filter",
+                 {"flow_runs": {"name": {"like_": "extract residual-tiny"},
+                                "deployment_id": {"is_null_": False}}})
+    names = sorted(run["name"].rsplit(" ", 3)[-3] + " " + run["name"].rsplit(" ", 1)[-1]
+                   for run in parts)
+    assert names == sorted(f"{split} {i}/2" for split in ("train", "val", "test")
+                           for i in range(2)), [run["name"] for run in parts]
+    assert {run["state_type"] for run in parts} == {"COMPLETED"}
+    picked = "".join((tmp_path / f"worker{i}.log").read_text() for i in range(2))
+    assert all(run["id"] in picked for run in parts)  # each submitted by a worker of the pool
+    stores = [s for s in store_root.glob("features/**/*.zarr")
+              if s.name in {"train.zarr", "val.zarr", "test.zarr"}]
+    assert len(stores) == 3 and all(FeatureStore.open(str(s)).complete for s in stores)
+    records = [json.loads(p.read_text()) for p in (store_root / "stage-records").glob("*.json")]
+    extracts = [r for r in records if "computed_chunks" in r]
+    assert len(extracts) == 3 and all(r["computed_chunks"] == 0 for r in extracts), extracts
