@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
+from benchmarks._synthetic import SHAPES, write_in_parts
 from benchmarks._timing import print_table
 from residual_core.identity import EMBEDDED_MODEL
 
@@ -59,73 +59,6 @@ def _bytes(root: Path) -> int:
     return sum(f.stat().st_size for f in (root / "features").rglob("*") if f.is_file())
 
 
-HEAD_DIM, WIDTH, EMBED, RANK, CHUNK = 64, 768, 512, 8, 8192
-
-
-def _synthetic_dims(n: int):
-    from residual_core.formats.feature_store import StoreDims
-
-    return StoreDims(n=n, layer=1, head=1, head_dim=HEAD_DIM, width=WIDTH, embed=EMBED,
-                     n_class=10, n_template=1, rows_per_chunk=CHUNK)
-
-
-def _synthetic_chunk(store, chunk: int) -> dict[str, np.ndarray]:
-    """Row chunk ``chunk``: rank-8 signal plus noise per field, seeded by the chunk."""
-    rows = store.chunk_rows(chunk)
-    n = rows.stop - rows.start
-    rng = np.random.default_rng(chunk)
-    basis = np.random.default_rng(0)  # the same directions in every chunk
-
-    def field(dim: int) -> np.ndarray:
-        signal = rng.standard_normal((n, RANK), dtype=np.float32) @ basis.standard_normal(
-            (RANK, dim), dtype=np.float32)
-        return (signal + 0.1 * rng.standard_normal((n, dim), dtype=np.float32)).astype(
-            np.float16)
-
-    return {"heads": field(HEAD_DIM).reshape(n, 1, 1, HEAD_DIM), "mlp": field(WIDTH)[:, None],
-            "emb": field(WIDTH), "ln_mean": np.zeros(n, np.float32),
-            "ln_inv_std": np.ones(n, np.float32),
-            "labels": np.arange(rows.start, rows.stop, dtype=np.int64) % 10,
-            "indices": np.arange(rows.start, rows.stop, dtype=np.int64)}
-
-
-def write_synthetic_part(url: str, n: int, part: str) -> None:
-    """Part ``part`` of the synthetic store at ``url`` (created by whichever part comes first),
-    written through the store API as extraction writes it (run in a child process)."""
-    from residual_core.engines.extract import claim_part, finalize_when_done
-    from residual_core.formats.claims import store_claims
-    from residual_core.formats.feature_store import FeatureStore
-    from residual_core.method.decompose import ReadoutMaps
-    from residual_core.stages.extract import Part
-
-    rng = np.random.default_rng(1)
-    maps = ReadoutMaps.from_numpy({
-        "head_maps": rng.standard_normal((1, 1, HEAD_DIM, EMBED), dtype=np.float32) / 8,
-        "head_bias": np.zeros((1, 1, EMBED), np.float32),
-        "resid_map": rng.standard_normal((WIDTH, EMBED), dtype=np.float32) / 28,
-        "gamma_proj": np.zeros(EMBED, np.float32), "beta_proj": np.zeros(EMBED, np.float32)})
-    with store_claims(url) as claims:
-        claims.hold_store(exclusive=False)
-        with claims.metadata():
-            if not Path(url).exists():
-                FeatureStore.create(
-                    url, dims=_synthetic_dims(n), feature_dtype="float16",
-                    attrs={"config_hash": f"synthetic-{n}", "model": "synthetic",
-                           "pretrained": "random", "dataset": "synthetic", "split": "train",
-                           "config": {}, "classnames": [str(c) for c in range(10)],
-                           "templates": ["{}"], "text_tower": False,
-                           "units": [u.as_dict() for u in maps.units]},
-                    maps=maps, text={"class_weights": np.zeros((10, EMBED), np.float32)},
-                    labels=np.arange(n, dtype=np.int64) % 10,
-                    indices=np.arange(n, dtype=np.int64))
-            store = FeatureStore.open(url, require_complete=False)
-        pending, _ = claim_part(store, claims, Part.parse(part))
-        for chunk in pending:
-            store.write_chunk(int(chunk), _synthetic_chunk(store, int(chunk)))
-            claims.release(int(chunk))
-        finalize_when_done(store, claims)
-
-
 def _peak_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -139,15 +72,8 @@ def _at_scale(tmp: Path, n: int) -> list[object]:
     from residual_core.engines.spectral import SpectralParams, run_spectral
 
     url = str(tmp / f"synthetic-{n}" / "features" / "train.zarr")
-    code = ("import sys; from benchmarks.bench_partitions import write_synthetic_part as w; "
-            "w(sys.argv[1], int(sys.argv[2]), sys.argv[3])")
     start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-c", code, url, str(n), f"{i}/2"],
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    for proc in procs:
-        _, err = proc.communicate()
-        if proc.returncode:
-            raise RuntimeError(err)
+    write_in_parts(url, n, "vit-b-head", parts=2)
     t_write = time.perf_counter() - start
     size = sum(f.stat().st_size for f in Path(url).rglob("*") if f.is_file())
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="4GB",
@@ -176,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     for n in (int(r) for r in args.rows.split(",")):
         rows.append(_at_scale(tmp, n))
         shutil.rmtree(tmp / f"synthetic-{n}")
-    print(f"\n2. synthetic stores (1 head of ViT-B shapes, 3 units, float16, {CHUNK} rows per "
+    print(f"\n2. synthetic stores (1 head of ViT-B shapes, 3 units, float16, "
+          f"{SHAPES['vit-b-head'].rows_per_chunk} rows per "
           "chunk) written by 2 parts in 2 processes, then PCA'd on a LocalCluster of 2 "
           "one-thread workers")
     print_table(["rows", "write s (2 parts)", "GB on disk", "spectral s", "rows/s",

@@ -10,6 +10,8 @@ from residual_core.identity import EMBEDDED_MODEL
 from residual_core.method.decompose import (
     RawContributions,
     ReadoutMaps,
+    affine_features,
+    affine_maps,
     decompose,
     project,
     readout_maps,
@@ -82,6 +84,32 @@ def test_raw_form_reconstructs_through_numpy_and_subsets():
     assert torch.allclose(project(raw, maps, order), dec.contributions[:, order], atol=1e-6)
     with pytest.raises(IndexError):
         project(raw, maps, [len(dec.units)])
+
+
+def test_affine_form_of_every_unit_equals_its_projection():
+    """``affine_features(x) @ A + offset`` (what the PCA accumulates) is ``project`` regrouped:
+    equal in float64 for the embedding, every MLP and every head, in any head order."""
+    loaded = load_model(EMBEDDED_MODEL, None, device="cpu", seed=5)
+    randomise_norms_and_scales(loaded.model, seed=1)
+    dec = decompose(loaded.model, photo_batch(loaded, 4))
+    maps = ReadoutMaps(**{k: getattr(dec.maps, k).double() for k in
+                          ("head_maps", "head_bias", "resid_map", "gamma_proj", "beta_proj")})
+    raw = {k: getattr(dec.raw, k).double().numpy() for k in
+           ("emb", "mlp", "heads", "ln_mean", "ln_inv_std")}
+    y = project(RawContributions(**{k: torch.from_numpy(v) for k, v in raw.items()}), maps).numpy()
+    stats = (raw["ln_mean"], raw["ln_inv_std"])
+    n_layers, n_heads = maps.n_layers, maps.n_heads
+    resid = np.concatenate([raw["emb"][:, None], raw["mlp"]], axis=1)
+    linear, offset = affine_maps(maps)
+    assert linear.shape == (1, maps.width + 2, maps.embed_dim)
+    np.testing.assert_allclose(affine_features(resid, *stats) @ linear[0] + offset,
+                               y[:, :1 + n_layers], rtol=0, atol=1e-12 * np.abs(y).max())
+    layers, heads = np.array([3, 0, 2, 0]), np.array([1, 0, 3, 2])
+    linear, offset = affine_maps(maps, layers, heads)
+    w = affine_features(raw["heads"][:, layers, heads], *stats)
+    got = np.einsum("bkd,kde->bke", w, linear) + offset
+    units = 1 + n_layers + layers * n_heads + heads
+    np.testing.assert_allclose(got, y[:, units], rtol=0, atol=1e-12 * np.abs(y).max())
 
 
 def _independent_reference(model, images, layer, head):

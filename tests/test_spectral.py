@@ -18,6 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from residual_core.errors import ResidualError
 from residual_core.method.spectral import (
+    AffineUnits,
     PCAResult,
     SpectralInputError,
     authors_k,
@@ -28,6 +29,7 @@ from residual_core.method.spectral import (
     head_statistics,
     normalized_spectral_cosine,
     pca,
+    pca_affine,
     pca_units,
     sample_rows,
     twonn,
@@ -115,6 +117,33 @@ def test_pca_units_matches_numpy_per_unit_and_handles_a_constant_unit(dtype):
     assert np.array_equal(constant.mean, x[0, 0].astype(np.float64))
     stats = unit_stats(constant.eigenvalues)
     assert (stats["k90"], stats["k99"], stats["participation_ratio"]) == (0, 0, 0.0)
+
+
+def test_pca_affine_equals_numpy_on_the_mapped_data_in_one_pass():
+    """Scatter accumulated on features ``w`` and mapped once equals the PCA of ``w @ A + b``;
+    two parts (different feature widths) in one call; a constant unit stays exactly zero."""
+    rng = np.random.default_rng(2)
+    n, dim = 1203, 20
+    w1 = spectral_data(rng, n, 3, 10, dtype=np.float64)
+    w1[:, 1] = w1[0, 1]  # constant features: a constant unit
+    w2 = spectral_data(rng, n, 2, 12, dtype=np.float64)
+    maps1, maps2 = rng.standard_normal((3, 10, dim)), rng.standard_normal((2, 12, dim))
+    offsets1 = rng.standard_normal((3, dim))
+    parts = [AffineUnits(da.from_array(w1, chunks=(300, 2, 10)), maps1, offsets1),
+             AffineUnits(da.from_array(w2, chunks=(500, 2, 12)), maps2)]
+    results = pca_affine(parts)
+    assert len(results) == 5
+    y1 = np.einsum("nud,ude->nue", w1, maps1) + offsets1
+    y2 = np.einsum("nud,ude->nue", w2, maps2)
+    for result, y in zip(results, [y1[:, 0], None, y1[:, 2], y2[:, 0], y2[:, 1]]):
+        if y is not None:
+            assert_matches_numpy(result, y)
+    assert np.array_equal(results[1].eigenvalues, np.zeros(dim))
+    np.testing.assert_allclose(results[1].mean, w1[0, 1] @ maps1[1] + offsets1[1], rtol=1e-12)
+    with pytest.raises(SpectralInputError, match="maps must be"):
+        AffineUnits(da.from_array(w1), maps2)
+    with pytest.raises(SpectralInputError, match="different row counts"):
+        pca_affine([parts[0], AffineUnits(da.from_array(w2[:10]), maps2)])
 
 
 def test_pca_out_of_core_on_a_local_cluster_with_small_memory_limit(tmp_path):

@@ -27,7 +27,6 @@ from residual_core.method.spectral import (
     cross_model_correlations,
     evr_counts,
     head_statistics,
-    pca_units,
     sample_rows,
     twonn,
     unit_stats,
@@ -130,9 +129,8 @@ def run_spectral(feature_url: str, params: SpectralParams | None = None, *,
                                       rows_rewritten=rewritten,
                                       seconds=time.perf_counter() - start)
 
-    y = features.contributions()
     with dask_client(address, n_workers, memory_limit):
-        results = pca_units(y)
+        results = features.pca()
         dims = _twonn_all(features, params, progress)
     _write_store(url, features, results, dims, key, params)
     _write_table_rows(SpectralStore.open(url), feature_url, root)

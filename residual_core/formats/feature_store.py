@@ -32,7 +32,9 @@ from zarr.core.sync import sync
 from residual_core.errors import StoreError
 from residual_core.identity import FEATURE_DTYPES, WeightsId
 from residual_core.layout import is_local, local_path, zarr_target
-from residual_core.method.decompose import ReadoutMaps, project_heads, project_residual
+from residual_core.method.decompose import (ReadoutMaps, affine_features, affine_maps,
+                                            project_heads, project_residual)
+from residual_core.method.spectral import AffineUnits, PCAResult, pca_affine
 from residual_core.method.units import Unit, unit_table
 
 SCHEMA_VERSION = 2  # 2: no text/template_embeddings (nothing read them); named dimensions
@@ -566,6 +568,50 @@ class FeatureStore:
             out = out[:, [position[u] for u in sel]]
         return out if rows is None else out[rows]
 
+    def pca(self, units: Sequence[int | str] | None = None) -> list[PCAResult]:
+        """PCA of the output-space ``y_u`` of ``units`` (default all; in their order), in one
+        out-of-core pass: each unit's scatter is accumulated on its raw features
+        (:func:`~residual_core.method.decompose.affine_features`, ``dh + 2`` wide for a head)
+        and mapped to output space once (:func:`~residual_core.method.spectral.pca_affine`),
+        so the rows are never projected. Equals the PCA of :meth:`contributions` computed in
+        float64.
+        """
+        table = self.units
+        sel = self._unit_indices(units)
+        maps = self.maps
+        mean, inv = self.raw_array("ln_mean"), self.raw_array("ln_inv_std")
+        parts: list[AffineUnits] = []
+        order: list[int] = []
+        resid = [i for i in sel if table[i].kind != "head"]
+        heads = [i for i in sel if table[i].kind == "head"]
+        if resid:
+            layers = [table[i].layer for i in resid if i != 0]
+            raw = [self.raw_array("emb")[:, None]] if 0 in resid else []
+            if layers:
+                raw.append(self.raw_array("mlp")[:, layers])
+            x = da.concatenate(raw, axis=1) if len(raw) > 1 else raw[0]
+            linear, offset = affine_maps(maps)
+            parts.append(AffineUnits(
+                da.blockwise(affine_features, "nkd", x, "nkw", mean, "n", inv, "n",
+                             dtype=np.float64, new_axes={"d": self.dims.width + 2},
+                             concatenate=True),
+                np.repeat(linear, len(resid), axis=0), np.tile(offset, (len(resid), 1))))
+            order += ([0] if 0 in resid else []) + [i for i in resid if i != 0]
+        if heads:
+            pairs = np.array([(table[i].layer, table[i].head) for i in heads])
+            z = self.raw_array("heads")
+            rel = pairs[:, 0] * self.dims.head + pairs[:, 1]
+            linear, offset = affine_maps(maps, pairs[:, 0], pairs[:, 1])
+            parts.append(AffineUnits(
+                da.blockwise(_head_features_block, "nkd", z, "nlhw", mean, "n", inv, "n",
+                             rel=rel, dtype=np.float64,
+                             new_axes={"k": len(heads), "d": maps.head_dim + 2},
+                             concatenate=True),
+                linear, np.tile(offset, (len(heads), 1))))
+            order += heads
+        results = dict(zip(order, pca_affine(parts)))
+        return [results[i] for i in sel]
+
     def _unit_indices(self, units: Sequence[int | str] | None) -> list[int]:
         table = self.units
         if units is None:
@@ -591,6 +637,12 @@ def _resid_block(r: np.ndarray, mean: np.ndarray, inv: np.ndarray, maps: Readout
     y = project_residual(torch.from_numpy(np.ascontiguousarray(r)), torch.from_numpy(mean),
                          torch.from_numpy(inv), maps)
     return y.numpy()
+
+
+def _head_features_block(z: np.ndarray, mean: np.ndarray, inv: np.ndarray,
+                         rel: np.ndarray) -> np.ndarray:
+    flat = z.reshape(z.shape[0], -1, z.shape[-1])[:, rel]
+    return affine_features(flat, mean, inv)
 
 
 def _heads_block(z: np.ndarray, mean: np.ndarray, inv: np.ndarray, maps: ReadoutMaps,

@@ -36,7 +36,6 @@ from residual_core.identity import WeightsId
 from residual_core.method.spectral import (  # _k_at: spectral's own K-at-EVR rule
     PCAResult,
     _k_at,
-    pca_units,
 )
 from residual_core.method.units import KINDS, Unit
 
@@ -134,7 +133,7 @@ class SpectralBases:
     @classmethod
     def from_pca(cls, results: Sequence[PCAResult], units: Sequence[Unit], basis_dataset: str,
                  model: Mapping[str, Any] | None = None, dtype=np.float64) -> "SpectralBases":
-        """Stack :func:`~residual_core.method.spectral.pca_units` results (one per unit, same order)."""
+        """Stack per-unit :class:`PCAResult` objects (one per unit, same order)."""
         if len(results) != len(units):
             raise ShapeError(f"{len(results)} PCA results for {len(units)} units")
         return cls(tuple(units),
@@ -148,7 +147,7 @@ class SpectralBases:
                    dtype=np.float64) -> "SpectralBases":
         """Fit the bases of ``units`` (default all) on a store: one out-of-core PCA pass."""
         sel = store._unit_indices(units)
-        results = pca_units(store.contributions(sel))
+        results = store.pca(sel)
         return cls.from_pca(results, [store.units[i] for i in sel],
                             f"{store.attrs.get('dataset')}:{store.attrs.get('split')}",
                             WeightsId.from_attrs(store.attrs).as_dict(), dtype)

@@ -53,6 +53,8 @@ __all__ = [
     "project",
     "project_heads",
     "project_residual",
+    "affine_features",
+    "affine_maps",
     "readout_maps",
     "check_supported",
 ]
@@ -158,9 +160,51 @@ def project_heads(
     """``y`` of heads ``(layers[i], heads[i])`` from their raw outputs ``z [B, k, dh] -> [B, k, E]``."""
     n_resid = 2 * maps.n_layers + 1
     shared = _shared_term(ln_mean, ln_inv_std, maps)
-    y = (z.to(maps.head_maps.dtype)[:, :, None, :] @ maps.head_maps[layers, heads])[:, :, 0]
+    # k batched products [B, dh] @ [dh, E]: broadcasting z [B, k, 1, dh] against the maps
+    # would expand them to [B, k, dh, E] (19 GB for 1024 rows of ViT-B/16's heads)
+    y = torch.bmm(z.to(maps.head_maps.dtype).transpose(0, 1),
+                  maps.head_maps[layers, heads]).transpose(0, 1)
     y = y + maps.head_bias[layers, heads]
     return ln_inv_std.to(y.dtype)[:, None, None] * y - (shared / (n_resid * maps.n_heads))[:, None]
+
+
+def affine_features(x: np.ndarray, ln_mean: np.ndarray, ln_inv_std: np.ndarray) -> np.ndarray:
+    """Features ``w = [inv_std·x, inv_std, inv_std·μ]`` of raw outputs ``x [B, k, d]``
+    (a head's ``z`` or a residual unit's ``r``): ``[B, k, d + 2]`` float64, on which every
+    ``y_u`` is affine (:func:`affine_maps`).
+    """
+    inv = np.asarray(ln_inv_std, dtype=np.float64)[:, None, None]
+    b, k = x.shape[:2]
+    w = np.empty((b, k, x.shape[2] + 2))
+    np.multiply(x, inv, out=w[:, :, :-2])
+    w[:, :, -2:-1] = inv
+    w[:, :, -1:] = inv * np.asarray(ln_mean, dtype=np.float64)[:, None, None]
+    return w
+
+
+def affine_maps(maps: ReadoutMaps, layers: Sequence[int] | None = None,
+                heads: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(A [k, d + 2, E], offset [E])`` float64 with ``y_u = affine_features(x_u) @ A[i] + offset``
+    exactly (the projection of :func:`project_heads` / :func:`project_residual` regrouped):
+    heads ``(layers[i], heads[i])`` when given (``d = dh``), else the one map shared by the
+    residual units (``k = 1``, ``d = D``). What a PCA needs to accumulate the scatter of ``w``
+    (``d + 2`` wide) instead of ``y`` (``E`` wide) and map it once.
+    """
+    n_resid = 2 * maps.n_layers + 1
+    gamma_proj = maps.gamma_proj.double().cpu().numpy()
+    beta_proj = maps.beta_proj.double().cpu().numpy()
+    if layers is None:
+        share = n_resid
+        linear = maps.resid_map.double().cpu().numpy()[None]
+        bias = np.zeros((1, maps.embed_dim))
+    else:
+        share = n_resid * maps.n_heads
+        index = (torch.as_tensor(list(layers)), torch.as_tensor(list(heads)))
+        linear = maps.head_maps[index].double().cpu().numpy()
+        bias = maps.head_bias[index].double().cpu().numpy()
+    k = linear.shape[0]
+    shared = np.broadcast_to(-gamma_proj / share, (k, 1, maps.embed_dim))
+    return np.concatenate([linear, bias[:, None], shared], axis=1), beta_proj / share
 
 
 def project(

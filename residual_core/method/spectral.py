@@ -31,8 +31,10 @@ from residual_core.errors import ResidualError
 __all__ = [
     "SpectralInputError",
     "PCAResult",
+    "AffineUnits",
     "pca",
     "pca_units",
+    "pca_affine",
     "unit_stats",
     "twonn",
     "sample_rows",
@@ -131,34 +133,63 @@ def pca_units(y) -> list[PCAResult]:
         SpectralInputError: wrong ndim, ``N < 2``, non-numeric dtype, or NaN/inf in the data
             (the message names the offending units).
     """
-    y = _as_dask(y, ndim=3, what="y [N, U, E]")
-    n, n_units, dim = y.shape
-    if n < 2:
-        raise SpectralInputError(f"PCA needs at least 2 samples, got N={n}")
-    if n_units < 1 or dim < 1:
-        raise SpectralInputError(f"y [N, U, E] has no units or features: shape {y.shape}")
-    group = max(1, min(n_units, _SCATTER_BYTES_PER_TASK // (dim * dim * 8)))
-    rechunk = {}
-    if max(y.chunks[1]) > group:
-        rechunk[1] = group
-    if len(y.chunks[2]) > 1:
-        rechunk[2] = -1
-    if rechunk:
-        y = y.rechunk(rechunk)
+    return pca_affine([AffineUnits(_as_dask(y, ndim=3, what="y [N, U, E]"))])
 
-    blocks = y.to_delayed()  # [row blocks, unit groups, 1]
-    stats = dask.delayed(_block_stats, pure=True)
-    merge = dask.delayed(_merge_stats, pure=True)
-    finish = dask.delayed(_finish, pure=True)
-    starts = np.cumsum((0,) + y.chunks[1][:-1])
+
+@dataclass(frozen=True)
+class AffineUnits:
+    """Units whose data are affine images of narrower features:
+    ``y[:, i] = w[:, i] @ maps[i] + offsets[i]`` (``maps=None``: ``y = w``).
+
+    A head's contribution is affine in its raw output (``d = dh + 2`` features against ``E``
+    output dimensions: 66 against 512 for ViT-B/16), so :func:`pca_affine` accumulates the
+    ``d × d`` scatter of ``w`` and maps it once per unit (``mapsᵀ S maps``) instead of
+    projecting every row and accumulating ``E × E``: the same covariance in float64, with
+    ``(d / E)²`` of the arithmetic.
+
+    Attributes:
+        w: ``[N, U, d]`` dask array.
+        maps: ``[U, d, E]`` float64, or None.
+        offsets: ``[U, E]`` float64, or None (zeros).
+    """
+
+    w: da.Array
+    maps: np.ndarray | None = None
+    offsets: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n, n_units, dim = self.w.shape
+        if self.maps is not None and (self.maps.ndim != 3 or self.maps.shape[:2] != (n_units, dim)):
+            raise SpectralInputError(f"maps must be [{n_units}, {dim}, E] for w of shape "
+                                     f"{self.w.shape}, got {self.maps.shape}")
+        if self.offsets is not None and (
+                self.maps is None or self.offsets.shape != (n_units, self.maps.shape[2])):
+            raise SpectralInputError(f"offsets must be [U, E] beside maps, got "
+                                     f"{self.offsets.shape}")
+
+    @property
+    def embed_dim(self) -> int:
+        return self.w.shape[2] if self.maps is None else self.maps.shape[2]
+
+
+def pca_affine(parts: Sequence[AffineUnits]) -> list[PCAResult]:
+    """PCA of the units of every part (:class:`AffineUnits`) in one pass over the data: as
+    :func:`pca_units`, with each block's scatter taken in the features' space and mapped to
+    the output space in the final task of each unit group.
+
+    Returns:
+        One :class:`PCAResult` per unit, part after part, in unit order within a part.
+    """
+    if not parts:
+        return []
+    n = parts[0].w.shape[0]
+    if any(p.w.shape[0] != n for p in parts):
+        raise SpectralInputError(f"parts with different row counts: {[p.w.shape for p in parts]}")
     tasks = []
-    for j, start in enumerate(starts):
-        level = [stats(b) for b in blocks[:, j, 0]]
-        while len(level) > 1:
-            level = [
-                merge(*level[i : i + _MERGE_FAN_IN]) for i in range(0, len(level), _MERGE_FAN_IN)
-            ]
-        tasks.append(finish(level[0], int(start)))
+    first = 0
+    for part in parts:
+        tasks += _pca_tasks(part, first)
+        first += part.w.shape[1]
 
     if dask.base.get_scheduler(collections=tasks) is dask.threaded.get:
         # The row blocks are the parallelism; BLAS threads nested in each of dask's threads
@@ -174,6 +205,43 @@ def pca_units(y) -> list[PCAResult]:
             PCAResult(mean[u], components[u], eigenvalues[u], n_rows) for u in range(len(mean))
         ]
     return results
+
+
+def _pca_tasks(part: AffineUnits, first_unit: int) -> list:
+    """The delayed tasks of one part: per group of units, a tree over the row blocks."""
+    w = _as_dask(part.w, ndim=3, what="w [N, U, d]")
+    n, n_units, dim = w.shape
+    if n < 2:
+        raise SpectralInputError(f"PCA needs at least 2 samples, got N={n}")
+    if n_units < 1 or dim < 1:
+        raise SpectralInputError(f"y [N, U, E] has no units or features: shape {w.shape}")
+    # a group's final task holds its scatter and its output-space covariances
+    per_unit = 8 * (dim * dim + (part.embed_dim ** 2 if part.maps is not None else 0))
+    group = max(1, min(n_units, _SCATTER_BYTES_PER_TASK // per_unit))
+    rechunk = {}
+    if max(w.chunks[1]) > group:
+        rechunk[1] = group
+    if len(w.chunks[2]) > 1:
+        rechunk[2] = -1
+    if rechunk:
+        w = w.rechunk(rechunk)
+
+    blocks = w.to_delayed()  # [row blocks, unit groups, 1]
+    stats = dask.delayed(_block_stats, pure=True)
+    merge = dask.delayed(_merge_stats, pure=True)
+    finish = dask.delayed(_finish, pure=True)
+    starts = np.cumsum((0,) + w.chunks[1][:-1])
+    tasks = []
+    for j, (start, size) in enumerate(zip(starts, w.chunks[1])):
+        level = [stats(b) for b in blocks[:, j, 0]]
+        while len(level) > 1:
+            level = [
+                merge(*level[i : i + _MERGE_FAN_IN]) for i in range(0, len(level), _MERGE_FAN_IN)
+            ]
+        group_maps = None if part.maps is None else part.maps[start:start + size]
+        group_offsets = None if part.offsets is None else part.offsets[start:start + size]
+        tasks.append(finish(level[0], int(first_unit + start), group_maps, group_offsets))
+    return tasks
 
 
 def _as_dask(y, ndim: int, what: str) -> da.Array:
@@ -220,8 +288,10 @@ def _merge_stats(*parts: tuple[int, np.ndarray, np.ndarray]) -> tuple[int, np.nd
     return total, ref + delta, scatter
 
 
-def _finish(part: tuple[int, np.ndarray, np.ndarray], first_unit: int):
-    """Eigen-decompose merged statistics: ``(N, mean [u,E], eigenvalues [u,K], comps [u,K,E])``."""
+def _finish(part: tuple[int, np.ndarray, np.ndarray], first_unit: int,
+            maps: np.ndarray | None = None, offsets: np.ndarray | None = None):
+    """Eigen-decompose merged statistics: ``(N, mean [u,E], eigenvalues [u,K], comps [u,K,E])``;
+    with ``maps [u, d, E]``, the statistics are of features and mapped first."""
     n, mean, scatter = part
     bad = np.flatnonzero(~np.isfinite(mean).all(axis=1))
     if bad.size:
@@ -229,15 +299,42 @@ def _finish(part: tuple[int, np.ndarray, np.ndarray], first_unit: int):
             f"NaN or inf in the data of unit(s) {(bad + first_unit).tolist()}; "
             "spectral analysis needs finite values"
         )
-    eigenvalues, vectors = np.linalg.eigh(scatter / (n - 1))  # ascending, columns
-    eigenvalues = eigenvalues[:, ::-1]
-    components = vectors[:, :, ::-1].transpose(0, 2, 1).copy()  # rows, decreasing
+    if maps is not None:
+        mean = np.einsum("ud,ude->ue", mean, maps)
+        if offsets is not None:
+            mean += offsets
+    if maps is not None and maps.shape[1] < maps.shape[2]:
+        eigenvalues, components = _mapped_eigh(scatter / (n - 1), maps)
+    else:
+        if maps is not None:
+            scatter = np.matmul(maps.transpose(0, 2, 1), np.matmul(scatter, maps))
+            scatter = (scatter + scatter.transpose(0, 2, 1)) / 2  # exactly symmetric for eigh
+        eigenvalues, vectors = np.linalg.eigh(scatter / (n - 1))  # ascending, columns
+        eigenvalues = eigenvalues[:, ::-1]
+        components = vectors[:, :, ::-1].transpose(0, 2, 1).copy()  # rows, decreasing
     # Below this the eigensolver cannot tell a value from 0 (numpy's matrix_rank tolerance).
     noise = eigenvalues.shape[1] * np.finfo(np.float64).eps * eigenvalues[:, :1]
     eigenvalues = np.ascontiguousarray(np.where(eigenvalues > noise, eigenvalues, 0.0))
     pivots = np.abs(components).argmax(axis=2)[..., None]
     components *= np.where(np.take_along_axis(components, pivots, axis=2) < 0, -1.0, 1.0)
     return n, mean, eigenvalues, components
+
+
+def _mapped_eigh(cov: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (decreasing) and component rows of ``mapsᵀ cov maps`` (``[u, E, E]``) from
+    ``d × d`` problems, for ``d < E``: with ``cov = L Lᵀ``, the ``d`` possibly non-zero
+    eigenpairs are the squared singular values and right singular vectors of ``Lᵀ maps``; the
+    other ``E - d`` components (eigenvalue 0) complete them to an orthonormal basis (QR). For a
+    head of ViT-B/16 (``d = 66``, ``E = 512``) that replaces a 512 × 512 eigensolve."""
+    d, dim = maps.shape[1:]
+    lam, vectors = np.linalg.eigh(cov)
+    root = vectors * np.sqrt(np.clip(lam, 0.0, None))[:, None, :]  # L, cov = L Lᵀ
+    _, sigma, top = np.linalg.svd(np.matmul(root.transpose(0, 2, 1), maps),
+                                  full_matrices=False)  # top: [u, d, E], sigma decreasing
+    complete = np.linalg.qr(top.transpose(0, 2, 1), mode="complete")[0]  # [u, E, E]
+    components = np.concatenate([top, complete[:, :, d:].transpose(0, 2, 1)], axis=1)
+    eigenvalues = np.concatenate([sigma**2, np.zeros((len(sigma), dim - d))], axis=1)
+    return eigenvalues, components
 
 
 # ------------------------------------------------------------------------------- statistics
