@@ -15,7 +15,7 @@ from residual_core.method.spectral import PCAResult
 from residual_core.method.units import Unit
 from residual_core.stages.spectral import Params as SpectralParams
 
-SPECTRAL_VERSION = 2  # 2: TwoNN is stored, so the tables can be rewritten from the store
+SPECTRAL_VERSION = 3  # 2: TwoNN is stored (tables rewritable from the store); 3: float64-exact PCA
 FORMAT_NAME = "residual-spectral-store"
 
 
