@@ -142,6 +142,14 @@ class FeatureStore:
     def __init__(self, group: zarr.Group, url: str):
         self.group, self.url = group, url
         self.attrs: dict[str, Any] = dict(group.attrs)
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def _array(self, name: str) -> zarr.Array:
+        """The array ``name``, opened once (opening reads and parses its metadata; the data
+        are read and written through the store each time)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     def __repr__(self) -> str:
         a, d = self.attrs, self.dims
@@ -334,6 +342,7 @@ class FeatureStore:
         """Re-read the attributes (another process may have changed them)."""
         self.group = zarr.open_group(zarr_target(self.url), mode="r+")
         self.attrs = dict(self.group.attrs)
+        self._arrays = {}
 
     @property
     def units(self) -> tuple[Unit, ...]:
@@ -416,8 +425,8 @@ class FeatureStore:
                                  f"{values[name].shape[0]}")
         self._delete_shards([chunk])
         for name in ROW_FIELDS:
-            self.group[name][rows] = values[name]
-        self.group["done"][chunk] = 1
+            self._array(name)[rows] = values[name]
+        self._array("done")[chunk] = 1
 
     def mark_pending(self, chunks: Sequence[int]) -> None:
         """Mark row chunks as not written and delete their data (e.g. damaged chunks).
@@ -435,7 +444,7 @@ class FeatureStore:
 
     def _delete_shards(self, chunks: Sequence[int]) -> None:
         for name in ROW_FIELDS:
-            arr = self.group[name]
+            arr = self._array(name)
             for chunk in chunks:
                 key = arr.metadata.encode_chunk_key((int(chunk),) + (0,) * (arr.ndim - 1))
                 sync(self.group.store.delete(f"{arr.path}/{key}"))
