@@ -7,7 +7,9 @@ Inputs are per-unit contributions in the output space: a dask array ``y`` of sha
 out of core: every block of rows is reduced to its per-unit mean and centred scatter matrix in
 float64 (one batched BLAS product per block), the partial results are merged in a tree, and the
 covariance of each unit is diagonalised with ``numpy.linalg.eigh``. All units come out of ONE pass
-over the data, because reading the store is the cost. Computation goes through ``dask.compute``,
+over the data, because reading the store is the cost. Units whose data are an affine image of
+narrower features (a head's ``y`` of its raw output: :class:`AffineUnits`, :func:`pca_affine`)
+accumulate the scatter of the features and map it once. Computation goes through ``dask.compute``,
 so it runs on the local threaded scheduler or on a ``dask.distributed`` client if one is active.
 
 Nothing here knows about stores or orchestration; errors caused by the data raise
