@@ -121,20 +121,21 @@ def test_pca_units_matches_numpy_per_unit_and_handles_a_constant_unit(dtype):
 
 def test_pca_affine_equals_numpy_on_the_mapped_data_in_one_pass():
     """Scatter accumulated on features ``w`` and mapped once equals the PCA of ``w @ A + b``;
-    two parts (different feature widths) in one call; a constant unit stays exactly zero."""
+    two parts (different feature widths; the second with one map for both units) in one call;
+    a constant unit stays exactly zero."""
     rng = np.random.default_rng(2)
     n, dim = 1203, 20
     w1 = spectral_data(rng, n, 3, 10, dtype=np.float64)
     w1[:, 1] = w1[0, 1]  # constant features: a constant unit
     w2 = spectral_data(rng, n, 2, 12, dtype=np.float64)
-    maps1, maps2 = rng.standard_normal((3, 10, dim)), rng.standard_normal((2, 12, dim))
+    maps1, maps2 = rng.standard_normal((3, 10, dim)), rng.standard_normal((1, 12, dim))
     offsets1 = rng.standard_normal((3, dim))
     parts = [AffineUnits(da.from_array(w1, chunks=(300, 2, 10)), maps1, offsets1),
              AffineUnits(da.from_array(w2, chunks=(500, 2, 12)), maps2)]
     results = pca_affine(parts)
     assert len(results) == 5
     y1 = np.einsum("nud,ude->nue", w1, maps1) + offsets1
-    y2 = np.einsum("nud,ude->nue", w2, maps2)
+    y2 = np.einsum("nud,de->nue", w2, maps2[0])
     for result, y in zip(results, [y1[:, 0], None, y1[:, 2], y2[:, 0], y2[:, 1]]):
         if y is not None:
             assert_matches_numpy(result, y)

@@ -604,7 +604,7 @@ class FeatureStore:
                 da.blockwise(affine_features, "nkd", x, "nkw", mean, "n", inv, "n",
                              dtype=np.float64, new_axes={"d": self.dims.width + 2},
                              concatenate=True),
-                np.repeat(linear, len(resid), axis=0), np.tile(offset, (len(resid), 1))))
+                linear, np.tile(offset, (len(resid), 1))))  # one map for every unit
             order += ([0] if 0 in resid else []) + [i for i in resid if i != 0]
         if heads:
             pairs = np.array([(table[i].layer, table[i].head) for i in heads])

@@ -151,7 +151,7 @@ class AffineUnits:
 
     Attributes:
         w: ``[N, U, d]`` dask array.
-        maps: ``[U, d, E]`` float64, or None.
+        maps: ``[U, d, E]`` float64 (``[1, d, E]``: one map for every unit), or None.
         offsets: ``[U, E]`` float64, or None (zeros).
     """
 
@@ -161,7 +161,8 @@ class AffineUnits:
 
     def __post_init__(self) -> None:
         n, n_units, dim = self.w.shape
-        if self.maps is not None and (self.maps.ndim != 3 or self.maps.shape[:2] != (n_units, dim)):
+        if self.maps is not None and (self.maps.ndim != 3 or self.maps.shape[1] != dim
+                                      or self.maps.shape[0] not in (1, n_units)):
             raise SpectralInputError(f"maps must be [{n_units}, {dim}, E] for w of shape "
                                      f"{self.w.shape}, got {self.maps.shape}")
         if self.offsets is not None and (
@@ -240,7 +241,9 @@ def _pca_tasks(part: AffineUnits, first_unit: int) -> list:
             level = [
                 merge(*level[i : i + _MERGE_FAN_IN]) for i in range(0, len(level), _MERGE_FAN_IN)
             ]
-        group_maps = None if part.maps is None else part.maps[start:start + size]
+        group_maps = part.maps
+        if part.maps is not None and len(part.maps) > 1:
+            group_maps = part.maps[start:start + size]
         group_offsets = None if part.offsets is None else part.offsets[start:start + size]
         tasks.append(finish(level[0], int(first_unit + start), group_maps, group_offsets))
     return tasks
@@ -302,7 +305,7 @@ def _finish(part: tuple[int, np.ndarray, np.ndarray], first_unit: int,
             "spectral analysis needs finite values"
         )
     if maps is not None:
-        mean = np.einsum("ud,ude->ue", mean, maps)
+        mean = np.matmul(mean[:, None, :], maps)[:, 0]  # maps may be one map for all
         if offsets is not None:
             mean += offsets
     if maps is not None and maps.shape[1] < maps.shape[2]:
