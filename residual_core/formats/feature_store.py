@@ -424,8 +424,10 @@ class FeatureStore:
                 raise StoreError(f"chunk {chunk} needs {n} rows of {name}, got "
                                  f"{values[name].shape[0]}")
         self._delete_shards([chunk])
-        for name in ROW_FIELDS:
-            self._array(name)[rows] = values[name]
+        # every array's shard at once, in one call into zarr's event loop (one call per array
+        # spent most of a write in handing over between threads); done after all of them
+        sync(_gather(self._array(name)._async_array.setitem(rows, values[name])
+                     for name in ROW_FIELDS))
         self._array("done")[chunk] = 1
 
     def mark_pending(self, chunks: Sequence[int]) -> None:
@@ -443,11 +445,12 @@ class FeatureStore:
         self._delete_shards(chunks)
 
     def _delete_shards(self, chunks: Sequence[int]) -> None:
+        keys = []
         for name in ROW_FIELDS:
             arr = self._array(name)
-            for chunk in chunks:
-                key = arr.metadata.encode_chunk_key((int(chunk),) + (0,) * (arr.ndim - 1))
-                sync(self.group.store.delete(f"{arr.path}/{key}"))
+            keys += [f"{arr.path}/" + arr.metadata.encode_chunk_key(
+                (int(chunk),) + (0,) * (arr.ndim - 1)) for chunk in chunks]
+        sync(_gather(self.group.store.delete(key) for key in keys))
 
     def finalize(self) -> None:
         """Mark the store complete once every row chunk is written."""
@@ -646,6 +649,12 @@ def _resid_block(r: np.ndarray, mean: np.ndarray, inv: np.ndarray, maps: Readout
     y = project_residual(torch.from_numpy(np.ascontiguousarray(r)), torch.from_numpy(mean),
                          torch.from_numpy(inv), maps)
     return y.numpy()
+
+
+async def _gather(coroutines) -> list:
+    import asyncio
+
+    return await asyncio.gather(*coroutines)
 
 
 def _head_features_block(z: np.ndarray, mean: np.ndarray, inv: np.ndarray,
