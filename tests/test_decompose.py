@@ -1,5 +1,9 @@
 """The decomposition sums exactly to encode_image, per head and per term as METHOD §1 says."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -110,6 +114,37 @@ def test_affine_form_of_every_unit_equals_its_projection():
     got = np.einsum("bkd,kde->bke", w, linear) + offset
     units = 1 + n_layers + layers * n_heads + heads
     np.testing.assert_allclose(got, y[:, units], rtol=0, atol=1e-12 * np.abs(y).max())
+
+
+_PEAK_SCRIPT = """
+import sys, torch
+from residual_core.method.decompose import ReadoutMaps, project_heads
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+b, layers, heads, dh, e = 256, 12, 12, 64, 512  # ViT-B/16's heads, 256 rows
+maps = ReadoutMaps(head_maps=torch.randn(layers, heads, dh, e), head_bias=torch.randn(layers, heads, e),
+                   resid_map=torch.randn(768, e), gamma_proj=torch.randn(e), beta_proj=torch.randn(e))
+z = torch.randn(b, layers * heads, dh)
+lay = torch.arange(layers).repeat_interleave(heads)
+hd = torch.arange(heads).repeat(layers)
+stats = (torch.randn(b), torch.rand(b) + 0.5)
+before = hwm()
+y = project_heads(z, lay, hd, *stats, maps)
+print(hwm() - before, y.numel() * 4)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_projecting_many_heads_never_holds_a_copy_of_the_maps_per_row():
+    """All 144 heads of ViT-B/16 on 256 rows: the output is 75 MB; broadcasting the rows
+    against the head maps (``[B, k, 1, dh] @ [k, dh, E]``) would hold ``[B, k, dh, E]``,
+    4.8 GB. A fresh process, so the peak is this call's."""
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True,
+                         check=True, timeout=300)
+    grown, output = map(int, out.stdout.split())
+    assert grown < 4 * output, (grown, output)
 
 
 def _independent_reference(model, images, layer, head):
