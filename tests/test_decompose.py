@@ -187,6 +187,10 @@ def test_head_and_shared_terms_by_hand(custom_config):
     n_heads, d = blk.attn.num_heads, vis.transformer.width
     dh = d // n_heads
     assert torch.allclose(dec.raw.heads[:, layer, head], z_ref, atol=1e-5)
+    # the last block is computed for CLS only: its heads still match the module's own
+    z_last = _independent_reference(model, images, n_layers - 1, head)[0]
+    assert n_layers - 1 != layer
+    assert torch.allclose(dec.raw.heads[:, n_layers - 1, head], z_last, atol=1e-5)
 
     mu = s.mean(-1, keepdim=True)
     sigma2 = ((s - mu) ** 2).mean(-1, keepdim=True)
