@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+import dask
 import dask.array as da
 import numpy as np
 import torch
@@ -613,7 +614,13 @@ class FeatureStore:
             pairs = np.array([(table[i].layer, table[i].head) for i in heads])
             z = self.raw_array("heads")
             rel = pairs[:, 0] * self.dims.head + pairs[:, 1]
-            linear, offset = affine_maps(maps, pairs[:, 0], pairs[:, 1])
+            offset = affine_maps(maps, [0], [0])[1]  # the same for every head
+            # the maps are built where the tasks run: a cluster's graph never carries them
+            # (156 MB of float64 for ViT-L/14's heads)
+            linear = da.from_delayed(
+                dask.delayed(_stored_head_maps, pure=True)(
+                    self.url, pairs[:, 0].tolist(), pairs[:, 1].tolist()),
+                shape=(len(heads), maps.head_dim + 2, maps.embed_dim), dtype=np.float64)
             parts.append(AffineUnits(
                 da.blockwise(_head_features_block, "nkd", z, "nlhw", mean, "n", inv, "n",
                              rel=rel, dtype=np.float64,
@@ -649,6 +656,11 @@ def _resid_block(r: np.ndarray, mean: np.ndarray, inv: np.ndarray, maps: Readout
     y = project_residual(torch.from_numpy(np.ascontiguousarray(r)), torch.from_numpy(mean),
                          torch.from_numpy(inv), maps)
     return y.numpy()
+
+
+def _stored_head_maps(url: str, layers: list[int], heads: list[int]) -> np.ndarray:
+    """The affine maps of heads ``(layers[i], heads[i])``, from the store's read-out maps."""
+    return affine_maps(FeatureStore.open(url, require_complete=False).maps, layers, heads)[0]
 
 
 async def _gather(coroutines) -> list:

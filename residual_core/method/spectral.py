@@ -151,12 +151,13 @@ class AffineUnits:
 
     Attributes:
         w: ``[N, U, d]`` dask array.
-        maps: ``[U, d, E]`` float64 (``[1, d, E]``: one map for every unit), or None.
+        maps: ``[U, d, E]`` float64 (``[1, d, E]``: one map for every unit), a numpy or a
+            dask array (then each group's slice is computed where its task runs), or None.
         offsets: ``[U, E]`` float64, or None (zeros).
     """
 
     w: da.Array
-    maps: np.ndarray | None = None
+    maps: np.ndarray | da.Array | None = None
     offsets: np.ndarray | None = None
 
     def __post_init__(self) -> None:
