@@ -70,6 +70,14 @@ def test_store_equals_direct_decomposition(tiny, folder, tmp_path):
     rows = np.array([3, 0, 17, 40])
     np.testing.assert_allclose(store.contributions(pick, rows).compute(),
                                dec.contributions[rows][:, idx].numpy(), rtol=1e-5, atol=1e-6)
+    # A unit named twice comes twice (emb included), in contributions and in the PCA.
+    twice = ["emb", "L1H0", "emb", "L1.mlp", "L1H0"]
+    idx = [dec.unit_names.index(p) for p in twice]
+    np.testing.assert_allclose(store.contributions(twice, rows).compute(),
+                               dec.contributions[rows][:, idx].numpy(), rtol=1e-5, atol=1e-6)
+    once = store.pca(["emb", "L1H0", "L1.mlp"])
+    for got, want in zip(store.pca(twice), [once[0], once[1], once[0], once[2], once[1]]):
+        np.testing.assert_array_equal(got.eigenvalues, want.eigenvalues)
     # The zero-shot classifier is stored with the features.
     assert store.class_weights.shape == (3, 64)
     np.testing.assert_allclose(np.linalg.norm(store.class_weights, axis=1), 1, rtol=1e-5)

@@ -546,24 +546,12 @@ class FeatureStore:
         sel = self._unit_indices(units)
         maps = self.maps
         mean, inv = self.raw_array("ln_mean"), self.raw_array("ln_inv_std")
+        resid, x, heads = self._raw_units(sel)
         parts: list[da.Array] = []
-        order: list[int] = []
-        resid = [i for i in sel if table[i].kind != "head"]
-        heads = [i for i in sel if table[i].kind == "head"]
         if resid:
-            want_emb = [i for i in resid if i == 0]
-            mlp_layers = [table[i].layer for i in resid if i != 0]
-            if want_emb:
-                parts.append(da.blockwise(_resid_block, "nue", self.raw_array("emb")[:, None], "nuw",
-                                          mean, "n", inv, "n", maps=maps, dtype=np.float32,
-                                          new_axes={"e": maps.embed_dim}, concatenate=True))
-                order += want_emb
-            if mlp_layers:
-                mlp = self.raw_array("mlp")[:, mlp_layers]
-                parts.append(da.blockwise(_resid_block, "nue", mlp, "nuw", mean, "n", inv, "n",
-                                          maps=maps, dtype=np.float32,
-                                          new_axes={"e": maps.embed_dim}, concatenate=True))
-                order += [i for i in resid if i != 0]
+            parts.append(da.blockwise(_resid_block, "nue", x, "nuw", mean, "n", inv, "n",
+                                      maps=maps, dtype=np.float32,
+                                      new_axes={"e": maps.embed_dim}, concatenate=True))
         if heads:
             pairs = [(table[i].layer, table[i].head) for i in heads]
             layers = sorted({l for l, _ in pairs})
@@ -574,7 +562,7 @@ class FeatureStore:
                 _heads_block, "nke", z, "nlhd", mean, "n", inv, "n", maps=maps,
                 pairs=np.array(pairs), rel=np.array(rel), dtype=np.float32,
                 new_axes={"k": len(pairs), "e": maps.embed_dim}, concatenate=True))
-            order += heads
+        order = resid + heads
         out = da.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         if order != sel:
             position = {u: k for k, u in enumerate(order)}
@@ -593,23 +581,15 @@ class FeatureStore:
         sel = self._unit_indices(units)
         maps = self.maps
         mean, inv = self.raw_array("ln_mean"), self.raw_array("ln_inv_std")
+        resid, x, heads = self._raw_units(sel)
         parts: list[AffineUnits] = []
-        order: list[int] = []
-        resid = [i for i in sel if table[i].kind != "head"]
-        heads = [i for i in sel if table[i].kind == "head"]
         if resid:
-            layers = [table[i].layer for i in resid if i != 0]
-            raw = [self.raw_array("emb")[:, None]] if 0 in resid else []
-            if layers:
-                raw.append(self.raw_array("mlp")[:, layers])
-            x = da.concatenate(raw, axis=1) if len(raw) > 1 else raw[0]
             linear, offset = affine_maps(maps)
             parts.append(AffineUnits(
                 da.blockwise(affine_features, "nkd", x, "nkw", mean, "n", inv, "n",
                              dtype=np.float64, new_axes={"d": self.dims.width + 2},
                              concatenate=True),
                 linear, np.tile(offset, (len(resid), 1))))  # one map for every unit
-            order += ([0] if 0 in resid else []) + [i for i in resid if i != 0]
         if heads:
             pairs = np.array([(table[i].layer, table[i].head) for i in heads])
             z = self.raw_array("heads")
@@ -627,9 +607,22 @@ class FeatureStore:
                              new_axes={"k": len(heads), "d": maps.head_dim + 2},
                              concatenate=True),
                 linear, np.tile(offset, (len(heads), 1))))
-            order += heads
-        results = dict(zip(order, pca_affine(parts)))
+        results = dict(zip(resid + heads, pca_affine(parts)))
         return [results[i] for i in sel]
+
+    def _raw_units(self, sel: list[int]) -> tuple[list[int], da.Array | None, list[int]]:
+        """The distinct units of ``sel`` by kind: the residual ones (emb first, then the MLPs
+        by layer) with their raw outputs ``[N, len(resid), D]``, and the heads."""
+        table = self.units
+        unique = list(dict.fromkeys(sel))
+        resid = sorted(i for i in unique if table[i].kind != "head")
+        heads = [i for i in unique if table[i].kind == "head"]
+        raw = [self.raw_array("emb")[:, None]] if resid and resid[0] == 0 else []
+        layers = [table[i].layer for i in resid if i != 0]
+        if layers:
+            raw.append(self.raw_array("mlp")[:, layers])
+        x = (da.concatenate(raw, axis=1) if len(raw) > 1 else raw[0]) if raw else None
+        return resid, x, heads
 
     def _unit_indices(self, units: Sequence[int | str] | None) -> list[int]:
         table = self.units
