@@ -132,12 +132,12 @@ def _cmd_align(args: argparse.Namespace) -> int:
                                                         args.feature_dtype))
              if args.basis else default_basis_url(stores["train"]))
     result = run_align(stores["train"], stores["val"], stores["test"], params, basis_url=basis,
-                       data_root=args.data_root, progress=not args.quiet)
+                       data_root=args.data_root, progress=not args.quiet, force=args.force)
     columns = ("method", "seed", "trainable_parameters", "val_acc", "test_acc")
     print(_render(_arrow([{k: r.get(k) for k in columns} for r in result.rows]), "table", 0),
           end="")
     print(f"bases: {result.basis_url}; {len(result.rows)} fits in {result.seconds:.1f} s "
-          "(fits already in the tables are reused)")
+          + ("(all refitted)" if args.force else "(fits already in the tables are reused)"))
     return 0
 
 
@@ -158,7 +158,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     params = _params(explain_stage.Params, args)
     url = _feature_url(args)
     root = Layout.of(args.store_root).root
-    result = run_explain(url, params, tables_root=root, progress=not args.quiet)
+    result = run_explain(url, params, tables_root=root, progress=not args.quiet,
+                         force=args.force)
     rows = [r for r in read_table(root, "head_texts", model=args.model, dataset=args.dataset,
                                   filters={"split": args.split,
                                            "config_hash": explain_key(url, params)}).to_pylist()
@@ -248,7 +249,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                  extract_parts=args.extract_parts)
     cells = report["cells"]
     n_runs, computed = count_stage_runs(report)
-    print(f"grid {report['grid']}: {len(cells)} cells; {n_runs} stage runs here: {computed} "
+    print(f"grid {report['grid']}: {len(cells)} cells; {n_runs} stage runs: {computed} "
           f"computed, {n_runs - computed} cached")
     evaluations = [{**e, "cell": c["cell"]} for c in cells for e in c.get("evaluations", [])]
     columns = FIT_COLUMNS if evaluations else ("cell", "flow_run", "state")
@@ -449,6 +450,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return run_demo(store_root=args.store_root, force=args.force)
 
 
+def _add_force(p: argparse.ArgumentParser, stages: bool = False) -> None:
+    """``--force``, one meaning in every command: recompute even what is up to date. A command
+    of several stages takes the first stage to recompute (``--force STAGE``, repeatable: that
+    stage and every stage after it); a bare ``--force`` there recomputes every stage."""
+    if not stages:
+        p.add_argument("--force", action="store_true", help="recompute even if up to date")
+        return
+    first = next(iter(STAGES))  # every stage comes after the first
+    p.add_argument("--force", action="append", nargs="?", const=first, default=[],
+                   choices=STAGES, metavar="STAGE",
+                   help="recompute even if up to date: STAGE and every stage after it "
+                   f"(repeatable; one of {', '.join(STAGES)}); a bare --force: every stage")
+
+
 def _add_params(p: argparse.ArgumentParser, schema: type[StageParams]) -> None:
     """One option per field of a stage's ``Params``: ``--field-name``, the field's type, choices
     and description; the default (``None``) leaves the schema's default in place."""
@@ -544,8 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "PREFECT_API_URL names one), print the results and write a report under "
                        "<store-root>/reports/demo. Cached stages are not recomputed.")
     p.add_argument("--store-root", default=None, help="store root (default data)")
-    p.add_argument("--force", action="append", default=[], choices=STAGES, metavar="STAGE",
-                   help="recompute this stage and what depends on it (repeatable)")
+    _add_force(p, stages=True)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("extract", help="write the feature store of a model on a dataset split",
@@ -590,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dask-memory-limit", dest="memory_limit", default=None,
                    help="per-worker memory limit of that LocalCluster, e.g. 2GB, 512MiB or auto")
     _add_params(p, spectral_stage.Params)
-    p.add_argument("--force", action="store_true", help="recompute even if up to date")
+    _add_force(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def spectral(args: argparse.Namespace) -> int:
@@ -607,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "the train/val/test feature stores of a model on a dataset (extract all "
                        "three first) and write one evaluations row per fit and the fits' weights. "
                        "A fit whose row is already in the tables with the same inputs and "
-                       "settings is reused, not run again.")
+                       "settings is reused, not run again (--force refits it).")
     _add_model_arguments(p)
     p.add_argument("--dataset", required=True, help="dataset name (as extracted)")
     _add_store_dtype(p)
@@ -619,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset root, read again only by finetune (default data/datasets)")
     p.add_argument("--store-root", default=None, help="store root folder or URL (default data)")
     _add_params(p, align_stage.Params)
+    _add_force(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_align)
 
@@ -630,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "computes nothing.")
     _add_feature_store_arguments(p)
     _add_params(p, explain_stage.Params)
+    _add_force(p)
     p.add_argument("--limit", type=int, default=60, help="rows to print (0: all; default 60)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_explain)
@@ -655,9 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="demo",
                    help=f"{', '.join(NAMED_GRIDS)} or a grid JSON file (default demo: the "
                    "embedded world, offline)")
-    p.add_argument("--force", action="append", default=[], choices=STAGES, metavar="STAGE",
-                   help=f"recompute STAGE and every stage after it (repeatable; one of "
-                   f"{', '.join(STAGES)})")
+    _add_force(p, stages=True)
     p.add_argument("--data-root", default=None, help="dataset root (default data/datasets)")
     p.add_argument("--store-root", default=None,
                    help="stores, tables, checkpoints, Prefect results (default data)")

@@ -26,7 +26,7 @@ import logging
 import math
 import re
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from prefect import flow, get_run_logger
 
@@ -374,6 +374,13 @@ def _run_cells_on_workers(cells: list[Cell], settings: Settings, options: RunOpt
     storage every worker sees (``store_root``)."""
     from prefect.client.orchestration import get_client
 
+    def show_stages(client, submitted: list, bar) -> None:
+        done = [r for runs in _stage_runs(client, [r.id for r in submitted]).values()
+                for r in runs]
+        computed = sum(r["state"] != "Cached" for r in done)
+        bar.set_postfix_str(f"stages {len(done)} ({computed} computed)"
+                            + (f", last {done[-1]['stage']}: {done[-1]['state']}" if done else ""))
+
     runs = _run_on_workers(
         deployment,
         [(f"cell {cell.label}",
@@ -381,20 +388,48 @@ def _run_cells_on_workers(cells: list[Cell], settings: Settings, options: RunOpt
            "options": options.model_dump(mode="json"),
            "bases": bases.get((cell.model, cell.basis))},
           cell_tags(grid, cell)) for cell in cells],
-        desc="cells on workers", unit="cell", poll_seconds=poll_seconds)
+        desc="cells on workers", unit="cell", poll_seconds=poll_seconds, on_poll=show_stages)
     with get_client(sync_client=True) as client:
         fits = _fits_of_runs(client, [run.id for run in runs])
+        stages = _stage_runs(client, [run.id for run in runs])
     return [{"cell": cell.label, "flow_run": run.name, "state": run.state.name,
+             "runs": stages.get(run.id, []),
              **({"evaluations": fits.get(run.id, [])} if run.state.is_completed()
                 else {"error": run.state.message})}
             for cell, run in zip(cells, runs)]
 
 
+def _stage_runs(client, flow_run_ids: list) -> dict[Any, list[dict[str, Any]]]:
+    """The finished stage runs of each of these flow runs (say, cells on workers), by run id,
+    in the order they started: records as a local cell reports them (``stage``, ``target``,
+    ``state``: ``Completed`` or ``Cached``), read from their task runs."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    runs, page = [], 200
+    while True:  # the API answers at most a page of task runs per call
+        got = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(flow_run_ids))),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=page, offset=len(runs))
+        runs += got
+        if len(got) < page:
+            break
+    out: dict[Any, list[dict[str, Any]]] = {}
+    for run in runs:
+        stage, sep, target = run.name.partition(": ")  # the Runner names them "stage: target"
+        if sep and stage in STAGES and run.state is not None and run.state.is_completed():
+            out.setdefault(run.flow_run_id, []).append(
+                {"stage": stage, "target": target, "state": run.state.name})
+    return out
+
+
 def _run_on_workers(deployment: str, jobs: list[tuple[str, dict[str, Any], list[str]]],
-                    desc: str, unit: str, poll_seconds: float = 5.0) -> list:
+                    desc: str, unit: str, poll_seconds: float = 5.0,
+                    on_poll: Callable[[Any, list, Any], None] | None = None) -> list:
     """Each ``(name, parameters, tags)`` of ``jobs`` as a run of ``deployment`` (picked up by
     any worker of its pool), all submitted at once, then waited for (a progress bar counts
-    the finished ones; a warning says when no worker is online). Returns the runs, final.
+    the finished ones, and ``on_poll(client, runs, bar)`` may add to it at each poll; a
+    warning says when no worker is online). Returns the runs, final.
     Interrupted (Ctrl-C), it cancels the runs it submitted: a scheduled one at once, a running
     one through its worker."""
     from prefect.client.orchestration import get_client
@@ -414,6 +449,8 @@ def _run_on_workers(deployment: str, jobs: list[tuple[str, dict[str, Any], list[
                 runs = [client.read_flow_run(run.id) for run in submitted]
                 final = sum(run.state is not None and run.state.is_final() for run in runs)
                 bar.update(final - bar.n)
+                if on_poll is not None:
+                    on_poll(client, submitted, bar)
                 if final == len(runs):
                     return runs
                 time.sleep(poll_seconds)

@@ -62,7 +62,7 @@ def run_stage(stage: str, inputs: StageInputs, params: StageParams, force: bool 
     spec = STAGES[stage]
     if force:
         spec.discard(inputs, params)
-    result = spec.run(inputs, params, _interactive())
+    result = spec.run(inputs, params, _interactive(), force)
     _log().info("%s: %s", stage, result.model_dump_json(include=set(spec.summary) or None))
     return result
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from builders import write_image_folder
+from residual_core.engines import align as align_engine
 from residual_core.engines.align import AlignParams, run_align
 from residual_core.engines.extract import extract
 from residual_core.formats.align_weights import stored_lambdas
@@ -303,7 +304,7 @@ def test_finetune_reads_the_images_from_the_given_data_root(tmp_path, monkeypatc
     assert len(finetune) == 1 and finetune[0]["trainable_parameters"] > 100_000
 
 
-def test_align_command(task, tmp_path, capsys):
+def test_align_command(task, tmp_path, capsys, monkeypatch):
     from pipelines.cli import main
 
     root, urls = task
@@ -325,6 +326,14 @@ def test_align_command(task, tmp_path, capsys):
     again = {(r["method"], r["seed"]): r for r in read_table(store_root, "evaluations").to_pylist()}
     assert again["linear", 3]["created_at"] == created and len(again) == len(rows)
     capsys.readouterr()
+    fitted = []
+    real_fit = align_engine.fit
+    monkeypatch.setattr(align_engine, "fit", lambda m, *a, **k: fitted.append(m) or
+                        real_fit(m, *a, **k))
+    assert main(args + ["--force"]) == 0  # --force refits both and replaces their rows
+    assert sorted(fitted) == ["linear", "zero-shot"] and "(all refitted)" in capsys.readouterr().out
+    assert read_table(store_root, "evaluations").num_rows == len(rows)
+    monkeypatch.undo()
 
     # --lr / --batch-size per method: a fit of its own beside the preset's, reused on rerun
     tuned = args[:-1] + ["--lr", "linear=0.01", "--batch-size", "16"]

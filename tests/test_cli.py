@@ -62,3 +62,23 @@ def test_one_name_for_one_thing_across_commands():
     assert "--num-workers" in options["extract"]
     every = set().union(*options.values())
     assert not every & {"--workers", "--address", "--memory-limit"}
+
+
+def test_force_means_recompute_in_every_command():
+    """--force is one option: a flag in a one-stage command, an optional first STAGE in a
+    command of several (bare: every stage, by the stage graph)."""
+    from pipelines.cli import build_parser
+    from residual_core.stages import STAGES, downstream
+
+    parser = build_parser()
+    common = ["--model", "residual-tiny", "--dataset", "d"]
+    for command in (["spectral", *common], ["align", *common], ["explain", *common]):
+        assert parser.parse_args(command).force is False
+        assert parser.parse_args([*command, "--force"]).force is True
+    for command in (["run"], ["demo"]):
+        assert parser.parse_args(command).force == []
+        assert downstream(parser.parse_args([*command, "--force"]).force) == set(STAGES)
+        assert parser.parse_args([*command, "--force", "align", "--force", "explain"]
+                                 ).force == ["align", "explain"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--force", "nope"])

@@ -195,6 +195,10 @@ def test_distributed_cells_run_on_pool_workers(server, tmp_path):
         _stop(worker)
     assert cli.returncode == 0, cli.stdout + cli.stderr[-4000:]
     _assert_rows(store_root, {"zero-shot", "coarse"})
+    # the stage runs of the cell on the worker count as a local cell's (extract x3, spectral,
+    # align), read back from its task runs
+    assert "grid deploy-test: 1 cells; 5 stage runs: 5 computed, 0 cached" in cli.stdout, (
+        cli.stdout)
     # the summary shows the accuracies the workers' cells reported (their runs' artifacts)
     for row in read_table(store_root, "evaluations").to_pylist():
         assert re.search(rf"residual-tiny/random on imagefolder:\S+\s+{row['method']}\s+0\s+"

@@ -212,6 +212,10 @@ def test_units_explains_only_those_heads_beside_a_run_of_every_head(task):
     assert all(every[(r["unit"], r["rank"])] == r["text"] for r in mine)
     assert engine.is_explained(task["url"], full, task["store_root"])
     assert not engine.run_explain(task["url"], some, tables_root=task["store_root"]).computed
+    forced = engine.run_explain(task["url"], some, tables_root=task["store_root"], force=True)
+    assert forced.computed and sorted((r["unit"], r["rank"], r["text"]) for r in
+                                      _rows(task, config_hash=key)) == sorted(
+        (r["unit"], r["rank"], r["text"]) for r in mine)  # recomputed, replaced, not added
     for units, message in ((("L9H9",), "unknown unit 'L9H9'"), (("L1H9",), "did you mean"),
                            (("emb",), "only attention heads"),
                            (("L1.mlp",), "a mlp unit: only attention heads")):
@@ -232,6 +236,10 @@ def test_cli_explain_and_heads(task):
     assert out.returncode == 0, out.stderr
     shown = {line.split()[0] for line in out.stdout.splitlines()[1:] if line[:1] == "L"}
     assert shown == {"L1H2", "L3H0"} and "2 heads, 4 rows" in out.stdout
+    for flags, state in (((), "up to date, nothing computed"), (("--force",), ": computed")):
+        out = _cli("explain", *common, "--dictionary", task["dictionary"], "--texts-per-head",
+                   "2", "--rank", "4", "--units", "L1H2,L3H0", "--quiet", *flags)
+        assert out.returncode == 0 and state in out.stdout, out.stderr
     out = _cli("explain", *common, "--dictionary", task["dictionary"], "--units", "L7H0",
                "--quiet")
     assert out.returncode == 2 and "unknown unit 'L7H0'" in out.stderr

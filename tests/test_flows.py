@@ -207,6 +207,25 @@ def test_force_spectral_reruns_spectral_and_align(world, first_run, calls):
         "created_at"] != before
 
 
+def test_force_align_refits_the_fits_already_in_the_tables(world, first_run, monkeypatch):
+    """align keeps its results as table rows: forced, it fits again and replaces them (before,
+    the run found every fit's row and reused it, so --force align did nothing)."""
+    fits = Counter()
+    original = align_engine.fit
+
+    def counting_fit(method, *args, **kw):
+        fits[method] += 1
+        return original(method, *args, **kw)
+
+    monkeypatch.setattr(align_engine, "fit", counting_fit)
+    assert _run(world)["align"] == ["Cached"] and not fits
+    rows = read_table(world["store"], "evaluations").num_rows
+    states = _run(world, force=["align"])
+    assert states == {"extract": ["Cached"] * 3, "spectral": ["Cached"], "align": ["Completed"]}
+    assert fits == {"residual-star": 1}
+    assert read_table(world["store"], "evaluations").num_rows == rows  # replaced, not added
+
+
 def test_spectral_flow_runs_on_a_dask_cluster(world, first_run, calls):
     model = {"name": EMBEDDED_MODEL}
     dataset = world["grid"]["sweeps"][0]["datasets"][0]

@@ -37,7 +37,7 @@ def test_the_readme_everyday_loop_runs_as_written(tmp_path):
 
     assert '"name": "smoke"' in out  # grid show prints the template
     assert re.search(r"pets\.json: a valid grid 'pets': 1 cells", out), out
-    runs = re.findall(r"grid pets: 1 cells; (\d+) stage runs here: (\d+) computed", out)
+    runs = re.findall(r"grid pets: 1 cells; (\d+) stage runs: (\d+) computed", out)
     assert [computed for _, computed in runs] == [runs[0][0], "0"], runs  # then all cached
     groups = {line.split()[0]: line.split()[1:] for line in out.splitlines()
               if line.split()[:1] and line.split()[0] in ("zero-shot", "coarse",

@@ -186,7 +186,7 @@ def test_results_of_a_real_run(tmp_path, capsys):
     run = subprocess.run([str(BIN / "residual"), "run", "--grid", str(grid), "--store-root",
                           str(store)], env=env, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-4000:]
-    assert "grid cli-test: 1 cells; 5 stage runs here: 5 computed, 0 cached" in run.stdout
+    assert "grid cli-test: 1 cells; 5 stage runs: 5 computed, 0 cached" in run.stdout
     assert (store / "prefect" / "prefect.db").is_file()  # the run's history, beside its data
     code, out, _ = _results(capsys, store, "--group-by", "method", "--format", "json")
     assert code == 0

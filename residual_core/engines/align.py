@@ -163,13 +163,16 @@ def plan_align(train_url: str, val_url: str, test_url: str, basis_url: str,
 
 def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams | None = None, *,
               basis_url: str | None = None, tables_root: str | None = None,
-              data_root: str | None = None, progress: bool = True) -> Result:
+              data_root: str | None = None, progress: bool = True, force: bool = False
+              ) -> Result:
     """Fit ``params.methods`` × ``params.seeds`` on the task and write tables and weights.
 
     Each fit is one row of ``evaluations`` (see :class:`AlignPlan`), written as soon as it is
     done: a fit whose row is already there with the same content identity is reused, not run
     again (a later grid reuses the fits of an earlier one; a killed run keeps its finished
-    fits). ``data_root`` is where ``finetune`` reads the task's images again (it runs the
+    fits). ``force``: refit every fit of the plan (and redo the head selection), replacing
+    their rows one by one as each is done (a killed forced run keeps the old rows of the fits
+    it had not reached). ``data_root`` is where ``finetune`` reads the task's images again (it runs the
     backbone; default ``Layout.of().datasets``); the other methods read only the stores.
     """
     start = time.perf_counter()
@@ -179,7 +182,8 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
     basis_url = basis_url or default_basis_url(train_url)
     plan = plan_align(train_url, val_url, test_url, basis_url, params)
     root = tables_root or Layout.of_store(train_url).root
-    done = {r.get("config_hash"): r for r in matching_rows(root, "evaluations", model, dataset)}
+    done = ({} if force else
+            {r.get("config_hash"): r for r in matching_rows(root, "evaluations", model, dataset)})
     weights = Layout.align_weights(train_url)
     group = zarr.open_group(zarr_target(weights), mode="a")
     provenance = {"pretrained": train.attrs.get("pretrained")}
@@ -215,7 +219,8 @@ def run_align(train_url: str, val_url: str, test_url: str, params: AlignParams |
     hs_rows = []
     hs_key, hs_hash = plan.head_selection
     if params.head_selection:
-        hs_rows = matching_rows(root, "head_selection", model, dataset, config_hash=hs_hash)
+        hs_rows = ([] if force else
+                   matching_rows(root, "head_selection", model, dataset, config_hash=hs_hash))
         if not hs_rows or not matching_rows(root, "head_scores", model, dataset,
                                             config_hash=hs_hash):
             # mean ablation with the test split's means, as the authors

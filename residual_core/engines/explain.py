@@ -204,10 +204,10 @@ def _head_contributions(store: FeatureStore, unit) -> np.ndarray:
 
 
 def run_explain(feature_url: str, params: Params | None = None, *, tables_root: str | None = None,
-                progress: bool = False) -> Result:
+                progress: bool = False, force: bool = False) -> Result:
     """Explain every head of the feature store at ``feature_url`` in text; the rows (one per
     head and pick) go to the ``head_texts`` table. Returns without computing when the table
-    already holds this result."""
+    already holds this result, unless ``force`` (then the rows are recomputed and replaced)."""
     params = params or Params()
     start = time.perf_counter()
     store = FeatureStore.open(feature_url)
@@ -218,7 +218,7 @@ def run_explain(feature_url: str, params: Params | None = None, *, tables_root: 
                             f"{len(dictionary.texts)} descriptions of {dictionary.name!r}")
     key = _key(store, dictionary, params)
     heads = _heads(store, params.units)
-    if _explained(store, key, root):
+    if not force and _explained(store, key, root):
         return Result(rows=len(heads) * params.texts_per_head, heads=len(heads), computed=False,
                       seconds=time.perf_counter() - start)
     weights = WeightsId.from_attrs(store.attrs)

@@ -162,17 +162,18 @@ def is_current(inputs: Inputs, params: Params) -> bool:
             and (not params.head_selection or plan.head_selection[1] in rows["head_selection"]))
 
 
-def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
+def run(inputs: Inputs, params: Params, progress: bool = False, force: bool = False
+        ) -> Result:
     from residual_core.engines.align import run_align
 
     s = inputs.stores
     return run_align(s["train"], s["val"], s["test"], params, basis_url=inputs.spectral_url,
                      tables_root=inputs.tables_root, data_root=inputs.data_root,
-                     progress=progress)
+                     progress=progress, force=force)
 
 
 def discard(inputs: Inputs, params: Params) -> None:
-    """Nothing to delete: a rerun replaces the task's rows and weights."""
+    """Nothing to delete: a forced run refits and replaces the task's rows and weights."""
 
 
 STAGE = Stage("align", 2, ("extract", "spectral"), Params, Inputs, Result, identity, is_current,

@@ -87,9 +87,11 @@ class Stage(Generic[I, P, R]):
             ``version`` it makes :meth:`key`.
         is_current: ``(inputs, params) -> bool``: every output exists and was made from exactly
             these inputs and parameters.
-        run: ``(inputs, params, progress) -> Result``: make (or resume) the outputs.
-        discard: ``(inputs, params) -> None``: delete the outputs (``force``), so that ``run``
-            really recomputes.
+        run: ``(inputs, params, progress, force) -> Result``: make (or resume) the outputs;
+            ``force``: recompute those that are current too (results kept as table rows, e.g.
+            align's fits, are recomputed and replaced, never deleted first).
+        discard: ``(inputs, params) -> None``: before a forced run, delete the stores that
+            ``run`` would resume from (a no-op for stages whose outputs are table rows).
         summary: the fields of its ``Result`` that a run's log line shows.
     """
 
@@ -101,7 +103,7 @@ class Stage(Generic[I, P, R]):
     Result: type[R]
     identity: Callable[[I, P], dict[str, Any]]
     is_current: Callable[[I, P], bool]
-    run: Callable[[I, P, bool], R]
+    run: Callable[[I, P, bool, bool], R]
     discard: Callable[[I, P], None]
     summary: tuple[str, ...] = ()
 

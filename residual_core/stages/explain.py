@@ -76,15 +76,16 @@ def is_current(inputs: Inputs, params: Params) -> bool:
         return False
 
 
-def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
+def run(inputs: Inputs, params: Params, progress: bool = False, force: bool = False
+        ) -> Result:
     from residual_core.engines.explain import run_explain
 
     return run_explain(inputs.feature_url, params, tables_root=inputs.tables_root,
-                       progress=progress)
+                       progress=progress, force=force)
 
 
 def discard(inputs: Inputs, params: Params) -> None:
-    """Nothing to delete: a rerun replaces its rows (same row key)."""
+    """Nothing to delete: a forced run recomputes and replaces its rows (same row key)."""
 
 
 STAGE = Stage("explain", 1, ("extract",), Params, Inputs, Result, identity, is_current, run,

@@ -154,8 +154,8 @@ def is_current(inputs: Inputs, params: Params) -> bool:
     return store.attrs.get("config_hash") == identity(inputs, params)["config_hash"]
 
 
-def run(inputs: Inputs, params: Params, progress: bool = False, part: Part | None = None
-        ) -> Result:
+def run(inputs: Inputs, params: Params, progress: bool = False, force: bool = False,
+        part: Part | None = None) -> Result:
     """Extract the store (``part``: only that part's row chunks, see :class:`Part`)."""
     from residual_core.engines.extract import extract, loaded_model
 

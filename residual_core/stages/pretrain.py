@@ -49,7 +49,8 @@ def is_current(inputs: Inputs, params: Params) -> bool:
     return checkpoint(inputs, params).is_file()
 
 
-def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
+def run(inputs: Inputs, params: Params, progress: bool = False, force: bool = False
+        ) -> Result:
     from residual_core.world.pretraining import pretrain_embedded
 
     path = pretrain_embedded(inputs.out_dir, seed=params.seed, steps=params.steps,

@@ -76,7 +76,8 @@ def is_current(inputs: Inputs, params: Params) -> bool:
                                   config_hash=cross_model_key(*_hashes(inputs)))
 
 
-def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
+def run(inputs: Inputs, params: Params, progress: bool = False, force: bool = False
+        ) -> Result:
     from residual_core.engines.spectral import cross_model_spectra, similarity
 
     rows = similarity(inputs.spectral_url, inputs.basis_url, params.evr_threshold,

@@ -86,13 +86,14 @@ def is_current(inputs: Inputs, params: Params) -> bool:
     return store.attrs.get("config_hash") == key and has_table_rows(store, inputs.root)
 
 
-def run(inputs: Inputs, params: Params, progress: bool = False) -> Result:
+def run(inputs: Inputs, params: Params, progress: bool = False, force: bool = False
+        ) -> Result:
     from residual_core.engines.spectral import run_spectral
 
     # run_spectral reuses an up-to-date store and rewrites whichever of its rows are missing
     return run_spectral(inputs.feature_url, params, address=inputs.address,
                         n_workers=inputs.n_workers, memory_limit=inputs.memory_limit,
-                        tables_root=inputs.root, progress=progress)
+                        tables_root=inputs.root, progress=progress, force=force)
 
 
 def discard(inputs: Inputs, params: Params) -> None:
