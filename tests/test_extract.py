@@ -124,6 +124,7 @@ def test_float16_storage_is_smaller_and_close(tiny, folder, tmp_path):
     assert size(s16.url) < 0.75 * size(s32.url)
 
 
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
 def test_kill_9_then_resume_gives_the_clean_store(tiny, tmp_path):
     folder = write_image_folder(tmp_path / "big", ["a", "b"], 700, size=32, seed=1)
     name = f"imagefolder:{folder}"
@@ -145,9 +146,15 @@ def test_kill_9_then_resume_gives_the_clean_store(tiny, tmp_path):
                 break
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         time.sleep(0.05)
+    writers = _writer_processes(proc.pid)  # the store is written: its writer has started
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert done_path is not None
+    assert len(writers) == 1  # the CLI's writer process, which dies with it
+    deadline = time.time() + 10
+    while _writer_processes(proc.pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _writer_processes(proc.pid)
     with pytest.raises(StoreError, match="incomplete"):
         FeatureStore.open(str(done_path))
     done_before = int(zarr.open_group(str(done_path), mode="r")["done"][...].sum())
@@ -159,6 +166,46 @@ def test_kill_9_then_resume_gives_the_clean_store(tiny, tmp_path):
     a, b = FeatureStore.open(resumed.url).group, FeatureStore.open(clean.url).group
     for key in RAW_FIELDS + ("labels", "indices", "done", "maps/head_maps"):
         np.testing.assert_array_equal(a[key][...], b[key][...], err_msg=key)
+
+
+def _writer_processes(parent: int) -> list[int]:
+    """PIDs of the writer processes (residual_core.formats.row_chunks) of ``parent``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"residual_core.formats.row_chunks" in argv and argv[argv.index(
+                b"residual_core.formats.row_chunks") + 1] == str(parent).encode():
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
+def test_a_writer_process_writes_what_a_writer_thread_writes(tiny, folder, tmp_path):
+    """The default writer process (local stores) gives a store bitwise identical to the writer
+    thread's; a failed write in the child is one line in the parent; the child is gone after."""
+    from residual_core.formats.row_chunks import WriterError, WriterProcess
+
+    name = f"imagefolder:{folder}"
+    stores = {w: FeatureStore.open(run(tiny, name, "test", tmp_path / w, writer=w,
+                                       rows_per_chunk=4).url)
+              for w in ("thread", "process")}
+    assert stores["thread"].dims.row_chunk > 1
+    a, b = stores["thread"].group, stores["process"].group
+    for key in RAW_FIELDS + ("labels", "indices", "done"):
+        np.testing.assert_array_equal(a[key][...], b[key][...], err_msg=key)
+    assert not _writer_processes(os.getpid())
+    with WriterProcess() as writer:
+        deadline = time.time() + 10  # its command line is the module's once it has exec'ed
+        while not _writer_processes(os.getpid()) and time.time() < deadline:
+            time.sleep(0.01)
+        (pid,) = _writer_processes(os.getpid())
+        with pytest.raises(WriterError, match=r"^row chunk 0: \w+(Error|NotFound)\w*: .*$"):
+            writer.write(str(tmp_path / "nothing.zarr"), 0, slice(0, 1),
+                         {"labels": np.zeros(1, np.int64)})
+    assert not _writer_processes(os.getpid()) and not Path(f"/proc/{pid}").exists()
 
 
 def test_mismatched_config_is_an_error(tiny, folder, tmp_path):

@@ -41,9 +41,9 @@ def _child(root, folder, part: str | None, log: Path, pause: float = 0.0) -> sub
 import os, sys, time
 from residual_core.formats.feature_store import FeatureStore
 write = FeatureStore.write_chunk
-def logged(self, chunk, values):
+def logged(self, chunk, values, *writer):  # the write waits for the writer process
     with open({str(log)!r}, "a") as f: f.write(f"begin {{chunk}} {{os.getpid()}}\\n")
-    write(self, chunk, values)
+    write(self, chunk, values, *writer)
     with open({str(log)!r}, "a") as f: f.write(f"end {{chunk}} {{os.getpid()}}\\n")
     time.sleep({pause})
 FeatureStore.write_chunk = logged

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from residual_core.datasets import SplitDataset, load_dataset
 from residual_core.errors import StoreError
 from residual_core.formats.claims import StoreClaims, store_claims
+from residual_core.formats.row_chunks import WriterProcess
 from residual_core.formats.feature_store import (
     DECOMPOSITION_VERSION,
     FORMAT_NAME,
@@ -186,6 +187,24 @@ def extract(
     params = params or ExtractParams()
     part = part or Part()
     layout = Layout.of(store_root).check_root()
+    with _writer(params, layout) as writer:  # started first: it imports while the model loads
+        return _extract(model, pretrained, dataset, split, params, layout, data_root, verify,
+                        progress, loaded, part, start, writer)
+
+
+@contextlib.contextmanager
+def _writer(params: ExtractParams, layout: Layout) -> Iterator[WriterProcess | None]:
+    """A :class:`WriterProcess` for ``writer="process"`` and a local store, else None (the
+    writer thread writes itself)."""
+    if params.writer != "process" or not is_local(layout.root):
+        yield None
+        return
+    with WriterProcess() as process:
+        yield process
+
+
+def _extract(model, pretrained, dataset, split, params, layout, data_root, verify, progress,
+             loaded, part, start, writer) -> ExtractResult:
     if loaded is None:
         loaded = load_model(model, pretrained, device=params.device or default_device())
     data = load_dataset(dataset, split, data_root=data_root, transform=loaded.preprocess,
@@ -206,7 +225,7 @@ def extract(
                 store.mark_pending(store.verify(labels=data.labels, indices=data.indices))
         pending, busy = claim_part(store, claims, part)
         rows, check = _compute(store, loaded, data, pending, params, progress,
-                               written=claims.release)
+                               written=claims.release, writer=writer)
         if check is not None:
             with claims.metadata():  # the first part to compute records it
                 store.refresh()
@@ -327,10 +346,11 @@ def exactness(model, images: torch.Tensor, precision: str, maps: ReadoutMaps) ->
 
 def _compute(store: FeatureStore, loaded: LoadedModel, data, pending: np.ndarray,
              params: ExtractParams, progress: bool,
-             written: Callable[[int], None] = lambda chunk: None
-             ) -> tuple[int, dict[str, Any] | None]:
+             written: Callable[[int], None] = lambda chunk: None,
+             writer: WriterProcess | None = None) -> tuple[int, dict[str, Any] | None]:
     """Decompose the rows of ``pending`` chunks (in ``params.precision``); a writer thread
-    writes chunks behind compute and calls ``written(chunk)`` after each. Returns the rows
+    writes chunks behind compute (through ``writer`` when given) and calls ``written(chunk)``
+    after each. Returns the rows
     computed and, when the store has none yet, the :func:`exactness` of the first batch."""
     if not len(pending):
         return 0, None
@@ -349,7 +369,7 @@ def _compute(store: FeatureStore, loaded: LoadedModel, data, pending: np.ndarray
     filled = 0
     writes: list[Future] = []
     check = None
-    with ThreadPoolExecutor(max_workers=1) as writer, \
+    with ThreadPoolExecutor(max_workers=1) as thread, \
             tqdm(total=total, unit="img", disable=not progress, desc="extract",
                  dynamic_ncols=True) as bar:
         for images, _ in loader:
@@ -365,8 +385,10 @@ def _compute(store: FeatureStore, loaded: LoadedModel, data, pending: np.ndarray
                 block = {k: np.concatenate([b[k] for b in buffer]) for k in RAW_FIELDS}
                 block["labels"] = np.asarray(data.labels[rows], dtype=np.int64)
                 block["indices"] = np.asarray(data.indices[rows], dtype=np.int64)
-                _drain(writes, keep=1)  # at most one chunk queued behind the one being computed
-                writes.append(writer.submit(_write, store, chunk, block, written))
+                # chunks queue behind the one being written up to a budget (the writer may
+                # still be starting), then compute waits for it
+                _drain(writes, keep=max(1, min(8, QUEUED_BYTES // _nbytes(block))))
+                writes.append(thread.submit(_write, store, chunk, block, written, writer))
                 buffer, filled = [], 0
                 chunk = int(next(chunk_iter, -1))
         _drain(writes, keep=0)
@@ -374,9 +396,17 @@ def _compute(store: FeatureStore, loaded: LoadedModel, data, pending: np.ndarray
 
 
 def _write(store: FeatureStore, chunk: int, block: dict[str, np.ndarray],
-           written: Callable[[int], None]) -> None:
-    store.write_chunk(chunk, block)
+           written: Callable[[int], None], writer: WriterProcess | None) -> None:
+    store.write_chunk(chunk, block, writer)
     written(chunk)
+
+
+QUEUED_BYTES = 256 << 20
+"""The most bytes of computed row chunks that wait for the writer (at least one chunk)."""
+
+
+def _nbytes(block: dict[str, np.ndarray]) -> int:
+    return max(1, sum(v.nbytes for v in block.values()))
 
 
 def _drain(writes: list[Future], keep: int) -> None:

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import ZstdCodec
-from zarr.core.sync import sync
 
 from residual_core.errors import StoreError
 from residual_core.identity import FEATURE_DTYPES, WeightsId
+from residual_core.formats.row_chunks import WriterProcess, delete_row_chunks, write_row_chunk
 from residual_core.layout import is_local, local_path, zarr_target
 from residual_core.method.decompose import (ReadoutMaps, affine_features, affine_maps,
                                             project_heads, project_residual)
@@ -407,13 +407,15 @@ class FeatureStore:
         return slice(chunk * r, min((chunk + 1) * r, self.dims.n))
 
     # ---------------------------------------------------------------- writing
-    def write_chunk(self, chunk: int, values: dict[str, np.ndarray]) -> None:
+    def write_chunk(self, chunk: int, values: dict[str, np.ndarray],
+                    writer: WriterProcess | None = None) -> None:
         """Write one full row chunk of every row-chunked array, then mark it done (commit point).
 
         ``values`` holds :data:`ROW_FIELDS`: the raw fields and the chunk's labels and indices, so
         that a chunk recomputed after damage is exactly what a clean extraction wrote. The chunk's
         old shards are deleted first: Zarr reads a partial (last) shard before rewriting it, which
-        fails on a corrupt one.
+        fails on a corrupt one. ``writer``: write in that writer process instead of here (see
+        :mod:`~residual_core.formats.row_chunks`).
         """
         rows = self.chunk_rows(chunk)
         n = rows.stop - rows.start
@@ -424,12 +426,11 @@ class FeatureStore:
             if values[name].shape[0] != n:
                 raise StoreError(f"chunk {chunk} needs {n} rows of {name}, got "
                                  f"{values[name].shape[0]}")
-        self._delete_shards([chunk])
-        # every array's shard at once, in one call into zarr's event loop (one call per array
-        # spent most of a write in handing over between threads); done after all of them
-        sync(_gather(self._array(name)._async_array.setitem(rows, values[name])
-                     for name in ROW_FIELDS))
-        self._array("done")[chunk] = 1
+        values = {name: values[name] for name in ROW_FIELDS}
+        if writer is not None:
+            writer.write(self.url, chunk, rows, values)
+        else:
+            write_row_chunk(self._array, chunk, rows, values)
 
     def mark_pending(self, chunks: Sequence[int]) -> None:
         """Mark row chunks as not written and delete their data (e.g. damaged chunks).
@@ -446,12 +447,7 @@ class FeatureStore:
         self._delete_shards(chunks)
 
     def _delete_shards(self, chunks: Sequence[int]) -> None:
-        keys = []
-        for name in ROW_FIELDS:
-            arr = self._array(name)
-            keys += [f"{arr.path}/" + arr.metadata.encode_chunk_key(
-                (int(chunk),) + (0,) * (arr.ndim - 1)) for chunk in chunks]
-        sync(_gather(self.group.store.delete(key) for key in keys))
+        delete_row_chunks(self._array, ROW_FIELDS, chunks)
 
     def finalize(self) -> None:
         """Mark the store complete once every row chunk is written."""
@@ -654,12 +650,6 @@ def _resid_block(r: np.ndarray, mean: np.ndarray, inv: np.ndarray, maps: Readout
 def _stored_head_maps(url: str, layers: list[int], heads: list[int]) -> np.ndarray:
     """The affine maps of heads ``(layers[i], heads[i])``, from the store's read-out maps."""
     return affine_maps(FeatureStore.open(url, require_complete=False).maps, layers, heads)[0]
-
-
-async def _gather(coroutines) -> list:
-    import asyncio
-
-    return await asyncio.gather(*coroutines)
 
 
 def _head_features_block(z: np.ndarray, mean: np.ndarray, inv: np.ndarray,

@@ -89,6 +89,11 @@ class Params(StageParams):
     device: str | None = Field(None, json_schema_extra=RUN_ONLY,
                                description="torch device: cpu, cuda, cuda:N or mps "
                                "(default cuda when present)")
+    writer: Literal["process", "thread"] = Field(
+        "process", json_schema_extra=RUN_ONLY,
+        description="where row chunks are encoded and written behind compute: a writer process "
+        "(for a store in a local folder; zarr's encoding holds the GIL, which a thread would "
+        "take from compute) or a thread (always used for an fsspec URL store)")
 
     @field_validator("device")
     @classmethod
