@@ -1,7 +1,9 @@
 """Measuring what the embedded model learned on the world's downstream tasks
 (:func:`evaluate_world`): per-task zero-shot accuracy, per-head zero-shot accuracy (each head's
 contribution ``y_u`` scored alone by the text classifier), a linear probe on the final image
-embeddings, and each head's ``K_90``.
+embeddings, and each head's ``K_90``; and :func:`attribute_separation`, how much of the
+spread of a unit's data along given directions each attribute's labels account for (the ground
+truth a text explanation of a head is checked against).
 """
 
 from __future__ import annotations
@@ -157,3 +159,26 @@ def evaluate_world(
                 y_train.sum(1).numpy(), train_samples.labels(attribute),
                 y_eval.sum(1).numpy(), labels)
     return report
+
+
+def attribute_separation(contributions: np.ndarray, directions: np.ndarray,
+                         samples: rendering.WorldSamples) -> dict[str, np.ndarray]:
+    """For each attribute, the share of the variance of ``contributions`` ``[N, E]`` along each
+    unit direction in ``directions`` ``[k, E]`` that its class means account for (the
+    between-class share eta^2 in ``[0, 1]``, one value per direction): a direction that an
+    attribute separates well scores near 1 for it. ``samples`` label the ``N`` rows (in order).
+    """
+    x = np.asarray(contributions, dtype=np.float64)
+    d = np.asarray(directions, dtype=np.float64)
+    if x.ndim != 2 or d.ndim != 2 or x.shape[1] != d.shape[1] or len(samples) != x.shape[0]:
+        raise ValueError(f"need contributions [N, E], directions [k, E] and N samples; got "
+                         f"{x.shape}, {d.shape} and {len(samples)} samples")
+    p = (x - x.mean(0)) @ d.T  # [N, k] centred projections
+    total = (p ** 2).sum(0)
+    out = {}
+    for attribute in rendering.ATTRIBUTES:
+        labels = samples.digit if attribute == "digit" else samples.labels(attribute)
+        between = sum((labels == c).sum() * p[labels == c].mean(0) ** 2
+                      for c in np.unique(labels))
+        out[attribute] = np.divide(between, total, out=np.zeros_like(total), where=total > 0)
+    return out

@@ -329,3 +329,21 @@ def task_attribute(name: str) -> str:
     if attribute == key or attribute not in CLASSNAMES:
         raise KeyError(f"not a world task: {name!r}; expected one of {TASKS}")
     return attribute
+
+
+_NUMERALS = tuple(str(d) for d in range(10))
+
+
+def phrase_attribute(text: str) -> str | None:
+    """The attribute a phrase in the world's caption vocabulary names (``"a red digit"`` ->
+    ``"color"``, ``"the number 7"`` -> ``"digit"``), or None for a phrase that names none
+    (``"a photo"``, ``"a dog"``). Background wins over colour (``"a black background"``)."""
+    words = text.lower().replace(",", " ").replace(".", " ").split()
+    if "background" in words:
+        return "background"
+    padded = f" {' '.join(words)} "
+    for attribute in ("color", "position", "size", "digit"):
+        names = CLASSNAMES[attribute] + (list(_NUMERALS) if attribute == "digit" else [])
+        if any(f" {name} " in padded for name in names):
+            return attribute
+    return None
