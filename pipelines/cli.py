@@ -165,7 +165,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                                            "config_hash": explain_key(url, params)}).to_pylist()
             if r["rank"] < min(3, params.texts_per_head)]
     shown = [{"unit": r["unit"], "rank": r["rank"], "text": r["text"],
-              "explained_variance": r["explained_variance"]}
+              "explained_variance": r["explained_variance"],
+              "class_separation": r["class_separation"]}
              for r in sorted(rows, key=lambda r: (r["layer"], r["head"], r["rank"]))]
     print(_render(_arrow(shown), "table", args.limit), end="")
     state = "computed" if result.computed else "up to date, nothing computed"

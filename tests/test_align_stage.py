@@ -1,6 +1,7 @@
 """The align stage end to end on stores: tables, stored λ, default bases."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -218,6 +219,7 @@ def test_report_from_tables(task, tmp_path):
                         tmp_path / "rep").path.read_text()
     section = text.split("## Heads in text")[1].split("\n## ")[0]
     assert section.count(f"- `{dataset}` L") == 3 and section.count("| L") == 16
+    assert len(re.findall(r"\(\d+%, η² [01]\.\d\d\)", section)) == 6  # 3 heads x 2 picks
     # a run of some heads beside it, and another dictionary for two heads: the report keeps
     # one dictionary (the one explaining every head) and one line per head
     other = tmp_path / "other.txt"

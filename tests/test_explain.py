@@ -12,7 +12,13 @@ import pytest
 
 from residual_core.errors import ResidualError, ShapeError
 from residual_core.method import explain
-from residual_core.method.explain import ExplainInputError, concept_scores, somp, textspan
+from residual_core.method.explain import (
+    ExplainInputError,
+    class_separation,
+    concept_scores,
+    somp,
+    textspan,
+)
 
 
 @pytest.fixture(params=["one-chunk", "tiny-chunks"])
@@ -265,6 +271,24 @@ def test_concept_scores_with_basis_and_main_direction():
     assert with_basis[-1] == 0.0  # orthogonal to the span: documented as 0
 
 
+def test_class_separation_is_the_r2_of_the_class_means(chunking):
+    """eta^2 along each direction equals the R^2 of a least-squares fit of the projections on
+    class indicators (independent), is ~1 along a direction only the classes move and ~0 along
+    one they do not; labels need not be 0..C-1."""
+    rng = np.random.default_rng(11)
+    n, d = 600, 10
+    labels = rng.integers(3, size=n) * 7 + 2  # classes 2, 9, 16
+    data = rng.normal(size=(n, d)) * 0.05 + 3.0
+    data[:, 0] += labels / 7.0  # the classes move dimension 0 only
+    directions = np.vstack([np.eye(d)[0] * 3.0, np.eye(d)[4], rng.normal(size=(2, d))])
+    got = class_separation(data, directions, labels)
+    p = (data - data.mean(0)) @ (directions / np.linalg.norm(directions, axis=1, keepdims=True)).T
+    onehot = (labels[:, None] == np.unique(labels)[None]).astype(float)
+    fit = onehot @ np.linalg.lstsq(onehot, p, rcond=None)[0]
+    np.testing.assert_allclose(got, 1 - ((p - fit) ** 2).sum(0) / (p ** 2).sum(0), atol=1e-12)
+    assert got[0] > 0.99 and got[1] < 0.02
+
+
 # ------------------------------------------------------------------------------- bad input
 
 _D = 8
@@ -309,6 +333,11 @@ def _ok():
      "orthonormal"),
     (lambda x, t: concept_scores(x, t, basis=np.eye(5)), ShapeError,
      "basis has embedding width 5"),
+    (lambda x, t: class_separation(x, t, np.zeros(29, dtype=int)), ShapeError,
+     "labels must be 30 integers"),
+    (lambda x, t: class_separation(x, t, np.zeros(30)), ShapeError, "labels must be 30 integers"),
+    (lambda x, t: class_separation(x, np.zeros((1, _D)), np.zeros(30, dtype=int)),
+     ExplainInputError, "zero norm"),
 ])
 def test_bad_input_is_a_residual_error(call, error, match):
     x, t = _ok()

@@ -22,7 +22,7 @@ from residual_core.formats.tables import TABLES
 from residual_core.identity import EMBEDDED_MODEL, WeightsId
 from residual_core.layout import Layout
 from residual_core.method.decompose import decompose
-from residual_core.method.explain import concept_scores, textspan
+from residual_core.method.explain import class_separation, concept_scores, somp, textspan
 from residual_core.method.models import load_model
 from residual_core.method.zeroshot import encode_texts
 from residual_core.stages import STAGES
@@ -57,38 +57,49 @@ def _params(task, **kw):
     return Params(dictionary=task["dictionary"], texts_per_head=3, rank=8, **kw)
 
 
-def test_explain_equals_textspan_on_independently_decomposed_contributions(task):
+@pytest.fixture(scope="module")
+def independent(task):
+    """The model's own decomposition of the store's images, in its row order: contributions
+    ``[N, units, E]``, unit names, labels and the dictionary's text embeddings."""
+    tiny = task["tiny"]
+    data = load_dataset(f"imagefolder:{task['folder']}", "train", transform=tiny.preprocess)
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    decomposed = decompose(tiny.model, images)
+    return {"y": decomposed.contributions.numpy(), "names": [u.name for u in decomposed.units],
+            "labels": np.array([data[i][1] for i in range(len(data))]),
+            "texts": encode_texts(tiny.model, tiny.tokenizer, TEXTS).numpy()}
+
+
+def test_explain_equals_textspan_on_independently_decomposed_contributions(task, independent):
     result = engine.run_explain(task["url"], _params(task), tables_root=task["store_root"])
     assert result.computed and result.heads == 16 and result.rows == 48  # 4 layers x 4 heads
     rows = _rows(task, method="textspan")
     assert len(rows) == 48
-    # independent path: the model's decomposition of the same images, in the store's row order
-    tiny = task["tiny"]
-    data = load_dataset(f"imagefolder:{task['folder']}", "train", transform=tiny.preprocess)
-    images = torch.stack([data[i][0] for i in range(len(data))])
-    y = decompose(tiny.model, images).contributions.numpy()  # [N, units, E]
-    texts = encode_texts(tiny.model, tiny.tokenizer, TEXTS).numpy()
-    names = [u.name for u in decompose(tiny.model, images[:1]).units]
+    y, names, texts = independent["y"], independent["names"], independent["texts"]
     for unit in ("L0H0", "L2H3"):
         expected = textspan(y[:, names.index(unit)], texts, 3, rank=8)
         got = sorted((r for r in rows if r["unit"] == unit), key=lambda r: r["rank"])
         assert [r["text"] for r in got] == [TEXTS[i] for i in expected.indices]
         np.testing.assert_allclose([r["explained_variance"] for r in got],
                                    expected.explained_variance, rtol=1e-3, atol=1e-6)
+        separation = class_separation(y[:, names.index(unit)], expected.directions,
+                                      independent["labels"])
+        np.testing.assert_allclose([r["class_separation"] for r in got], separation,
+                                   rtol=1e-3, atol=1e-6)
 
 
 def test_rows_follow_the_table_spec_and_name_their_provenance(task):
     engine.run_explain(task["url"], _params(task), tables_root=task["store_root"])
     tbl = read_table(task["store_root"], "head_texts")
     assert set(tbl.schema.names) == {c.name for c in TABLES["head_texts"].columns}
-    row = tbl.to_pylist()[0]
+    row = next(r for r in tbl.to_pylist() if r["method"] == "textspan")
     assert row["pretrained"] == "random" and row["split"] == "train"
     assert row["dictionary_sha1"] == engine.load_dictionary(task["dictionary"]).sha1
     assert row["config_hash"] == engine.explain_key(task["url"], _params(task))
 
 
-def test_rerun_computes_nothing_and_an_edited_dictionary_replaces_its_rows(task, tmp_path,
-                                                                           monkeypatch):
+def test_rerun_computes_nothing_and_an_edited_dictionary_replaces_its_rows(task, independent,
+                                                                           tmp_path, monkeypatch):
     params = _params(task)
     engine.run_explain(task["url"], params, tables_root=task["store_root"])
     stage, inputs = STAGES["explain"], Inputs(feature_url=task["url"],
@@ -103,6 +114,14 @@ def test_rerun_computes_nothing_and_an_edited_dictionary_replaces_its_rows(task,
     engine.run_explain(task["url"], _params(task, method="somp"), tables_root=task["store_root"])
     assert len(calls) == 16 and len(_rows(task, method="somp")) == 48
     assert len(_rows(task, method="textspan")) == 48
+    # SOMP's eta^2 is taken along its atoms (the texts themselves)
+    y, texts = independent["y"][:, independent["names"].index("L1H2")], independent["texts"]
+    expected = somp(y, texts, 3)
+    got = sorted(_rows(task, method="somp", unit="L1H2"), key=lambda r: r["rank"])
+    assert [r["text"] for r in got] == [TEXTS[i] for i in expected.atoms]
+    np.testing.assert_allclose([r["class_separation"] for r in got],
+                               class_separation(y, texts[expected.atoms], independent["labels"]),
+                               rtol=1e-3, atol=1e-6)
     # the same file with other content: not current, recomputed, its old rows replaced
     edited = tmp_path / "edited.txt"
     edited.write_text("\n".join(TEXTS[:6]))
@@ -231,6 +250,7 @@ def test_cli_explain_and_heads(task):
                "--rank", "4", "--quiet")
     assert out.returncode == 0, out.stderr
     assert "L2H3" in out.stdout and "16 heads, 32 rows" in out.stdout
+    assert "class_separation" in out.stdout.splitlines()[0]
     out = _cli("explain", *common, "--dictionary", task["dictionary"], "--texts-per-head", "2",
                "--rank", "4", "--units", "L1H2,L3H0", "--quiet")
     assert out.returncode == 0, out.stderr

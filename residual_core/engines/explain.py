@@ -26,12 +26,12 @@ from residual_core.errors import ResidualError, StoreError
 from residual_core.formats.feature_store import FeatureStore
 from residual_core.identity import WeightsId, config_hash
 from residual_core.layout import Layout, zarr_target
-from residual_core.method.explain import concept_scores, somp, textspan
+from residual_core.method.explain import class_separation, concept_scores, somp, textspan
 from residual_core.method.zeroshot import encode_texts
 from residual_core.stages.explain import Params, Result
 from residual_core.tables import has_rows, write_rows
 
-EXPLAIN_VERSION = 1
+EXPLAIN_VERSION = 2  # 2: the class_separation column
 DICTIONARIES = {"textspan": "textspan_descriptions.txt", "world": "world_descriptions.txt"}
 """The dictionaries shipped with the package (``residual_core/resources``, origin in its
 SOURCES.md), by the name ``--dictionary`` takes."""
@@ -223,13 +223,17 @@ def run_explain(feature_url: str, params: Params | None = None, *, tables_root: 
                       seconds=time.perf_counter() - start)
     weights = WeightsId.from_attrs(store.attrs)
     texts = text_embeddings(_loaded(store), weights, dictionary, Layout.of(root), progress)
+    labels = store.labels
     rows = []
     for unit in tqdm(heads, desc=f"explain ({params.method})", unit="head",
                      disable=not progress):
-        picks = _explain_head(_head_contributions(store, unit), texts, params)
+        y = _head_contributions(store, unit)
+        picks, directions = _explain_head(y, texts, params)
+        separation = class_separation(y, directions, labels)
         rows += [{"unit": unit.name, "layer": unit.layer, "head": unit.head, "rank": i,
                   "text_index": int(t), "text": dictionary.texts[int(t)], "score": float(s),
-                  "explained_variance": float(v)} for i, (t, s, v) in enumerate(picks)]
+                  "explained_variance": float(v), "class_separation": float(c)}
+                 for i, ((t, s, v), c) in enumerate(zip(picks, separation))]
     who = {"model": store.attrs["model"], "dataset": store.attrs["dataset"],
            "split": store.attrs["split"], "feature_config_hash": store.attrs["config_hash"],
            "method": params.method, "dictionary": dictionary.name,
@@ -241,13 +245,15 @@ def run_explain(feature_url: str, params: Params | None = None, *, tables_root: 
 
 
 def _explain_head(y: np.ndarray, texts: np.ndarray, params: Params):
-    """``(text index, score, explained variance)`` per pick, in pick order."""
+    """``(text index, score, explained variance)`` per pick, in pick order, and the picks'
+    directions ``[k, E]`` (TextSpan: the deflated projected texts the data was deflated along;
+    SOMP: the atoms)."""
     if params.method == "textspan":
         r = textspan(y, texts, params.texts_per_head, rank=min(params.rank, y.shape[1]))
-        return zip(r.indices, r.scores, r.explained_variance)
+        return list(zip(r.indices, r.scores, r.explained_variance)), r.directions
     r = somp(y, texts, params.texts_per_head)
     gained = np.diff(r.explained_variance, prepend=0.0)  # the authors' evr is cumulative
-    return zip(r.atoms, r.weights, gained)
+    return list(zip(r.atoms, r.weights, gained)), texts[r.atoms]
 
 
 def concept_heads(feature_url: str, concepts: list[str], progress: bool = False) -> list[dict]:

@@ -218,6 +218,9 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
                    "coefficients)"),
                   ("explained_variance", _FLOAT, "fraction of the head's variance this pick "
                    "explains (somp: gain of the refit's explained variance)"),
+                  ("class_separation", _FLOAT, "eta^2 of the dataset's classes along the "
+                   "pick's direction (textspan: the deflated text; somp: the atom): the share "
+                   "of the head's variance there that the class means account for, 0 to 1"),
               ) + _PROVENANCE),
     TableSpec("cross_model", "one row per statistic: correlation across heads of a per-head "
               "spectral statistic between two models on one dataset", "similarity",

@@ -13,6 +13,9 @@ that memory stays bounded (no ``N x M`` matrix is ever held; see each function's
   ``src/residual/sparse_decomposition.py`` of github.com/Flegyas/ResiDual.
 - :func:`concept_scores`: the variance of a unit along given concept directions, to rank units
   by how much of a concept ("a red digit") they carry.
+- :func:`class_separation`: how much of a unit's variance along given directions (e.g. the
+  picks of TextSpan) the class means of a labelling account for (eta^2): whether a description
+  is about what separates a dataset's classes.
 
 Errors caused by the input raise :class:`ExplainInputError` (bad values or parameters) or
 :class:`~residual_core.errors.ShapeError` (bad shapes or dtypes); both are
@@ -36,6 +39,7 @@ __all__ = [
     "textspan",
     "somp",
     "concept_scores",
+    "class_separation",
 ]
 
 # Row chunks are sized so that one float64 chunk of the widest matrix involved is about this big.
@@ -486,3 +490,40 @@ def concept_scores(
         scores /= n
     scores[zero] = 0.0
     return scores
+
+
+# --------------------------------------------------------------------------- class separation
+
+
+def class_separation(
+    contributions: np.ndarray,  # (N, D) one unit's output-space contributions
+    directions: np.ndarray,  # (k, D) directions, e.g. TextSpan's picks (normalised here)
+    labels: np.ndarray,  # (N,) integer class of each row
+) -> np.ndarray:  # (k,)
+    """Between-class share of the variance along each direction (eta^2, in ``[0, 1]``).
+
+    ``p = (x - mean) . u`` for each unit direction ``u``; the score is ``sum_c n_c mean_c(p)^2 /
+    sum_n p_n^2``: the R^2 of the class means as a model of ``p``. Near 1: the direction
+    separates the classes and little else; near 0: it carries variance that has nothing to do
+    with them. A direction with no variance scores 0.
+
+    Memory: one row chunk (~32 MiB) at a time; ``O(N D k)``.
+    """
+    x = _matrix(contributions, "contributions", min_rows=2)
+    u = _unit_rows(_matrix(directions, "directions"), "directions")
+    _same_width(x, u, "contributions", "directions")
+    y = np.asarray(labels)
+    if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
+        raise ShapeError(f"labels must be {x.shape[0]} integers (one per row), got "
+                         f"{y.dtype} of shape {y.shape}")
+    classes, y = np.unique(y, return_inverse=True)
+    mean = _column_mean(x)
+    sums = np.zeros((len(classes), u.shape[0]))
+    sum_sq = np.zeros(u.shape[0])
+    for rows in _chunks(x.shape[0], max(x.shape[1], u.shape[0])):
+        p = (np.asarray(x[rows], dtype=np.float64) - mean) @ u.T
+        np.add.at(sums, y[rows], p)
+        sum_sq += np.einsum("ij,ij->j", p, p)
+    counts = np.bincount(y, minlength=len(classes))[:, None]
+    between = (sums ** 2 / counts).sum(axis=0)
+    return np.divide(between, sum_sq, out=np.zeros_like(sum_sq), where=sum_sq > 0)

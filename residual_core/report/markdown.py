@@ -262,22 +262,28 @@ def _head_texts(store_root, model: str, weights: str, scores: dict[str, np.ndarr
     newest: dict[tuple[str, str, int], dict] = {}
     for r in sorted(rows, key=lambda r: str(r.get("created_at"))):
         newest[(r["dataset"], r["unit"], r["rank"])] = r
-    texts: dict[tuple[str, str], list[tuple[int, str, float]]] = {}
+    texts: dict[tuple[str, str], list[tuple[int, str, float, float | None]]] = {}
     for r in newest.values():
         texts.setdefault((r["dataset"], r["unit"]), []).append(
-            (r["rank"], r["text"], r["explained_variance"]))
+            (r["rank"], r["text"], r["explained_variance"], r.get("class_separation")))
     dictionaries = ", ".join(sorted({f"`{d}`" for d in chosen.values()}))
     lines = ["## Heads in text", "",
              f"Each head's top descriptions ({method} over {dictionaries}; in brackets the "
-             "share of the head's variance each explains), for the three heads with the best "
-             "zero-shot accuracy (S) on each task:", ""]
+             "share of the head's variance each explains and η², the share of the variance "
+             "along it that the task's classes account for: near 1, the description's "
+             "direction separates the classes), for the three heads with the best zero-shot "
+             "accuracy (S) on each task:", ""]
+
+    def pick(text: str, ev: float, eta2: float | None) -> str:
+        return f"{text} ({ev:.0%}" + ("" if eta2 is None else f", η² {eta2:.2f}") + ")"
+
     for t, s in scores.items():
         for i in np.argsort(-s, kind="stable")[:3]:
             unit = f"L{i // n_heads}H{i % n_heads}"
             picks = sorted(texts.get((t, unit), []))[:3]
             if picks:
                 lines.append(f"- `{t}` {unit} (S {s[i]:.3f}): "
-                             + "; ".join(f"{text} ({ev:.0%})" for _, text, ev in picks))
+                             + "; ".join(pick(*p[1:]) for p in picks))
     groups: dict[tuple, list[str]] = {}
     for t in scores:
         per = tuple(sorted(((u, tuple(x[1] for x in sorted(v)[:3]))

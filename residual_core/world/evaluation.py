@@ -17,6 +17,7 @@ import torch
 
 from residual_core.identity import EMBEDDED_MODEL
 from residual_core.method.decompose import decompose, readout_maps
+from residual_core.method.explain import class_separation
 from residual_core.method.models import LoadedModel, load_model
 from residual_core.method.zeroshot import TextClassifier, accuracy, text_classifier
 from residual_core.world import rendering
@@ -165,20 +166,10 @@ def attribute_separation(contributions: np.ndarray, directions: np.ndarray,
                          samples: rendering.WorldSamples) -> dict[str, np.ndarray]:
     """For each attribute, the share of the variance of ``contributions`` ``[N, E]`` along each
     unit direction in ``directions`` ``[k, E]`` that its class means account for (the
-    between-class share eta^2 in ``[0, 1]``, one value per direction): a direction that an
-    attribute separates well scores near 1 for it. ``samples`` label the ``N`` rows (in order).
+    between-class share eta^2 in ``[0, 1]``, one value per direction, by
+    :func:`~residual_core.method.explain.class_separation`): a direction that an attribute
+    separates well scores near 1 for it. ``samples`` label the ``N`` rows (in order).
     """
-    x = np.asarray(contributions, dtype=np.float64)
-    d = np.asarray(directions, dtype=np.float64)
-    if x.ndim != 2 or d.ndim != 2 or x.shape[1] != d.shape[1] or len(samples) != x.shape[0]:
-        raise ValueError(f"need contributions [N, E], directions [k, E] and N samples; got "
-                         f"{x.shape}, {d.shape} and {len(samples)} samples")
-    p = (x - x.mean(0)) @ d.T  # [N, k] centred projections
-    total = (p ** 2).sum(0)
-    out = {}
-    for attribute in rendering.ATTRIBUTES:
-        labels = samples.digit if attribute == "digit" else samples.labels(attribute)
-        between = sum((labels == c).sum() * p[labels == c].mean(0) ** 2
-                      for c in np.unique(labels))
-        out[attribute] = np.divide(between, total, out=np.zeros_like(total), where=total > 0)
-    return out
+    return {a: class_separation(contributions, directions,
+                                samples.digit if a == "digit" else samples.labels(a))
+            for a in rendering.ATTRIBUTES}
