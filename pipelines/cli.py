@@ -178,7 +178,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 def _cmd_heads(args: argparse.Namespace) -> int:
     from residual_core.engines.explain import concept_heads
 
-    rows = concept_heads(_feature_url(args), args.concept, progress=not args.quiet)
+    rows = concept_heads(_feature_url(args), args.concept, progress=not args.quiet,
+                         rank=args.rank)
     best = [r for c in args.concept for r in [x for x in rows if x["concept"] == c][:args.top]]
     print(_render(_arrow(best), "table", 0), end="")
     return 0
@@ -659,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept", action="append", required=True, metavar="TEXT",
                    help="a text whose direction is scored (repeatable)")
     p.add_argument("--top", type=int, default=10, help="heads shown per concept (default 10)")
+    p.add_argument("--rank", type=int, default=None, metavar="R",
+                   help="also score the concept within each head's top-R principal directions "
+                   "(span_variance, span_fraction) and rank by that")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_heads)
 

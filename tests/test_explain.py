@@ -16,6 +16,7 @@ from residual_core.method.explain import (
     ExplainInputError,
     class_separation,
     concept_scores,
+    principal_directions,
     somp,
     textspan,
 )
@@ -287,6 +288,19 @@ def test_class_separation_is_the_r2_of_the_class_means(chunking):
     fit = onehot @ np.linalg.lstsq(onehot, p, rcond=None)[0]
     np.testing.assert_allclose(got, 1 - ((p - fit) ** 2).sum(0) / (p ** 2).sum(0), atol=1e-12)
     assert got[0] > 0.99 and got[1] < 0.02
+
+
+def test_principal_directions_span_numpys_top_eigenvectors(chunking):
+    rng = np.random.default_rng(12)
+    n, d = 400, 9
+    data = (rng.normal(size=(n, d)) * np.geomspace(4, 0.1, d)) @ _orthonormal(rng, d, d) + 2.0
+    centred = data - data.mean(0)
+    vectors = np.linalg.eigh(centred.T @ centred)[1][:, ::-1]  # decreasing
+    got = principal_directions(data, 3)
+    assert got.shape == (3, d)
+    np.testing.assert_allclose(got @ got.T, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(np.abs(np.sum(got * vectors[:, :3].T, axis=1)), 1.0, atol=1e-9)
+    assert principal_directions(data, 50).shape == (d, d)  # clamped to min(N, D)
 
 
 # ------------------------------------------------------------------------------- bad input

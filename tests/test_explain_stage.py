@@ -22,7 +22,13 @@ from residual_core.formats.tables import TABLES
 from residual_core.identity import EMBEDDED_MODEL, WeightsId
 from residual_core.layout import Layout
 from residual_core.method.decompose import decompose
-from residual_core.method.explain import class_separation, concept_scores, somp, textspan
+from residual_core.method.explain import (
+    class_separation,
+    concept_scores,
+    principal_directions,
+    somp,
+    textspan,
+)
 from residual_core.method.models import load_model
 from residual_core.method.zeroshot import encode_texts
 from residual_core.stages import STAGES
@@ -170,6 +176,16 @@ def test_concept_query_ranks_heads_by_variance_along_the_text(task):
     y = np.asarray(store.contributions([unit.index]).compute())[:, 0]
     direction = encode_texts(task["tiny"].model, task["tiny"].tokenizer, ["a red square"]).numpy()
     assert first[0]["variance"] == pytest.approx(float(concept_scores(y, direction)[0]), rel=1e-6)
+    # within each head's top-4 principal span: ranked by that score instead
+    spans = [r for r in engine.concept_heads(task["url"], ["a red square"], rank=4)]
+    assert [r["span_variance"] for r in spans] == sorted((r["span_variance"] for r in spans),
+                                                         reverse=True)
+    same = next(r for r in spans if r["unit"] == unit.name)
+    assert same["variance"] == pytest.approx(first[0]["variance"], rel=1e-9)
+    expected = concept_scores(y, direction, basis=principal_directions(y, 4))[0]
+    assert same["span_variance"] == pytest.approx(float(expected), rel=1e-6)
+    assert same["span_fraction"] == pytest.approx(same["span_variance"] / np.var(y, 0).sum(),
+                                                  rel=1e-6)
 
 
 @pytest.mark.parametrize("content, message", [("\n  \n", "is empty"),
@@ -266,6 +282,11 @@ def test_cli_explain_and_heads(task):
     out = _cli("heads", *common, "--concept", "a red square", "--top", "3", "--quiet")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("a red square") == 3
+    out = _cli("heads", *common, "--concept", "a red square", "--top", "3", "--rank", "4",
+               "--quiet")
+    assert out.returncode == 0 and "span_variance" in out.stdout.splitlines()[0], out.stderr
+    out = _cli("heads", *common, "--concept", "a red square", "--rank", "0", "--quiet")
+    assert out.returncode == 2 and "--rank must be at least 1" in out.stderr
     out = _cli("explain", *common, "--dictionary", "nothing-here", "--quiet")
     assert out.returncode == 2 and "unknown dictionary" in out.stderr
     assert "Traceback" not in out.stderr

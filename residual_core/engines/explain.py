@@ -26,7 +26,13 @@ from residual_core.errors import ResidualError, StoreError
 from residual_core.formats.feature_store import FeatureStore
 from residual_core.identity import WeightsId, config_hash
 from residual_core.layout import Layout, zarr_target
-from residual_core.method.explain import class_separation, concept_scores, somp, textspan
+from residual_core.method.explain import (
+    class_separation,
+    concept_scores,
+    principal_directions,
+    somp,
+    textspan,
+)
 from residual_core.method.zeroshot import encode_texts
 from residual_core.stages.explain import Params, Result
 from residual_core.tables import has_rows, write_rows
@@ -256,12 +262,20 @@ def _explain_head(y: np.ndarray, texts: np.ndarray, params: Params):
     return list(zip(r.atoms, r.weights, gained)), texts[r.atoms]
 
 
-def concept_heads(feature_url: str, concepts: list[str], progress: bool = False) -> list[dict]:
+def concept_heads(feature_url: str, concepts: list[str], progress: bool = False,
+                  rank: int | None = None) -> list[dict]:
     """Every head ranked by the variance of its contributions along each concept's text
     direction (the text side of the U|T ranking, as a query): rows ``concept, unit, variance,
-    fraction`` (variance / the head's total variance), best first per concept."""
+    fraction`` (variance / the head's total variance), best first per concept.
+
+    With ``rank``, also within each head's principal span: ``span_variance`` is the variance
+    along the concept's projection on the head's top-``rank`` principal directions
+    (renormalised; 0 when the span holds none of it) and ``span_fraction`` its share of the
+    head's variance; heads are then ranked by ``span_variance``."""
     if not concepts or not all(c.strip() for c in concepts):
         raise ResidualError("give at least one non-empty concept text")
+    if rank is not None and rank < 1:
+        raise ResidualError(f"--rank must be at least 1, got {rank}")
     store = FeatureStore.open(feature_url)
     loaded = _loaded(store)
     if not hasattr(loaded.model, "encode_text"):
@@ -271,9 +285,15 @@ def concept_heads(feature_url: str, concepts: list[str], progress: bool = False)
     for unit in tqdm(_heads(store), desc="concept", unit="head", disable=not progress):
         y = _head_contributions(store, unit)
         total = float(np.var(y, axis=0).sum())
-        for concept, score in zip(concepts, concept_scores(y, directions)):
-            rows.append({"concept": concept, "unit": unit.name, "variance": float(score),
-                         "fraction": float(score) / total if total > 0 else 0.0})
-    rows.sort(key=lambda r: (concepts.index(r["concept"]), -r["variance"]))
+        scores = [concept_scores(y, directions)]
+        if rank is not None:
+            scores.append(concept_scores(y, directions, basis=principal_directions(y, rank)))
+        for i, concept in enumerate(concepts):
+            row = {"concept": concept, "unit": unit.name}
+            for prefix, score in zip(("", "span_"), scores):
+                row[prefix + "variance"] = float(score[i])
+                row[prefix + "fraction"] = float(score[i]) / total if total > 0 else 0.0
+            rows.append(row)
+    key = "variance" if rank is None else "span_variance"
+    rows.sort(key=lambda r: (concepts.index(r["concept"]), -r[key]))
     return rows
-

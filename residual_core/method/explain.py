@@ -40,6 +40,7 @@ __all__ = [
     "somp",
     "concept_scores",
     "class_separation",
+    "principal_directions",
 ]
 
 # Row chunks are sized so that one float64 chunk of the widest matrix involved is about this big.
@@ -527,3 +528,15 @@ def class_separation(
     counts = np.bincount(y, minlength=len(classes))[:, None]
     between = (sums ** 2 / counts).sum(axis=0)
     return np.divide(between, sum_sq, out=np.zeros_like(sum_sq), where=sum_sq > 0)
+
+
+def principal_directions(contributions: np.ndarray, rank: int) -> np.ndarray:  # (r, D)
+    """The top-``rank`` principal directions of one unit's centred contributions ``(N, D)``:
+    orthonormal rows, by decreasing variance (``rank`` above ``min(N, D)`` is clamped to it).
+    Computed through the chunked R factor of the centred data, so memory stays one row chunk
+    plus ``O(D^2)``; pass them as ``basis`` to :func:`concept_scores`."""
+    x = _matrix(contributions, "contributions", min_rows=2)
+    rank = min(_positive_int(rank, "rank"), *x.shape)
+    mean = _column_mean(x)
+    r = _r_factor(np.asarray(x[rows], dtype=np.float64) - mean for rows in _chunks(*x.shape))
+    return np.linalg.svd(r, full_matrices=False)[2][:rank]
